@@ -1,0 +1,140 @@
+"""`sdxl-trt`: the command line (subcommands as in ARCHITECTURE.md).
+
+Exit status: 0 done; 2 a user error (one line on stderr naming the input and what is accepted);
+3 a capability this version does not have yet; 130 interrupted. Bugs keep their traceback.
+This module imports nothing heavy at start-up: torch is imported only by the subcommands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+
+from .errors import NotBuiltYet, UserError
+
+MODEL_HELP = ("SRC: a diffusers SDXL folder, a single-file SDXL .safetensors checkpoint, random:base, "
+              "random:refiner (full size, random weights) or tiny:base, tiny:refiner (tiny, for tests)")
+DEMO_OUT = "sdxl-trt-demo.png"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sdxl-trt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _not_built(what: str, issue: int):
+    def run(args):
+        raise NotBuiltYet(f"{what} is not built yet (planned in issue {issue}); see README.md for what works now")
+
+    return run
+
+
+def _cmd_export(args) -> int:
+    from ..export.sources import resolve
+
+    if not args.model:
+        raise UserError(f"--model is required; {MODEL_HELP}")
+    base = resolve(args.model, allow_pickle=args.allow_pickle)
+    refiner = resolve(args.refiner, allow_pickle=args.allow_pickle) if args.refiner else None
+    if refiner is not None and refiner.role != "refiner":
+        raise UserError(f"--refiner {args.refiner!r} is an SDXL {refiner.role} model, not a refiner")
+    found = f"{base.kind} SDXL {base.role}" + (f" + {refiner.kind} refiner" if refiner else "")
+    raise NotBuiltYet(f"found a {found}, but ONNX export is not built yet (planned in issue 4)")
+
+
+def _cmd_demo(args) -> int:
+    from ..export.demo import run_demo
+
+    path = run_demo(args.out, prompt=args.prompt, steps=args.steps, seed=args.seed, size=args.size)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sdxl-trt", description="Stable Diffusion XL as exported engines and a lean runtime.")
+    p.add_argument("--version", action="version", version=f"sdxl-trt {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    e = sub.add_parser("export", help="trace SDXL to ONNX into an engine directory")
+    e.add_argument("--model", metavar="SRC", help=MODEL_HELP)
+    e.add_argument("--out", metavar="DIR", required=True, help="engine directory to write")
+    e.add_argument("--refiner", metavar="SRC", help="refiner weights to export beside the base")
+    e.add_argument("--vae", metavar="SRC", help="replacement VAE (e.g. an fp16-safe one)")
+    e.add_argument("--components", nargs="+", metavar="NAME",
+                   help="subset of clip_l clip_g unet unet_refiner vae_decoder vae_encoder")
+    e.add_argument("--precision", choices=["fp32", "fp16"], help="precision of the GPU variants")
+    e.add_argument("--verify", action="store_true", help="compare every exported model with torch")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
+    e.set_defaults(func=_cmd_export)
+
+    b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory")
+    b.add_argument("dir", metavar="DIR")
+    b.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], required=True)
+    b.add_argument("--profiles", help="comma-separated WxH buckets (default: the SDXL buckets + a dynamic range)")
+    b.add_argument("--max-batch", type=int, default=1, help="largest number of images per call")
+    b.set_defaults(func=_not_built("building engines", 6))
+
+    g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory")
+    g.add_argument("dir", metavar="DIR")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--size", default="1024x1024", help="WxH in pixels, multiples of 8")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--sampler", default="euler")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--backend", default="ort-cpu")
+    g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
+    g.add_argument("--init-image", metavar="PNG")
+    g.add_argument("--strength", type=float)
+    g.add_argument("--mask", metavar="PNG", help="white = repaint")
+    g.add_argument("--latents", metavar="NPY")
+    g.add_argument("--output-type", choices=["png", "latent"], default="png")
+    g.add_argument("--out", metavar="PATH")
+    g.set_defaults(func=_not_built("the runtime (generate)", 5))
+
+    for name, what, issue in (("bench", "benchmarks", 8), ("serve", "the HTTP server", 10),
+                              ("inspect", "inspecting engine directories", 6)):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("dir", metavar="DIR")
+        s.set_defaults(func=_not_built(what, issue))
+
+    d = sub.add_parser("demo", help="run the whole path that exists on the tiny model, on the CPU, and write a PNG")
+    d.add_argument("--out", default=DEMO_OUT, metavar="PATH", help=f"PNG to write (default ./{DEMO_OUT})")
+    d.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--size", default="256x256", help="WxH in pixels, multiples of 8")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = f"sdxl-trt {args.command}"
+    try:
+        return args.func(args) or 0
+    except NotBuiltYet as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 3
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix.
+
+A `UserError` carries a one-line message that names the input and what would be accepted; the CLI
+prints it without a traceback and exits with status 2. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a path, a flag value, a model that is not SDXL."""
+
+
+class NotBuiltYet(UserError):
+    """A capability the CLI names but this version does not have yet (exit status 3)."""

@@ -1,0 +1,27 @@
+"""Checks on what users type, shared by the CLI and the Python API: each failure is a one-line UserError."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UserError
+
+# SDXL's VAE maps 8×8 pixels to one latent: image sides must be multiples of 8.
+VAE_FACTOR = 8
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'WxH' → (width, height), both positive multiples of 8."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"{flag} {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w <= 0 or h <= 0 or w % VAE_FACTOR or h % VAE_FACTOR:
+        raise UserError(f"{flag} {text!r}: width and height must be positive multiples of {VAE_FACTOR}")
+    return w, h
+
+
+def positive_int(value: int, flag: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{flag} {value!r}: expected a whole number ≥ 1")
+    return value
