@@ -7,3 +7,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "CLIPImageProcessor requires torchvision" notes
+
+from .sources import ModelSource, SourceSpec, load_model, resolve  # noqa: E402
+
+__all__ = ["ModelSource", "SourceSpec", "load_model", "resolve"]

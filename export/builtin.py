@@ -35,20 +35,19 @@ def _building(seed: int, dtype, device):
             torch.set_default_dtype(old)
 
 
-def load_builtin(src: SourceSpec, *, dtype, device, progress: bool = True) -> ModelSource:
+def load_builtin(src: SourceSpec, *, dtype, device, names: list[str], progress: bool = True) -> ModelSource:
     config_dir = src.config_dir
-    components = ["clip_g", "unet", "vae"] if src.role == "refiner" else ["clip_l", "clip_g", "unet", "vae"]
     modules = {}
-    for name in tqdm(components, desc=f"building {src.spec}", disable=not progress, leave=False):
+    for name in tqdm(names, desc=f"building {src.spec}", disable=not progress, leave=False):
         seed = SEEDS[name][src.role] if name == "unet" else SEEDS[name]
         with _building(seed, dtype, device):
             modules[name] = build(name, config_dir)
     return ModelSource(
         spec=src,
         clip_l=modules.get("clip_l"),
-        clip_g=modules["clip_g"],
-        unet=modules["unet"],
-        vae=modules["vae"],
+        clip_g=modules.get("clip_g"),
+        unet=modules.get("unet"),
+        vae=modules.get("vae"),
         scheduler_config=read_json(config_dir / "scheduler" / "scheduler_config.json", src.spec),
         pipeline_config=read_json(config_dir / "model_index.json", src.spec),
         tokenizer_dirs=cached_tokenizer_dirs(config_dir),

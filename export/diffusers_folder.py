@@ -59,7 +59,8 @@ def _weights(folder: Path, sub: str) -> tuple[str | None, bool]:
     raise UserError(f"{folder}: no {stem}.safetensors (or .fp16.safetensors) weights in this folder")
 
 
-def load_folder(src: SourceSpec, *, dtype, device, progress: bool = True, allow_pickle: bool = False) -> ModelSource:
+def load_folder(src: SourceSpec, *, dtype, device, names: list[str], progress: bool = True,
+                allow_pickle: bool = False) -> ModelSource:
     if src.pickle and not allow_pickle:
         raise UserError(f"--model {src.spec!r} holds pickle (.bin) weights, which can run arbitrary code when loaded; "
                         "convert them to safetensors or pass --allow-pickle if you trust them")
@@ -69,7 +70,6 @@ def load_folder(src: SourceSpec, *, dtype, device, progress: bool = True, allow_
     path = src.path
     classes = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection, "unet": UNet2DConditionModel,
                "vae": AutoencoderKL}
-    names = ["clip_g", "unet", "vae"] if src.role == "refiner" else ["clip_l", "clip_g", "unet", "vae"]
     modules = {}
     for name in tqdm(names, desc=f"loading {path.name}", disable=not progress, leave=False):
         sub = SUBFOLDERS[name]
@@ -84,9 +84,9 @@ def load_folder(src: SourceSpec, *, dtype, device, progress: bool = True, allow_
     return ModelSource(
         spec=src,
         clip_l=modules.get("clip_l"),
-        clip_g=modules["clip_g"],
-        unet=modules["unet"],
-        vae=modules["vae"],
+        clip_g=modules.get("clip_g"),
+        unet=modules.get("unet"),
+        vae=modules.get("vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json", f"--model {src.spec!r}"),
         pipeline_config=read_json(path / "model_index.json", f"--model {src.spec!r}"),
         tokenizer_dirs={n: path / n for n in TOKENIZER_NAMES if (path / n).is_dir()},

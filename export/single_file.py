@@ -129,7 +129,7 @@ def _strip_text_model(model, state: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
-def load_checkpoint(src: SourceSpec, *, dtype, device, progress: bool = True) -> ModelSource:
+def load_checkpoint(src: SourceSpec, *, dtype, device, names: list[str], progress: bool = True) -> ModelSource:
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -140,7 +140,6 @@ def load_checkpoint(src: SourceSpec, *, dtype, device, progress: bool = True) ->
 
     reader = _Reader(src.spec, src.path, src.pickle)
     config_dir = src.config_dir
-    names = ["clip_g", "unet", "vae"] if src.role == "refiner" else ["clip_l", "clip_g", "unet", "vae"]
     modules = {}
     for name in tqdm(names, desc=f"loading {src.path.name}", disable=not progress, leave=False):
         with init_empty_weights():  # parameters on the meta device: the checkpoint's tensors are assigned, not copied
@@ -160,9 +159,9 @@ def load_checkpoint(src: SourceSpec, *, dtype, device, progress: bool = True) ->
     return ModelSource(
         spec=src,
         clip_l=modules.get("clip_l"),
-        clip_g=modules["clip_g"],
-        unet=modules["unet"],
-        vae=modules["vae"],
+        clip_g=modules.get("clip_g"),
+        unet=modules.get("unet"),
+        vae=modules.get("vae"),
         scheduler_config=read_json(config_dir / "scheduler" / "scheduler_config.json", src.architecture),
         pipeline_config=read_json(config_dir / "model_index.json", src.architecture),
         tokenizer_dirs=cached_tokenizer_dirs(config_dir),

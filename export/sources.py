@@ -14,6 +14,7 @@ loaded: they are refused unless the caller passes `allow_pickle=True` (`--allow-
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ ACCEPTED = ("a diffusers SDXL folder, a single-file SDXL .safetensors checkpoint
             "random:base, random:refiner, tiny:base or tiny:refiner")
 BUILTIN_SIZES = {"random": "sdxl", "tiny": "tiny"}  # spec prefix → embedded config family
 ROLES = ("base", "refiner")
+COMPONENTS = ("clip_l", "clip_g", "unet", "vae")  # the torch modules of an SDXL model, by contract name
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The number of SDXL micro-conditioning values a UNet was trained with tells base from refiner:
 # base: original size (2) + crop top-left (2) + target size (2); refiner: original size, crop, aesthetic score.
@@ -54,9 +56,10 @@ class ModelSource:
 
     spec: SourceSpec
     clip_l: Any | None  # transformers CLIPTextModel; None for a refiner
-    clip_g: Any  # transformers CLIPTextModelWithProjection
-    unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
+    clip_g: Any | None  # transformers CLIPTextModelWithProjection
+    unet: Any | None  # diffusers UNet2DConditionModel
+    vae: Any | None  # diffusers AutoencoderKL
+    # (a component left out through load_model(components=…) is None)
     scheduler_config: dict
     pipeline_config: dict  # model_index.json: force_zeros_for_empty_prompt, requires_aesthetics_score, …
     tokenizer_dirs: dict[str, Path] = field(default_factory=dict)  # "tokenizer" (CLIP-L), "tokenizer_2" (CLIP-G)
@@ -66,7 +69,7 @@ class ModelSource:
         return self.spec.role
 
     def modules(self) -> dict[str, Any]:
-        """The torch modules under their contract names (no clip_l for a refiner)."""
+        """The loaded torch modules under their contract names (no clip_l for a refiner)."""
         named = {"clip_l": self.clip_l, "clip_g": self.clip_g, "unet": self.unet, "vae": self.vae}
         return {k: v for k, v in named.items() if v is not None}
 
@@ -110,28 +113,36 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> SourceSpec:
 
 
 def load_model(spec: str | SourceSpec, *, dtype=None, device: str = "cpu", allow_pickle: bool = False,
-               progress: bool = True) -> ModelSource:
+               components: Iterable[str] | None = None, progress: bool = True) -> ModelSource:
     """Load SDXL weights from `spec` (see the module doc) as torch modules in `dtype` (default fp32) on `device`.
 
-    Every module is built once, where and in the precision it will live: no fp32 copy of a half-precision
-    model, no CPU copy of a GPU model.
+    `components` limits loading to some of clip_l, clip_g, unet, vae (the others stay None). Every module is
+    built once, where and in the precision it will live: no fp32 copy of a half-precision model, no CPU copy
+    of a GPU model.
     """
     import torch
 
     dtype = dtype or torch.float32
     src = spec if isinstance(spec, SourceSpec) else resolve(spec, allow_pickle=allow_pickle)
+    names = [c for c in COMPONENTS if c != "clip_l" or src.role == "base"]
+    if components is not None:
+        unknown = sorted(set(components) - set(COMPONENTS))
+        if unknown:
+            raise UserError(f"unknown component {unknown[0]!r}; known: {', '.join(COMPONENTS)}")
+        names = [c for c in names if c in set(components)]
+    kwargs = dict(dtype=dtype, device=device, names=names, progress=progress)
     if src.kind in BUILTIN_SIZES:
         from .builtin import load_builtin
 
-        model = load_builtin(src, dtype=dtype, device=device, progress=progress)
+        model = load_builtin(src, **kwargs)
     elif src.kind == "diffusers":
         from .diffusers_folder import load_folder
 
-        model = load_folder(src, dtype=dtype, device=device, progress=progress, allow_pickle=allow_pickle)
+        model = load_folder(src, allow_pickle=allow_pickle, **kwargs)
     else:
         from .single_file import load_checkpoint
 
-        model = load_checkpoint(src, dtype=dtype, device=device, progress=progress)
+        model = load_checkpoint(src, **kwargs)
     for module in model.modules().values():
         module.eval().requires_grad_(False)
     return model

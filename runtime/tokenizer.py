@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import UserError
@@ -52,6 +52,7 @@ class ClipTokenizer:
             pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
+        tok.decoder = decoders.ByteLevel()
         # Every special token is matched in the raw text, before lower-casing, as a whole token. For CLIP-G's
         # tokenizer that includes its pad token "!": a "!" in a prompt becomes id 0, not "!</w>", as in the
         # reference pipeline.

@@ -1,0 +1,42 @@
+"""Shared fixtures: the built-in tiny models (deterministic, seconds to build) and their tokenizer folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from sdxl_trt.export.sources import load_model
+
+    return load_model("tiny:base", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner():
+    from sdxl_trt.export.sources import load_model
+
+    return load_model("tiny:refiner", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tiny_base):
+    return tiny_base.tokenizer_dirs

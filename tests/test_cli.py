@@ -1,0 +1,106 @@
+"""The `sdxl-trt` front door: help for every subcommand, one-line errors with exit 2, the demo's PNG."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdxl_trt.runtime.cli import main
+
+SUBCOMMANDS = ["export", "build", "generate", "bench", "serve", "inspect", "demo"]
+
+
+def console_script() -> str | None:
+    """The `sdxl-trt` that pip installed beside this interpreter (the venv's bin/), else one on PATH."""
+    beside = Path(sys.executable).parent / "sdxl-trt"
+    return str(beside) if beside.is_file() else shutil.which("sdxl-trt")
+
+
+def run_cli(*args):
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_installed():
+    assert console_script(), "pip install put no sdxl-trt script beside python or on PATH"
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("sdxl-trt ")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: sdxl-trt {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, issue", [
+    (["build", "d", "--backend", "tensorrt"], 6),
+    (["generate", "d", "a cat"], 5),
+    (["bench", "d"], 8),
+    (["serve", "d"], 10),
+    (["inspect", "d"], 6),
+    (["export", "--model", "tiny:base", "--out", "d"], 4),
+])
+def test_commands_not_built_yet_say_so_in_one_line(argv, issue, capsys):
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not built yet" in err and f"issue {issue}" in err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["export", "--out", "d"], "--model is required"),
+    (["export", "--model", "nowhere/model", "--out", "d"], "'nowhere/model'"),
+    (["export", "--model", "tiny:huge", "--out", "d"], "'tiny:huge'"),
+    (["export", "--model", "tiny:base", "--refiner", "tiny:base", "--out", "d"], "--refiner 'tiny:base'"),
+])
+def test_bad_model_is_one_line_and_exit_2(argv, names, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and names in err
+
+
+def test_bad_model_from_the_shell(tmp_path):
+    (tmp_path / "not-sdxl.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    for spec, expect in [(str(tmp_path), "without model_index.json"),
+                         (str(tmp_path / "not-sdxl.safetensors"), "not an SDXL checkpoint"),
+                         ("random:huge", "unknown built-in")]:
+        out = run_cli("export", "--model", spec, "--out", str(tmp_path / "out"))
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.count("\n") == 1 and expect in out.stderr and "accepted:" in out.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_argparse_errors_are_one_line():
+    out = run_cli("generate")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_demo_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--size", "64x96", "--seed", "7"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (64, 96) and image.mode == "RGB"
+        assert "Seed: 7" in image.text["parameters"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]  # no temp file left beside it
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "100x100"], "multiples of 8"),
+    (["--size", "big"], "WIDTHxHEIGHT"),
+    (["--steps", "0"], "--steps"),
+    (["--out", "{dir}"], "is a folder"),
+    (["--out", "{dir}/x.jpg"], "must end in .png"),
+    (["--out", "{dir}/missing/x.png"], "does not exist"),
+])
+def test_demo_bad_input_writes_nothing(tmp_path, flags, message, capsys):
+    flags = [f.format(dir=tmp_path) for f in flags]
+    assert main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
