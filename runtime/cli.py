@@ -1,7 +1,8 @@
 """`sdxl-trt`: the command line (subcommands as in ARCHITECTURE.md).
 
 Exit status: 0 done; 2 a user error (one line on stderr naming the input and what is accepted);
-3 a capability this version does not have yet; 130 interrupted. Bugs keep their traceback.
+3 a capability this version does not have yet; 4 an exported model failed verification; 130 interrupted.
+Bugs keep their traceback.
 This module imports nothing heavy at start-up: torch is imported only by the subcommands that need it.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from .errors import NotBuiltYet, UserError
+from .errors import NotBuiltYet, UserError, VerificationError
 
 MODEL_HELP = ("SRC: a diffusers SDXL folder, a single-file SDXL .safetensors checkpoint, random:base, "
               "random:refiner (full size, random weights) or tiny:base, tiny:refiner (tiny, for tests)")
@@ -38,16 +39,17 @@ def _not_built(what: str, issue: int):
 
 
 def _cmd_export(args) -> int:
-    from ..export.sources import resolve
-
     if not args.model:
         raise UserError(f"--model is required; {MODEL_HELP}")
-    base = resolve(args.model, allow_pickle=args.allow_pickle)
-    refiner = resolve(args.refiner, allow_pickle=args.allow_pickle) if args.refiner else None
-    if refiner is not None and refiner.role != "refiner":
-        raise UserError(f"--refiner {args.refiner!r} is an SDXL {refiner.role} model, not a refiner")
-    found = f"{base.kind} SDXL {base.role}" + (f" + {refiner.kind} refiner" if refiner else "")
-    raise NotBuiltYet(f"found a {found}, but ONNX export is not built yet (planned in issue 4)")
+    from ..export.engine_dir import export_engine_dir
+
+    report = export_engine_dir(args.model, args.out, refiner=args.refiner, vae=args.vae, components=args.components,
+                               precision=args.precision, verify=args.verify, force=args.force,
+                               allow_pickle=args.allow_pickle)
+    for line in report.verify_lines:
+        print(line)
+    print(report.summary())
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -71,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--vae", metavar="SRC", help="replacement VAE (e.g. an fp16-safe one)")
     e.add_argument("--components", nargs="+", metavar="NAME",
                    help="subset of clip_l clip_g unet unet_refiner vae_decoder vae_encoder")
-    e.add_argument("--precision", choices=["fp32", "fp16"], help="precision of the GPU variants")
-    e.add_argument("--verify", action="store_true", help="compare every exported model with torch")
+    e.add_argument("--precision", choices=["fp32", "fp16"], default="fp16",
+                   help="fp32: model.onnx only; fp16 (default): model.onnx and model.fp16.onnx for GPU backends")
+    e.add_argument("--verify", action="store_true",
+                   help="run every file on ONNX Runtime CPU against torch at two shapes and fail beyond tolerance")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     e.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
     e.set_defaults(func=_cmd_export)
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotBuiltYet as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 3
+    except VerificationError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 4
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

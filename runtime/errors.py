@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class NotBuiltYet(UserError):
     """A capability the CLI names but this version does not have yet (exit status 3)."""
+
+
+class VerificationError(UserError):
+    """An exported model disagrees with torch beyond its stated tolerance (exit status 4)."""

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_configure(config):
+    # Tests never write into the user's cache: tokenizer folders and the like go to a throw-away one.
+    config._sdxl_trt_cache = tempfile.mkdtemp(prefix="sdxl-trt-test-cache-")
+    os.environ["SDXL_TRT_CACHE"] = config._sdxl_trt_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_sdxl_trt_cache", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

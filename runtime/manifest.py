@@ -1,0 +1,97 @@
+"""The engine directory's `manifest.json`: what was exported from what, and how to check every file.
+
+Written by the exporter, read by the runtime (without torch). Layout of an engine directory:
+
+    manifest.json
+    tokenizer/, tokenizer_2/          CLIP BPE files (CLIP-L's, CLIP-G's)
+    scheduler/scheduler_config.json   the model's default scheduler
+    onnx/<component>/model.onnx       fp32 (+ model.onnx.data for large models)
+    onnx/<component>/model.fp16.onnx  fp16 variant for GPU backends (+ .data)
+
+Manifest keys: `format`, `format_version`, `created`, `sources` (what each role was exported from),
+`versions` (torch, onnx, diffusers, transformers, sdxl-trt), `onnx` (opset, IR version), `model` (config values
+the runtime needs), `scheduler`, `tokenizers`, `components` (contract, precisions and files of each exported
+model), `pipelines` (which component each role uses for what: the refiner may share the base's clip_g and VAE),
+`files` (sha256 and size of every file, paths relative to the directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import UserError
+from .fileio import atomic_file
+
+MANIFEST = "manifest.json"
+FORMAT = "sdxl-trt-engine-dir"
+FORMAT_VERSION = 1
+EXPORT_HINT = "re-run `sdxl-trt export` into a fresh directory"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(root: Path, path: Path) -> tuple[str, dict]:
+    return path.relative_to(root).as_posix(), {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def write_manifest(root: Path, data: dict) -> None:
+    with atomic_file(root / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def components(self) -> dict:
+        return self.data["components"]
+
+    def path(self, relative: str) -> Path:
+        """An absolute path for a manifest entry; entries may not leave the engine directory."""
+        pure = PurePosixPath(relative)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise UserError(f"{self.root / MANIFEST}: file entry {relative!r} points outside the engine directory")
+        return self.root.joinpath(*pure.parts)
+
+    def check_files(self, hashes: bool = True) -> None:
+        """Every listed file exists with its recorded size (and sha256 with `hashes`)."""
+        for relative, record in self.data["files"].items():
+            path = self.path(relative)
+            if not path.is_file():
+                raise UserError(f"{path} is missing; {EXPORT_HINT}")
+            if path.stat().st_size != record["size"]:
+                raise UserError(f"{path} has {path.stat().st_size} bytes, the manifest says {record['size']}: "
+                                f"truncated or replaced; {EXPORT_HINT}")
+            if hashes and sha256_file(path) != record["sha256"]:
+                raise UserError(f"{path} does not match its sha256 in the manifest: changed since export; {EXPORT_HINT}")
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"engine directory {root} does not exist; create one with `sdxl-trt export`")
+    if not path.is_file():
+        raise UserError(f"{root} has no {MANIFEST}: not an engine directory (or an export that did not finish); "
+                        f"{EXPORT_HINT}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {EXPORT_HINT}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not an sdxl-trt manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {data.get('format_version')}; this sdxl-trt reads version "
+                        f"{FORMAT_VERSION}: {EXPORT_HINT} with this version")
+    return Manifest(root, data)
