@@ -13,7 +13,7 @@ import contextlib
 from tqdm.auto import tqdm
 
 from .modules import build
-from .sources import ModelSource, SourceSpec, read_json
+from .sources import ModelSource, SourceSpec
 from .vocab import cached_tokenizer_dirs
 
 SEEDS = {"clip_l": 1, "clip_g": 2, "vae": 3, "unet": {"base": 4, "refiner": 5}}
@@ -42,13 +42,4 @@ def load_builtin(src: SourceSpec, *, dtype, device, names: list[str], progress: 
         seed = SEEDS[name][src.role] if name == "unet" else SEEDS[name]
         with _building(seed, dtype, device):
             modules[name] = build(name, config_dir)
-    return ModelSource(
-        spec=src,
-        clip_l=modules.get("clip_l"),
-        clip_g=modules.get("clip_g"),
-        unet=modules.get("unet"),
-        vae=modules.get("vae"),
-        scheduler_config=read_json(config_dir / "scheduler" / "scheduler_config.json", src.spec),
-        pipeline_config=read_json(config_dir / "model_index.json", src.spec),
-        tokenizer_dirs=cached_tokenizer_dirs(config_dir),
-    )
+    return ModelSource.assemble(src, modules, config_dir, cached_tokenizer_dirs(config_dir))

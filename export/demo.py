@@ -1,18 +1,23 @@
 """`sdxl-trt demo`: the whole path that exists today, on the tiny model, on the CPU, ending in a PNG.
 
-Today that is: model source (`tiny:base`) → our tokenizer (runtime/, no transformers) → CLIP-L ∥ CLIP-G
-as the contracts define them (penultimate hidden states, projected pooled embedding) → diffusers' Euler
-loop, UNet and VAE → PNG. The denoising loop and VAE move to sdxl-trt's own runtime when it lands.
+Today that is: model source (`tiny:base`) → ONNX export of both text encoders into an engine directory →
+our tokenizer (runtime/, no transformers) → clip_l ∥ clip_g on ONNX Runtime (penultimate hidden states and
+projected pooled embedding, as the contracts define them) → diffusers' Euler loop, UNet and VAE → PNG.
+The denoising loop and VAE move to sdxl-trt's own runtime when it lands (issue 5).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ..runtime import ClipTokenizer
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file
+from ..runtime.manifest import load_manifest
 from ..runtime.validate import parse_size, positive_int
 
 MODEL = "tiny:base"
@@ -29,24 +34,27 @@ def _output_path(out: str | Path) -> Path:
     return path
 
 
-def encode_prompt(model, prompts: list[str]):
-    """Text conditioning of the SDXL contracts: ([B,77,768+1280] penultimate states of both encoders, [B,1280] pooled)."""
-    import torch
+def encode_prompt_onnx(engine_dir: Path, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL text conditioning from an engine directory: ([B,77,clip_l+clip_g] context, [B,pooled])."""
+    import onnxruntime as ort
 
-    tokenizers = {name: ClipTokenizer.from_dir(path) for name, path in model.tokenizer_dirs.items()}
-    states = []
-    if model.clip_l is not None:
-        ids = torch.from_numpy(tokenizers["tokenizer"](prompts).ids).long()
-        states.append(model.clip_l(ids, output_hidden_states=True).hidden_states[-2])
-    out = model.clip_g(torch.from_numpy(tokenizers["tokenizer_2"](prompts).ids).long(), output_hidden_states=True)
-    states.append(out.hidden_states[-2])
-    return torch.cat(states, dim=-1), out.text_embeds
+    manifest = load_manifest(engine_dir)
+    states, pooled = [], None
+    for name, tokenizer in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2")):
+        ids = ClipTokenizer.from_dir(engine_dir / tokenizer)(prompts).ids
+        path = manifest.path(manifest.components[name]["precisions"]["fp32"])
+        outputs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+        states.append(outputs[0])
+        if name == "clip_g":
+            pooled = outputs[1]
+    return np.concatenate(states, axis=-1), pooled
 
 
 def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, size: str = "256x256") -> Path:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
+    from .engine_dir import export_engine_dir
     from .reference import diffusers_pipeline
     from .sources import load_model
 
@@ -54,17 +62,18 @@ def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, si
     width, height = parse_size(size)
     positive_int(steps, "--steps")
     timings = {}
-    t = time.perf_counter()
-    model = load_model(MODEL)
-    timings["load"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="sdxl-trt-demo-") as tmp:
+        t = time.perf_counter()
+        engine = Path(tmp) / "engine"
+        export_engine_dir(MODEL, engine, components=["clip_l", "clip_g"], precision="fp32", progress=False)
+        timings["export text encoders"] = time.perf_counter() - t
+        t = time.perf_counter()
+        embeds, pooled = encode_prompt_onnx(engine, [prompt])
+        timings["text (ONNX Runtime)"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with torch.inference_mode():
-        embeds, pooled = encode_prompt(model, [prompt])
-    timings["text"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    pipe = diffusers_pipeline(model)
+    pipe = diffusers_pipeline(load_model(MODEL, progress=False))
+    embeds, pooled = torch.from_numpy(embeds), torch.from_numpy(pooled)
     with torch.inference_mode():
         # An empty negative prompt means zero negative conditioning for the SDXL base (force_zeros_for_empty_prompt).
         image = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
@@ -72,13 +81,13 @@ def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, si
                      negative_pooled_prompt_embeds=torch.zeros_like(pooled),
                      num_inference_steps=steps, width=width, height=height,
                      generator=torch.Generator().manual_seed(seed)).images[0]
-    timings["denoise+vae"] = time.perf_counter() - t
+    timings["denoise + VAE (diffusers)"] = time.perf_counter() - t
 
     info = PngInfo()
     info.add_text("parameters", f"{prompt}\nModel: {MODEL}, Steps: {steps}, Sampler: euler, CFG scale: 5.0, "
-                                f"Seed: {seed}, Size: {width}x{height}, Pipeline: diffusers reference loop")
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+                                f"Seed: {seed}, Size: {width}x{height}, Pipeline: ONNX text encoders + diffusers loop")
+    with atomic_file(path) as tmp_png:
+        image.save(tmp_png, format="PNG", pnginfo=info)
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     print("note: the denoising loop and VAE ran in the diffusers reference pipeline; sdxl-trt's own runtime "
           "takes over when it lands (issue 5)")

@@ -81,16 +81,7 @@ def load_folder(src: SourceSpec, *, dtype, device, names: list[str], progress: b
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--model {src.spec!r}: cannot load {sub}/: {first}") from None
-    return ModelSource(
-        spec=src,
-        clip_l=modules.get("clip_l"),
-        clip_g=modules.get("clip_g"),
-        unet=modules.get("unet"),
-        vae=modules.get("vae"),
-        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json", f"--model {src.spec!r}"),
-        pipeline_config=read_json(path / "model_index.json", f"--model {src.spec!r}"),
-        tokenizer_dirs={n: path / n for n in TOKENIZER_NAMES if (path / n).is_dir()},
-    )
+    return ModelSource.assemble(src, modules, path, {n: path / n for n in TOKENIZER_NAMES if (path / n).is_dir()})
 
 
 def save_folder(model: ModelSource, dest: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -115,6 +116,9 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
     if unknown:
         raise UserError(f"--components: unknown component {unknown[0]!r}; known: {', '.join(COMPONENTS)}")
     _check_out(out, force)
+    if (precision == "fp16" or verify) and importlib.util.find_spec("onnxruntime") is None:
+        raise UserError("fp16 conversion and --verify use ONNX Runtime, which is not installed: install "
+                        "sdxl-trt[cpu] (or [gpu] on a GPU machine), or export with --precision fp32")
     roles: dict[str, SourceSpec] = {}
     main = resolve(model, allow_pickle=allow_pickle)
     roles[main.role] = main

@@ -4,32 +4,52 @@ Diffusion scripts use), keeping in fp32 what diffusers keeps in fp32 under fp16:
   - the sinusoidal embeddings of timesteps and time ids (`time_proj`, `add_time_proj`): sin/cos of arguments
     up to ~1000 lose whole radians in fp16,
   - Resize (its `scales` input must stay fp32 for ONNX Runtime) and random-number ops.
+
+The converter rewrites the graph; the weights are converted outside it, one tensor at a time, straight from the
+fp32 file's external data into the fp16 file's: a full-size UNet (10 GB of fp32 weights) never sits in memory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .contract import Component
-from .onnx_export import toposort_nodes, write_model
+from .onnx_export import _initializers, external_info, toposort_nodes, write_model
 
 OP_BLOCK = ["Resize", "RandomNormalLike", "RandomNormal", "RandomUniformLike"]
 FP32_SCOPES = ("/time_proj/", "/add_time_proj/")  # node-name scopes of diffusers' Timesteps modules
 
 
 def convert_to_fp16(fp32_path: Path, dest: Path, component: Component) -> Path:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from unittest import mock
 
-    graph_only = onnx.load(str(fp32_path), load_external_data=False)
-    # Shapes are inferred on the graph without its weights (a full-size UNet is over protobuf's 2 GiB limit).
-    model = onnx.shape_inference.infer_shapes(graph_only)
-    onnx.load_external_data_for_model(model, str(fp32_path.parent))
+    from onnxruntime.transformers import float16
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path), load_external_data=False))
+    stubs = {}
+    for tensor in _initializers(model):  # weights stay on disk: the converter sees data-less stubs of them
+        info = external_info(tensor)
+        if info is not None:
+            stubs[tensor.name] = info
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
     blocked = [n.name for n in model.graph.node if any(scope in n.name for scope in FP32_SCOPES)]
-    fp32_io = component.fp32_inputs()
-    model = convert_float_to_float16(model, keep_io_types=fp32_io, op_block_list=OP_BLOCK, node_block_list=blocked,
-                                     disable_shape_infer=True)
+    # The converter reads an initializer's shape from its data; a stub has only its dims.
+    def value_info(tensor):
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
+        model = float16.convert_float_to_float16(model, keep_io_types=component.fp32_inputs(), op_block_list=OP_BLOCK,
+                                                 node_block_list=blocked, disable_shape_infer=True)
     toposort_nodes(model)
-    write_model(model, dest, fp32_path.parent)
+
+    def to_fp16(tensor: onnx.TensorProto, data: bytes) -> bytes:
+        if tensor.data_type != onnx.TensorProto.FLOAT16:  # kept in fp32 (feeds a blocked node)
+            return data
+        return float16.convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
+
+    write_model(model, dest, fp32_path.parent, stubs=stubs, transform=to_fp16)
     return dest

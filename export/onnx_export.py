@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import set_external_data
 
 from .contract import Component
 
@@ -92,15 +91,6 @@ def toposort_nodes(model: onnx.ModelProto) -> None:
     model.graph.node.extend(order)
 
 
-def _tensor_bytes(tensor: onnx.TensorProto, src_dir: Path) -> bytes:
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return tensor.raw_data
-    info = {e.key: e.value for e in tensor.external_data}
-    with open(src_dir / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        return f.read(int(info["length"])) if "length" in info else f.read()
-
-
 def _initializers(model: onnx.ModelProto):
     yield from model.graph.initializer
     for node in model.graph.node:
@@ -109,34 +99,61 @@ def _initializers(model: onnx.ModelProto):
                 yield attr.t
 
 
-def write_model(model: onnx.ModelProto, path: Path, src_dir: Path) -> None:
+def external_info(tensor: onnx.TensorProto) -> dict | None:
+    """{location, offset, length} of a tensor stored outside the model file, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def read_external(info: dict, src_dir: Path) -> bytes:
+    with open(src_dir / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict | None = None,
+                transform=None) -> None:
     """Save with our IR version; the weights of a large model go, tensor by tensor, into one `<name>.data` file
-    (never the whole model in memory twice)."""
+    (never the whole model in memory twice).
+
+    `stubs` maps tensor names to the external location of their data in `src_dir` for tensors that carry no data
+    in `model`; `transform(tensor, data)` may rewrite a stub's bytes on the way (the fp16 conversion does)."""
+    stubs = stubs or {}
     model.ir_version = IR_VERSION
-    tensors = [t for t in _initializers(model) if t.data_location == onnx.TensorProto.EXTERNAL or t.raw_data]
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors) or \
+    tensors = [t for t in _initializers(model) if t.name in stubs or external_info(t) or t.raw_data]
+    external = bool(stubs) or any(external_info(t) for t in tensors) or \
         sum(len(t.raw_data) for t in tensors) > EXTERNAL_ABOVE
     data_path = path.with_name(path.name + ".data")
     if external:
         offset = 0
         with open(data_path, "wb") as out:
             for tensor in tensors:
-                is_external = tensor.data_location == onnx.TensorProto.EXTERNAL
-                if not is_external and len(tensor.raw_data) <= INLINE_LIMIT:
+                info = stubs.get(tensor.name) or external_info(tensor)
+                if info is None and len(tensor.raw_data) <= INLINE_LIMIT:
                     continue
-                data = _tensor_bytes(tensor, src_dir)
+                data = read_external(info, src_dir) if info else tensor.raw_data
+                if tensor.name in stubs and transform is not None:
+                    data = transform(tensor, data)
                 pad = -offset % 64  # aligned, so that backends can map weights in place
                 out.write(b"\0" * pad)
                 offset += pad
                 out.write(data)
-                tensor.ClearField("raw_data")
-                del tensor.external_data[:]
-                set_external_data(tensor, location=data_path.name, offset=offset, length=len(data))
-                tensor.data_location = onnx.TensorProto.EXTERNAL
+                _point_to(tensor, data_path.name, offset, len(data))
                 offset += len(data)
             out.flush()
             os.fsync(out.fileno())
     onnx.save_model(model, str(path))
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` an external tensor stored at `location`[offset:offset+length]."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def model_files(path: Path) -> list[Path]:

@@ -156,13 +156,4 @@ def load_checkpoint(src: SourceSpec, *, dtype, device, names: list[str], progres
         _load_strict(model, state, name, src.spec)
         del state
         modules[name] = model.to(device=device, dtype=dtype)
-    return ModelSource(
-        spec=src,
-        clip_l=modules.get("clip_l"),
-        clip_g=modules.get("clip_g"),
-        unet=modules.get("unet"),
-        vae=modules.get("vae"),
-        scheduler_config=read_json(config_dir / "scheduler" / "scheduler_config.json", src.architecture),
-        pipeline_config=read_json(config_dir / "model_index.json", src.architecture),
-        tokenizer_dirs=cached_tokenizer_dirs(config_dir),
-    )
+    return ModelSource.assemble(src, modules, config_dir, cached_tokenizer_dirs(config_dir))

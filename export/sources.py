@@ -64,6 +64,15 @@ class ModelSource:
     pipeline_config: dict  # model_index.json: force_zeros_for_empty_prompt, requires_aesthetics_score, …
     tokenizer_dirs: dict[str, Path] = field(default_factory=dict)  # "tokenizer" (CLIP-L), "tokenizer_2" (CLIP-G)
 
+    @classmethod
+    def assemble(cls, spec: SourceSpec, modules: dict, config_dir: Path, tokenizer_dirs: dict[str, Path]) -> ModelSource:
+        """A ModelSource from loaded modules and the folder that holds the model's scheduler and pipeline configs."""
+        return cls(spec=spec, clip_l=modules.get("clip_l"), clip_g=modules.get("clip_g"), unet=modules.get("unet"),
+                   vae=modules.get("vae"),
+                   scheduler_config=read_json(config_dir / "scheduler" / "scheduler_config.json", spec.spec),
+                   pipeline_config=read_json(config_dir / "model_index.json", spec.spec),
+                   tokenizer_dirs=tokenizer_dirs)
+
     @property
     def role(self) -> str:
         return self.spec.role

@@ -52,6 +52,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .generate import generate
+
+    for path in generate(args):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from ..export.demo import run_demo
 
@@ -89,25 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=1, help="largest number of images per call")
     b.set_defaults(func=_not_built("building engines", 6))
 
-    g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory")
-    g.add_argument("dir", metavar="DIR")
-    g.add_argument("prompt", metavar="PROMPT")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--size", default="1024x1024", help="WxH in pixels, multiples of 8")
+    g = sub.add_parser("generate", help="text-to-image from an engine directory (ONNX Runtime CPU)")
+    g.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
+    g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE)")
+    g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
+    g.add_argument("--negative", default="", help="negative prompt (empty: zero negative conditioning on the base)")
+    g.add_argument("--size", help="WxH in pixels, multiples of 8 (default: the model's, 1024x1024 for SDXL)")
     g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=5.0)
-    g.add_argument("--sampler", default="euler")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; ≤ 1 turns it off")
+    g.add_argument("--guidance-rescale", type=float, default=0.0)
+    g.add_argument("--sampler", default="euler", help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, "
+                   "dpmpp_sde_karras, ddim, lcm, tcd")
+    g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing "
+                   "(default: the model's scheduler config)")
+    g.add_argument("--seed", type=int, help="image i gets seed S+i (default: random, printed)")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--backend", default="ort-cpu")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--init-image", metavar="PNG")
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", metavar="PNG", help="white = repaint")
-    g.add_argument("--latents", metavar="NPY")
+    g.add_argument("--latents", metavar="NPY", help="initial noise [N,4,h,w] float32, as diffusers' `latents`")
     g.add_argument("--output-type", choices=["png", "latent"], default="png")
-    g.add_argument("--out", metavar="PATH")
-    g.set_defaults(func=_not_built("the runtime (generate)", 5))
+    g.add_argument("--out", metavar="PATH", help="output file (default ./sdxl-trt-SEED.png or .npy); "
+                   "with several images, -1, -2, … are inserted before the suffix")
+    g.add_argument("--timings", action="store_true", help="print the time of each stage")
+    g.set_defaults(func=_cmd_generate)
 
     for name, what, issue in (("bench", "benchmarks", 8), ("serve", "the HTTP server", 10),
                               ("inspect", "inspecting engine directories", 6)):

@@ -57,6 +57,11 @@ class Manifest:
     def components(self) -> dict:
         return self.data["components"]
 
+    @property
+    def sha256(self) -> str:
+        """The manifest file's own hash: it names every file's hash, so it identifies the whole directory."""
+        return sha256_file(self.root / MANIFEST)
+
     def path(self, relative: str) -> Path:
         """An absolute path for a manifest entry; entries may not leave the engine directory."""
         pure = PurePosixPath(relative)

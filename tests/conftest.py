@@ -52,3 +52,14 @@ def tiny_refiner():
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tiny_base):
     return tiny_base.tokenizer_dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """tiny:base + tiny:refiner exported (fp32 + fp16) and verified: an engine directory for runtime tests."""
+    from sdxl_trt.export.engine_dir import export_engine_dir
+
+    out = tmp_path_factory.mktemp("engine") / "tiny"
+    report = export_engine_dir("tiny:base", out, refiner="tiny:refiner", verify=True, progress=False)
+    assert len(report.verify_lines) >= 20
+    return out

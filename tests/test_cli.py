@@ -45,7 +45,6 @@ def test_every_subcommand_has_help(command, capsys):
     (["bench", "d"], 8),
     (["serve", "d"], 10),
     (["inspect", "d"], 6),
-    (["export", "--model", "tiny:base", "--out", "d"], 4),
 ])
 def test_commands_not_built_yet_say_so_in_one_line(argv, issue, capsys):
     assert main(argv) == 3
@@ -63,6 +62,16 @@ def test_bad_model_is_one_line_and_exit_2(argv, names, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and names in err
+
+
+def test_export_prints_a_summary(tmp_path, capsys):
+    out = tmp_path / "engine"
+    assert main(["export", "--model", "tiny:base", "--out", str(out), "--components", "clip_l", "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "clip_l fp32 hidden_states at 3×192×320: rel-L2" in printed and f"wrote {out}" in printed
+    assert (out / "onnx" / "clip_l" / "model.fp16.onnx").is_file()
+    assert main(["export", "--model", "tiny:base", "--out", str(out), "--components", "clip_l"]) == 2
+    assert "--force" in capsys.readouterr().err
 
 
 def test_bad_model_from_the_shell(tmp_path):

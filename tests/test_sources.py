@@ -225,7 +225,7 @@ def test_bad_checkpoints_say_what_is_wrong(tiny_base, tmp_path):
         "not-sdxl": (save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors") or tmp_path / "other.safetensors",
                      "not an SDXL checkpoint"),
     }
-    for name, (path, pattern) in cases.items():
+    for path, pattern in cases.values():
         with pytest.raises(UserError, match=pattern):
             load_model(str(path), progress=False)
 

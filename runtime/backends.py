@@ -1,0 +1,86 @@
+"""Inference backends, chosen by name. Each runs an engine directory's components by their contract names.
+
+Only `ort-cpu` exists so far: ONNX Runtime's CPU execution provider on the fp32 files, numpy in and out. It is
+the reference path that every faster backend is held to.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy as np
+
+from .errors import NotBuiltYet, UserError
+from .manifest import Manifest
+
+BACKENDS = {"ort-cpu": None, "ort-cuda": 7, "tensorrt": 6, "tensorrt-rtx": 6}  # name → issue that builds it, if not built
+DTYPES = {"float": {"fp32": np.float32, "fp16": np.float16}, "float32": np.float32, "int32": np.int32}
+
+
+def check_onnxruntime_install() -> None:
+    """The CPU and GPU builds of ONNX Runtime install the same module; with both present neither works reliably."""
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        raise UserError("both onnxruntime and onnxruntime-gpu are installed and overwrite each other: "
+                        "pip uninstall -y onnxruntime onnxruntime-gpu, then install sdxl-trt[cpu] or sdxl-trt[gpu]")
+    if not installed:
+        raise UserError("ONNX Runtime is not installed: install sdxl-trt[cpu] (or sdxl-trt[gpu] on a GPU machine)")
+
+
+class OrtSession:
+    """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
+
+    def __init__(self, manifest: Manifest, component: str, precision: str, providers: list[str]):
+        import onnxruntime as ort
+
+        entry = manifest.components.get(component)
+        if entry is None:
+            raise UserError(f"{manifest.root}: this engine directory has no {component!r} "
+                            f"(it has {', '.join(manifest.components)}); export it with `sdxl-trt export`")
+        if precision not in entry["precisions"]:
+            raise UserError(f"{manifest.root}: {component} has no {precision} file "
+                            f"(it has {', '.join(entry['precisions'])})")
+        self.name, self.precision = component, precision
+        self.inputs = {t["name"]: t for t in entry["inputs"]}
+        self.output_names = [t["name"] for t in entry["outputs"]]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        path = manifest.path(entry["precisions"][precision])
+        self._session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def dtype(self, input_name: str):
+        kind = DTYPES[self.inputs[input_name]["dtype"]]
+        return kind[self.precision] if isinstance(kind, dict) else kind
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
+        return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
+
+
+class OrtCpuBackend:
+    name = "ort-cpu"
+    precision = "fp32"
+
+    def __init__(self, manifest: Manifest):
+        check_onnxruntime_install()
+        self.manifest = manifest
+        self._sessions: dict[str, OrtSession] = {}
+
+    def session(self, component: str) -> OrtSession:
+        if component not in self._sessions:
+            self._sessions[component] = OrtSession(self.manifest, component, self.precision, ["CPUExecutionProvider"])
+        return self._sessions[component]
+
+
+def load_backend(name: str, manifest: Manifest):
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
+    if BACKENDS[name] is not None:
+        raise NotBuiltYet(f"backend {name} is not built yet (planned in issue {BACKENDS[name]}); use ort-cpu")
+    return OrtCpuBackend(manifest)

@@ -1,0 +1,91 @@
+"""`sdxl-trt generate`: command-line arguments → Pipeline call → PNG files with their parameters, or .npy latents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NotBuiltYet, UserError
+from .fileio import atomic_file
+from .validate import parse_size, positive_int
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompts:
+        path = Path(args.prompts)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise UserError(f"--prompts {args.prompts!r}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts {args.prompts!r} is not UTF-8 text (byte {e.start})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r} holds no prompt")
+        return prompts
+    if args.prompt is None:
+        raise UserError("give a PROMPT or --prompts FILE")
+    return [args.prompt]
+
+
+def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[Path]:
+    base = Path(out) if out else Path(f"sdxl-trt-{first_seed}{suffix}")
+    if base.suffix.lower() != suffix:
+        raise UserError(f"--out {str(base)!r}: expected a {suffix} file name")
+    if base.is_dir():
+        raise UserError(f"--out {str(base)!r} is a folder; give a file name")
+    if not base.parent.is_dir():
+        raise UserError(f"--out {str(base)!r}: folder {base.parent} does not exist")
+    if n == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(n)]
+
+
+def generate(args) -> list[Path]:
+    for flag, issue_part in (("init_image", "img2img"), ("mask", "inpainting"), ("strength", "img2img")):
+        if getattr(args, flag) is not None:
+            raise NotBuiltYet(f"--{flag.replace('_', '-')} ({issue_part}) is not built yet (planned in issue 5)")
+    prompts = read_prompts(args)
+    positive_int(args.steps, "--steps")
+    positive_int(args.batch, "--batch")
+    width, height = parse_size(args.size) if args.size else (None, None)
+    latents = None
+    if args.latents:
+        try:
+            latents = np.load(args.latents, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.load(args.dir, backend=args.backend)
+    result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
+                  spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
+                  refiner_start=args.refiner_start,
+                  output_type="latent" if args.output_type == "latent" else "pil")
+    suffix = ".npy" if args.output_type == "latent" else ".png"
+    paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)
+    if args.output_type == "latent":
+        for path, latent in zip(paths, result.array):
+            with atomic_file(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, latent[None])
+    else:
+        from PIL.PngImagePlugin import PngInfo
+
+        h, w = result.array.shape[1:3]
+        prompts_per_image = [p for p in prompts for _ in range(args.batch)]
+        for path, image, seed, prompt in zip(paths, result.images, result.seeds, prompts_per_image):
+            info = PngInfo()
+            info.add_text("parameters", json.dumps({
+                "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
+                "sampler": args.sampler, "guidance": args.guidance, "size": f"{w}x{h}",
+                "refiner_start": args.refiner_start, "backend": args.backend,
+                "model": pipe.manifest.data["sources"], "manifest_sha256": pipe.manifest.sha256}, ensure_ascii=False))
+            with atomic_file(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=info)
+    if args.timings:
+        print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    return paths

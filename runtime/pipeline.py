@@ -1,0 +1,261 @@
+"""SDXL text-to-image on an engine directory, with the refiner as a second expert, matching diffusers'
+`StableDiffusionXLPipeline` (and `StableDiffusionXLImg2ImgPipeline` for the refiner's part) step for step.
+
+prompts → tokenizers → clip_l ∥ clip_g → context [B,77,2048] + pooled → time ids
+latents → per step: scale → unet (CFG: [negative; positive] in one batch) → guidance → sampler step
+        → (refiner from `refiner_start`) → latents / scaling factor → vae_decoder → uint8 images
+
+Noise is ours, not torch's: image i of a call with seed S draws from numpy's Philox generator keyed with S + i,
+first its initial latent, then whatever a stochastic sampler needs at each step, in step order. The same seed
+gives the same image on every backend that implements the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import load_backend
+from .errors import UserError
+from .manifest import load_manifest
+from .samplers import make_sampler
+from .tokenizer import ClipTokenizer
+
+log = logging.getLogger("sdxl_trt")
+
+# diffusers' StableDiffusionXLImg2ImgPipeline defaults for the refiner's aesthetic-score conditioning
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline default
+
+
+@dataclass
+class Result:
+    images: list | None  # PIL images (output_type "pil"), or None
+    array: np.ndarray  # [N,H,W,3] float in [0,1] ("np"/"pil") or the final latents [N,4,h,w] ("latent")
+    seeds: list[int]
+    timings: dict = field(default_factory=dict)
+
+
+def image_seeds(seed: int | None, n: int) -> list[int]:
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63 - n))
+    return [seed + i for i in range(n)]
+
+
+class Pipeline:
+    def __init__(self, manifest, backend):
+        self.manifest = manifest
+        self.backend = backend
+        data = manifest.data
+        self.model, self.scheduler_config, self.roles = data["model"], data["scheduler"], data["pipelines"]
+        self.tokenizers = {name: ClipTokenizer.from_dir(manifest.path(folder))
+                           for name, folder in data["tokenizers"].items()}
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True) -> Pipeline:
+        """Open an engine directory; every file is checked against the manifest (sizes, and sha256 by default)."""
+        manifest = load_manifest(engine_dir)
+        manifest.check_files(hashes=check_hashes)
+        return cls(manifest, load_backend(backend, manifest))
+
+    @property
+    def has_refiner(self) -> bool:
+        return "refiner" in self.roles
+
+    # --- conditioning -----------------------------------------------------------------------------------------
+
+    def _encode(self, role: str, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        components = self.roles[role]["components"]
+        states = []
+        for encoder, tokenizer in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2")):
+            if encoder not in components:
+                continue
+            tokens = self.tokenizers[tokenizer](prompts)
+            for prompt, cut in zip(prompts, tokens.truncated(self.tokenizers[tokenizer].max_length)):
+                if cut:
+                    log.warning("prompt longer than %d tokens was truncated (as diffusers does): %.60r…",
+                                self.tokenizers[tokenizer].max_length - 2, prompt)
+            out = self.backend.session(components[encoder]).run(input_ids=tokens.ids)
+            states.append(out["hidden_states"])
+            pooled = out.get("text_embeds")
+        return np.concatenate(states, axis=-1).astype(np.float32), pooled.astype(np.float32)
+
+    def encode_prompt(self, role: str, prompts: list[str], negatives: list[str | None], guidance: bool):
+        """(context, pooled), negatives stacked before positives under classifier-free guidance."""
+        embeds, pooled = self._encode(role, prompts)
+        if not guidance:
+            return embeds, pooled
+        if self.roles[role]["force_zeros_for_empty_prompt"] and not any(negatives):
+            neg_embeds, neg_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
+        else:
+            neg_embeds, neg_pooled = self._encode(role, [n or "" for n in negatives])
+        return np.concatenate([neg_embeds, embeds]), np.concatenate([neg_pooled, pooled])
+
+    def time_ids(self, role: str, n: int, guidance: bool, *, original_size, crop, target_size,
+                 aesthetic_score: float, negative_aesthetic_score: float) -> np.ndarray:
+        names = self.roles[role]["time_ids"]
+        if names[-1] == "aesthetic_score":
+            pos = [*original_size, *crop, aesthetic_score]
+            neg = [*original_size, *crop, negative_aesthetic_score]
+        else:
+            pos = neg = [*original_size, *crop, *target_size]
+        rows = [neg] * n + [pos] * n if guidance else [pos] * n
+        return np.asarray(rows, dtype=np.float32)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def _denoise(self, role: str, latents: np.ndarray, sampler, evals: range, cond, guidance_scale: float,
+                 guidance_rescale: float, rngs, progress: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        embeds, pooled, time_ids = cond
+        guidance = guidance_scale > 1.0
+        unet = self.backend.session(self.roles[role]["components"]["unet"])
+        for i in tqdm(evals, desc=role, disable=not progress, leave=False):
+            x = np.concatenate([latents, latents]) if guidance else latents
+            x = sampler.scale_model_input(x, i)
+            t = np.full(x.shape[0], sampler.timesteps[i], dtype=np.float32)
+            noise_pred = unet.run(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled,
+                                  time_ids=time_ids)["noise_pred"].astype(np.float32)
+            if guidance:
+                uncond, text = np.split(noise_pred, 2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+                if guidance_rescale > 0:
+                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
+            noise = (np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
+                     if sampler.needs_noise else None)
+            latents = sampler.step(noise_pred, i, latents, noise=noise).astype(np.float32)
+        return latents
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
+                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str = "euler",
+                 spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
+                 latents: np.ndarray | None = None, denoising_end: float | None = None,
+                 refiner_start: float | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+                 aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+                 output_type: str = "pil", progress: bool = True) -> Result:
+        """Text to image. Arguments are diffusers' where they exist; `refiner_start` F runs the base to F and the
+        refiner from F (diffusers' `denoising_end` / `denoising_start`); `denoising_end` alone stops the base early
+        (use with output_type "latent")."""
+        timings = {}
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = ([negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str)
+                     else list(negative_prompt))
+        if not prompts or len(negatives) != len(prompts):
+            raise UserError("give one negative prompt, or one per prompt")
+        size = self.model["default_size"]
+        height, width = height or size, width or size
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise UserError(f"size {width}x{height}: width and height must be positive multiples of 8")
+        if num_inference_steps < 1:
+            raise UserError(f"steps {num_inference_steps}: expected a whole number ≥ 1")
+        if num_images_per_prompt < 1:
+            raise UserError(f"batch {num_images_per_prompt}: expected a whole number ≥ 1")
+        if output_type not in ("pil", "np", "latent"):
+            raise UserError(f"output type {output_type!r}: expected pil, np or latent")
+        if refiner_start is not None:
+            if not self.has_refiner:
+                raise UserError(f"{self.manifest.root} has no refiner; export one with --refiner to use refiner_start")
+            if not 0 < refiner_start < 1:
+                raise UserError(f"refiner start {refiner_start}: expected a fraction strictly between 0 and 1")
+            denoising_end = refiner_start
+        role = "base" if "base" in self.roles else "refiner"
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        scale = self.model["vae_scale_factor"]
+        shape = (n, self.model["latent_channels"], height // scale, width // scale)
+        seeds = image_seeds(seed, n)
+        rngs = [np.random.Generator(np.random.Philox(key=s)) for s in seeds]
+        if latents is None:
+            latents = np.stack([rng.standard_normal(shape[1:], dtype=np.float32) for rng in rngs])
+        else:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise UserError(f"latents of shape {latents.shape}: expected {shape} for {n} images of {width}x{height}")
+        original_size = tuple(original_size or (height, width))
+        target_size = tuple(target_size or (height, width))
+        guidance = guidance_scale > 1.0
+
+        t = time.perf_counter()
+        cond = self.encode_prompt(role, prompts, negatives, guidance)
+        time_ids = self.time_ids(role, n, guidance, original_size=original_size, crop=crops_coords_top_left,
+                                 target_size=target_size, aesthetic_score=aesthetic_score,
+                                 negative_aesthetic_score=negative_aesthetic_score)
+        timings["text"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        base = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
+        evals = range(len(base.timesteps))
+        if denoising_end is not None:
+            cutoff = self._cutoff(denoising_end)
+            evals = range(int(np.sum(base.timesteps >= cutoff)))
+        latents = latents * np.float32(base.init_noise_sigma)
+        latents = self._denoise(role, latents, base, evals, (*cond, time_ids), guidance_scale, guidance_rescale,
+                                rngs, progress)
+        timings[role] = time.perf_counter() - t
+
+        if refiner_start is not None:
+            t = time.perf_counter()
+            refiner = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
+            remaining = int(np.sum(refiner.timesteps < self._cutoff(refiner_start)))
+            if refiner.order == 2 and remaining % 2 == 0:
+                remaining += 1  # as diffusers: a second-order sampler must not start between its two halves
+            start = len(refiner.timesteps) - remaining
+            refiner.set_begin_index(start)
+            ref_cond = self.encode_prompt("refiner", prompts, negatives, guidance)
+            ref_time_ids = self.time_ids("refiner", n, guidance, original_size=original_size,
+                                         crop=crops_coords_top_left, target_size=target_size,
+                                         aesthetic_score=aesthetic_score,
+                                         negative_aesthetic_score=negative_aesthetic_score)
+            latents = self._denoise("refiner", latents, refiner, range(start, len(refiner.timesteps)),
+                                    (*ref_cond, ref_time_ids), guidance_scale, guidance_rescale, rngs, progress)
+            timings["refiner"] = time.perf_counter() - t
+
+        if output_type == "latent":
+            return Result(None, latents, seeds, timings)
+        t = time.perf_counter()
+        array = self.decode(latents)
+        timings["vae"] = time.perf_counter() - t
+        images = to_pil(array) if output_type == "pil" else None
+        return Result(images, array, seeds, timings)
+
+    def _cutoff(self, fraction: float) -> int:
+        train = self.scheduler_config.get("num_train_timesteps", 1000)
+        return int(round(train - fraction * train))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents → images [N,H,W,3] in [0,1], as diffusers' VAE decode + image processor (no clipping loss)."""
+        shift = self.model.get("vae_shift_factor") or 0.0
+        latent = latents / np.float32(self.model["vae_scaling_factor"]) + np.float32(shift)
+        vae = self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_decoder"]
+        image = self.backend.session(vae).run(latent=latent)["image"].astype(np.float32)
+        if not np.isfinite(image).all():
+            raise UserError("the VAE produced NaN/Inf (an fp16 overflow?); run the VAE in fp32")
+        return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+
+def rescale_noise_cfg(noise_cfg: np.ndarray, noise_text: np.ndarray, guidance_rescale: float) -> np.ndarray:
+    """Guidance rescale (Lin et al. 2023, §3.4), as diffusers: match the guided prediction's std to the text one's."""
+    axes = tuple(range(1, noise_text.ndim))
+    std_text = noise_text.std(axis=axes, keepdims=True, ddof=1)
+    std_cfg = noise_cfg.std(axis=axes, keepdims=True, ddof=1)
+    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N,H,W,3] in [0,1] → uint8, rounding as diffusers' numpy_to_pil."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def to_pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in to_uint8(images)]
