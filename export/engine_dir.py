@@ -75,8 +75,10 @@ def _check_out(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"--out {str(out)!r}: folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r}: cannot create folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {str(out)!r}: cannot write into {parent} (permission denied)")
 

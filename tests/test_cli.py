@@ -41,7 +41,6 @@ def test_every_subcommand_has_help(command, capsys):
 
 @pytest.mark.parametrize("argv, issue", [
     (["build", "d", "--backend", "tensorrt"], 6),
-    (["generate", "d", "a cat"], 5),
     (["bench", "d"], 8),
     (["serve", "d"], 10),
     (["inspect", "d"], 6),
@@ -96,7 +95,7 @@ def test_demo_writes_a_png(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as image:
         assert image.size == (64, 96) and image.mode == "RGB"
-        assert "Seed: 7" in image.text["parameters"]
+        assert '"seed": 7' in image.text["parameters"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]  # no temp file left beside it
 
 
@@ -113,3 +112,61 @@ def test_demo_bad_input_writes_nothing(tmp_path, flags, message, capsys):
     assert main(["demo", *flags]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_writes_pngs_with_their_parameters(tiny_engine, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert main(["generate", str(tiny_engine), "a cat", "--size", "64x96", "--steps", "3", "--seed", "5",
+                 "--batch", "2", "--out", str(out), "--timings"]) == 0
+    printed = capsys.readouterr().out
+    assert "timings: text" in printed
+    paths = [tmp_path / "cat-1.png", tmp_path / "cat-2.png"]
+    assert sorted(tmp_path.iterdir()) == paths
+    for path, seed in zip(paths, (5, 6)):
+        with Image.open(path) as image:
+            assert image.size == (64, 96)
+            params = __import__("json").loads(image.text["parameters"])
+            assert params["seed"] == seed and params["prompt"] == "a cat" and len(params["manifest_sha256"]) == 64
+
+
+def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n  a dog  \n", encoding="utf-8")
+    out = tmp_path / "z.npy"
+    assert main(["generate", str(tiny_engine), "--prompts", str(prompts), "--size", "64x64", "--steps", "2",
+                 "--output-type", "latent", "--out", str(out), "--seed", "1"]) == 0
+    import numpy as np
+
+    assert [np.load(p).shape for p in sorted(tmp_path.glob("z-*.npy"))] == [(1, 4, 8, 8)] * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "65x64"], "multiples of 8"),
+    (["--steps", "0"], "--steps"),
+    (["--batch", "0"], "--batch"),
+    (["--sampler", "plms"], "plms"),
+    (["--refiner-start", "1.5"], "between 0 and 1"),
+    (["--out", "{tmp}/x.jpg"], ".png"),
+    (["--latents", "{tmp}/missing.npy"], "--latents"),
+    (["--prompts", "{tmp}/missing.txt"], "--prompts"),
+    (["--backend", "magic"], "magic"),
+])
+def test_generate_bad_input_writes_nothing(tiny_engine, tmp_path, argv, message, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(["generate", str(tiny_engine), "a cat", "--size", "64x64", "--steps", "2",
+                 "--out", str(tmp_path / "keep.png"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_on_a_missing_or_tampered_engine_dir(tiny_engine, tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "a cat"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_engine, copy)
+    (copy / "onnx" / "unet" / "model.onnx").write_bytes(b"garbage")
+    assert main(["generate", str(copy), "a cat", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unet/model.onnx" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

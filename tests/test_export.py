@@ -214,7 +214,7 @@ def test_refiner_as_model_with_refiner_flag(tmp_path):
 
 def test_unwritable_out(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="cannot create folder"):
         export_engine_dir("tiny:base", tmp_path / "file" / "engine", components=["clip_l"], progress=False)
     if Path("/sys/kernel").is_dir():  # sysfs refuses new entries even to root
         with pytest.raises(UserError, match="failed"):

@@ -18,6 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers_schedulers import REFERENCE, scheduler_for  # noqa: E402
+
 from sdxl_trt.export.reference import diffusers_pipeline  # noqa: E402
 from sdxl_trt.export.verify import rel_l2  # noqa: E402
 from sdxl_trt.runtime import UserError  # noqa: E402
@@ -26,22 +28,6 @@ from sdxl_trt.runtime.pipeline import Pipeline  # noqa: E402
 LATENT_TOL = 1e-3
 IMAGE_TOL = 2 / 255
 SEED = 1234
-
-# our sampler name → the diffusers scheduler and overrides it must match
-REFERENCE = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "dpmpp_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                         "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "tcd": ("TCDScheduler", {}),
-}
-
 
 @pytest.fixture(scope="module")
 def pipe(tiny_engine):
@@ -56,12 +42,6 @@ def reference(tiny_base):
 @pytest.fixture(scope="module")
 def reference_refiner(tiny_refiner):
     return diffusers_pipeline(tiny_refiner)
-
-
-def scheduler_for(name, config):
-    """A fresh diffusers scheduler from the model's own config (never from a previous test's scheduler)."""
-    cls, overrides = REFERENCE[name]
-    return getattr(diffusers, cls).from_config(dict(config), **overrides)
 
 
 @contextlib.contextmanager

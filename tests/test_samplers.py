@@ -22,27 +22,16 @@ diffusers.utils.logging.set_verbosity_error()  # from_config notes the Euler-onl
 # diffusers calls np.array on torch tensors, which numpy 2 warns about; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
+from diffusers_schedulers import REFERENCE, scheduler_for  # noqa: E402
+
 CONFIG = json.loads((Path(__file__).resolve().parents[1] / "export/configs/sdxl-base/scheduler/scheduler_config.json")
                     .read_text())
-DPM = "DPMSolverMultistepScheduler"
-REFERENCE = {  # sampler → (diffusers class, from_config overrides)
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": (DPM, dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "dpmpp_2m_karras": (DPM, dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
-    "dpmpp_sde_karras": (DPM, dict(algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True)),
-    "ddim": ("DDIMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "tcd": ("TCDScheduler", {}),
-}
 SHAPE = (2, 4, 8, 12)
 
 
 def reference(name, spacing=None, prediction_type=None):
-    cls, overrides = REFERENCE[name]
     extra = {k: v for k, v in (("timestep_spacing", spacing), ("prediction_type", prediction_type)) if v is not None}
-    return getattr(diffusers, cls).from_config(CONFIG, **overrides, **extra)
+    return scheduler_for(name, CONFIG, **extra)
 
 
 def rel_l2(a, b):
