@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=1, help="largest number of images per call")
     b.set_defaults(func=_not_built("building engines", 6))
 
-    g = sub.add_parser("generate", help="text-to-image from an engine directory (ONNX Runtime CPU)")
+    g = sub.add_parser("generate", help="text-to-image and img2img from an engine directory (ONNX Runtime CPU)")
     g.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
     g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE)")
     g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--backend", default="ort-cpu")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
-    g.add_argument("--init-image", metavar="PNG")
-    g.add_argument("--strength", type=float)
+    g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
+                   "with this strength (e.g. 0.3)")
+    g.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (size: its own, unless --size)")
+    g.add_argument("--strength", type=float, help="img2img: how much of the schedule to run (0, 1], default 0.3")
     g.add_argument("--mask", metavar="PNG", help="white = repaint")
     g.add_argument("--latents", metavar="NPY", help="initial noise [N,4,h,w] float32, as diffusers' `latents`")
     g.add_argument("--output-type", choices=["png", "latent"], default="png")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import NotBuiltYet, UserError
 from .fileio import atomic_file
+from .images import load_image
 from .validate import parse_size, positive_int
 
 
@@ -44,9 +45,10 @@ def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[
 
 
 def generate(args) -> list[Path]:
-    for flag, issue_part in (("init_image", "img2img"), ("mask", "inpainting"), ("strength", "img2img")):
-        if getattr(args, flag) is not None:
-            raise NotBuiltYet(f"--{flag.replace('_', '-')} ({issue_part}) is not built yet (planned in issue 5)")
+    if args.mask is not None:
+        raise NotBuiltYet("--mask (inpainting) is not built yet (planned in issue 5)")
+    if args.strength is not None and args.init_image is None:
+        raise UserError("--strength goes with --init-image")
     prompts = read_prompts(args)
     positive_int(args.steps, "--steps")
     positive_int(args.batch, "--batch")
@@ -57,13 +59,15 @@ def generate(args) -> list[Path]:
             latents = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
-    from .pipeline import Pipeline
+    image = load_image(args.init_image) if args.init_image else None
+    from .pipeline import DEFAULT_STRENGTH, Pipeline
 
     pipe = Pipeline.load(args.dir, backend=args.backend)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
-                  refiner_start=args.refiner_start,
+                  image=image, strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+                  refiner_start=args.refiner_start, refine_strength=args.refine_strength,
                   output_type="latent" if args.output_type == "latent" else "pil")
     suffix = ".npy" if args.output_type == "latent" else ".png"
     paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)
@@ -82,7 +86,9 @@ def generate(args) -> list[Path]:
             info.add_text("parameters", json.dumps({
                 "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
                 "sampler": args.sampler, "guidance": args.guidance, "size": f"{w}x{h}",
-                "refiner_start": args.refiner_start, "backend": args.backend,
+                "refiner_start": args.refiner_start, "refine_strength": args.refine_strength,
+                "init_image": args.init_image, "strength": args.strength if args.init_image else None,
+                "backend": args.backend,
                 "model": pipe.manifest.data["sources"], "manifest_sha256": pipe.manifest.sha256}, ensure_ascii=False))
             with atomic_file(path) as tmp:
                 image.save(tmp, format="PNG", pnginfo=info)

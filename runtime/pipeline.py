@@ -22,6 +22,7 @@ import numpy as np
 
 from .backends import load_backend
 from .errors import UserError
+from .images import default_size, to_model_input, to_pil
 from .manifest import load_manifest
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
@@ -31,6 +32,7 @@ log = logging.getLogger("sdxl_trt")
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults for the refiner's aesthetic-score conditioning
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline default
+DEFAULT_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline default
 
 
 @dataclass
@@ -39,6 +41,11 @@ class Result:
     array: np.ndarray  # [N,H,W,3] float in [0,1] ("np"/"pil") or the final latents [N,4,h,w] ("latent")
     seeds: list[int]
     timings: dict = field(default_factory=dict)
+
+
+def draw(rngs, shape) -> np.ndarray:
+    """One standard-normal array of `shape` from each image's stream, stacked: [len(rngs), *shape] float32."""
+    return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
 
 
 def image_seeds(seed: int | None, n: int) -> list[int]:
@@ -127,8 +134,7 @@ class Pipeline:
                 noise_pred = uncond + guidance_scale * (text - uncond)
                 if guidance_rescale > 0:
                     noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
-            noise = (np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
-                     if sampler.needs_noise else None)
+            noise = draw(rngs, latents.shape[1:]) if sampler.needs_noise else None
             latents = sampler.step(noise_pred, i, latents, noise=noise).astype(np.float32)
         return latents
 
@@ -136,35 +142,29 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
                  guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str = "euler",
                  spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
-                 latents: np.ndarray | None = None, denoising_end: float | None = None,
-                 refiner_start: float | None = None, original_size: tuple[int, int] | None = None,
+                 latents: np.ndarray | None = None, image=None, strength: float = DEFAULT_STRENGTH,
+                 denoising_end: float | None = None, refiner_start: float | None = None,
+                 refine_strength: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
                  output_type: str = "pil", progress: bool = True) -> Result:
-        """Text to image. Arguments are diffusers' where they exist; `refiner_start` F runs the base to F and the
-        refiner from F (diffusers' `denoising_end` / `denoising_start`); `denoising_end` alone stops the base early
-        (use with output_type "latent")."""
+        """Text to image, or image to image with `image` (a PIL image) and `strength`. Arguments are diffusers' where
+        they exist. The refiner, if the engine directory has one, runs either as a second expert from
+        `refiner_start` F (diffusers' `denoising_end`/`denoising_start` = F) or after the base as an img2img pass on
+        its latents with `refine_strength`. `denoising_end` alone stops the base early (with output_type "latent")."""
         timings = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = ([negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str)
                      else list(negative_prompt))
         if not prompts or len(negatives) != len(prompts):
             raise UserError("give one negative prompt, or one per prompt")
+        if image is not None and (height is None or width is None):
+            width, height = default_size(image, self.model["vae_scale_factor"])
         size = self.model["default_size"]
         height, width = height or size, width or size
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise UserError(f"size {width}x{height}: width and height must be positive multiples of 8")
-        if num_inference_steps < 1:
-            raise UserError(f"steps {num_inference_steps}: expected a whole number ≥ 1")
-        if num_images_per_prompt < 1:
-            raise UserError(f"batch {num_images_per_prompt}: expected a whole number ≥ 1")
-        if output_type not in ("pil", "np", "latent"):
-            raise UserError(f"output type {output_type!r}: expected pil, np or latent")
+        self._check(height, width, num_inference_steps, num_images_per_prompt, output_type, image, latents,
+                    strength, refiner_start, refine_strength)
         if refiner_start is not None:
-            if not self.has_refiner:
-                raise UserError(f"{self.manifest.root} has no refiner; export one with --refiner to use refiner_start")
-            if not 0 < refiner_start < 1:
-                raise UserError(f"refiner start {refiner_start}: expected a fraction strictly between 0 and 1")
             denoising_end = refiner_start
         role = "base" if "base" in self.roles else "refiner"
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -174,49 +174,52 @@ class Pipeline:
         shape = (n, self.model["latent_channels"], height // scale, width // scale)
         seeds = image_seeds(seed, n)
         rngs = [np.random.Generator(np.random.Philox(key=s)) for s in seeds]
-        if latents is None:
-            latents = np.stack([rng.standard_normal(shape[1:], dtype=np.float32) for rng in rngs])
-        else:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise UserError(f"latents of shape {latents.shape}: expected {shape} for {n} images of {width}x{height}")
-        original_size = tuple(original_size or (height, width))
-        target_size = tuple(target_size or (height, width))
+        conditioning = dict(original_size=tuple(original_size or (height, width)), crop=crops_coords_top_left,
+                            target_size=tuple(target_size or (height, width)), aesthetic_score=aesthetic_score,
+                            negative_aesthetic_score=negative_aesthetic_score)
         guidance = guidance_scale > 1.0
 
         t = time.perf_counter()
         cond = self.encode_prompt(role, prompts, negatives, guidance)
-        time_ids = self.time_ids(role, n, guidance, original_size=original_size, crop=crops_coords_top_left,
-                                 target_size=target_size, aesthetic_score=aesthetic_score,
-                                 negative_aesthetic_score=negative_aesthetic_score)
+        cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
         timings["text"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        base = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
-        evals = range(len(base.timesteps))
+        first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
+        if image is None:
+            evals = range(len(first.timesteps))
+            if latents is None:
+                latents = draw(rngs, shape[1:])
+            elif latents.shape != shape:
+                raise UserError(f"latents of shape {latents.shape}: expected {shape} for {n} images of {width}x{height}")
+            latents = np.asarray(latents, dtype=np.float32) * np.float32(first.init_noise_sigma)
+        else:
+            init = self.encode_image(to_model_input(image, width, height), rngs)
+            latents, evals = self._start_from(first, init, strength, rngs)
+            timings["vae encode"] = time.perf_counter() - t
+            t = time.perf_counter()
         if denoising_end is not None:
             cutoff = self._cutoff(denoising_end)
-            evals = range(int(np.sum(base.timesteps >= cutoff)))
-        latents = latents * np.float32(base.init_noise_sigma)
-        latents = self._denoise(role, latents, base, evals, (*cond, time_ids), guidance_scale, guidance_rescale,
-                                rngs, progress)
+            evals = range(evals.start, evals.start + int(np.sum(first.timesteps[evals.start:] >= cutoff)))
+        latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress)
         timings[role] = time.perf_counter() - t
 
-        if refiner_start is not None:
+        if refiner_start is not None or refine_strength is not None:
             t = time.perf_counter()
             refiner = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
-            remaining = int(np.sum(refiner.timesteps < self._cutoff(refiner_start)))
-            if refiner.order == 2 and remaining % 2 == 0:
-                remaining += 1  # as diffusers: a second-order sampler must not start between its two halves
-            start = len(refiner.timesteps) - remaining
-            refiner.set_begin_index(start)
+            if refiner_start is not None:  # second expert: continue the same schedule from where the base stopped
+                remaining = int(np.sum(refiner.timesteps < self._cutoff(refiner_start)))
+                if refiner.order == 2 and remaining % 2 == 0:
+                    remaining += 1  # as diffusers: a second-order sampler must not start between its two halves
+                start = len(refiner.timesteps) - remaining
+                refiner.set_begin_index(start)
+                evals = range(start, len(refiner.timesteps))
+            else:  # post-hoc: img2img on the base's latents
+                latents, evals = self._start_from(refiner, latents, refine_strength, rngs)
             ref_cond = self.encode_prompt("refiner", prompts, negatives, guidance)
-            ref_time_ids = self.time_ids("refiner", n, guidance, original_size=original_size,
-                                         crop=crops_coords_top_left, target_size=target_size,
-                                         aesthetic_score=aesthetic_score,
-                                         negative_aesthetic_score=negative_aesthetic_score)
-            latents = self._denoise("refiner", latents, refiner, range(start, len(refiner.timesteps)),
-                                    (*ref_cond, ref_time_ids), guidance_scale, guidance_rescale, rngs, progress)
+            ref_cond = (*ref_cond, self.time_ids("refiner", n, guidance, **conditioning))
+            latents = self._denoise("refiner", latents, refiner, evals, ref_cond, guidance_scale, guidance_rescale,
+                                    rngs, progress)
             timings["refiner"] = time.perf_counter() - t
 
         if output_type == "latent":
@@ -226,6 +229,53 @@ class Pipeline:
         timings["vae"] = time.perf_counter() - t
         images = to_pil(array) if output_type == "pil" else None
         return Result(images, array, seeds, timings)
+
+    def _check(self, height, width, steps, batch, output_type, image, latents, strength, refiner_start,
+               refine_strength) -> None:
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise UserError(f"size {width}x{height}: width and height must be positive multiples of 8")
+        if steps < 1:
+            raise UserError(f"steps {steps}: expected a whole number ≥ 1")
+        if batch < 1:
+            raise UserError(f"batch {batch}: expected a whole number ≥ 1")
+        if output_type not in ("pil", "np", "latent"):
+            raise UserError(f"output type {output_type!r}: expected pil, np or latent")
+        if image is not None and latents is not None:
+            raise UserError("give an init image or initial latents, not both")
+        if image is not None and not 0 < strength <= 1:
+            raise UserError(f"strength {strength}: expected a fraction in (0, 1]")
+        if image is not None and int(steps * strength) < 1:
+            raise UserError(f"strength {strength} of {steps} steps leaves no step to run; raise one of them")
+        if refiner_start is not None and refine_strength is not None:
+            raise UserError("use the refiner either from --refiner-start or with --refine-strength, not both")
+        for name, value in (("refiner start", refiner_start), ("refine strength", refine_strength)):
+            if value is None:
+                continue
+            if not self.has_refiner:
+                raise UserError(f"{self.manifest.root} has no refiner; export one with --refiner to use the {name}")
+            low_ok = value > 0
+            high_ok = value < 1 if name == "refiner start" else value <= 1
+            if not (low_ok and high_ok):
+                raise UserError(f"{name} {value}: expected a fraction strictly between 0 and 1"
+                                + ("" if name == "refiner start" else " (or 1)"))
+
+    def _start_from(self, sampler, init: np.ndarray, strength: float, rngs):
+        """img2img's start, as diffusers: skip the first (1 - strength) of the steps and noise `init` to that point."""
+        steps = sampler.steps
+        start = (steps - min(int(steps * strength), steps)) * sampler.order
+        sampler.set_begin_index(start)
+        latents = sampler.add_noise(init, draw(rngs, init.shape[1:]), start).astype(np.float32)
+        return latents, range(start, len(sampler.timesteps))
+
+    def encode_image(self, pixels: np.ndarray, rngs) -> np.ndarray:
+        """[1,3,H,W] in [-1,1] → scaled latents per image, each sampled from the VAE's distribution with the
+        image's own noise stream (as diffusers with one generator per image)."""
+        vae = self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_encoder"]
+        out = self.backend.session(vae).run(image=pixels)
+        mean, std = out["latent_mean"].astype(np.float32), np.exp(0.5 * out["latent_logvar"].astype(np.float32))
+        latents = np.concatenate([mean + std * draw([rng], mean.shape[1:]) for rng in rngs])
+        shift = self.model.get("vae_shift_factor") or 0.0
+        return ((latents - np.float32(shift)) * np.float32(self.model["vae_scaling_factor"])).astype(np.float32)
 
     def _cutoff(self, fraction: float) -> int:
         train = self.scheduler_config.get("num_train_timesteps", 1000)
@@ -248,14 +298,3 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_text: np.ndarray, guidance_re
     std_text = noise_text.std(axis=axes, keepdims=True, ddof=1)
     std_cfg = noise_cfg.std(axis=axes, keepdims=True, ddof=1)
     return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N,H,W,3] in [0,1] → uint8, rounding as diffusers' numpy_to_pil."""
-    return (images * 255).round().astype(np.uint8)
-
-
-def to_pil(images: np.ndarray) -> list:
-    from PIL import Image
-
-    return [Image.fromarray(image) for image in to_uint8(images)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -125,7 +127,7 @@ def test_generate_writes_pngs_with_their_parameters(tiny_engine, tmp_path, capsy
     for path, seed in zip(paths, (5, 6)):
         with Image.open(path) as image:
             assert image.size == (64, 96)
-            params = __import__("json").loads(image.text["parameters"])
+            params = json.loads(image.text["parameters"])
             assert params["seed"] == seed and params["prompt"] == "a cat" and len(params["manifest_sha256"]) == 64
 
 
@@ -135,8 +137,6 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     out = tmp_path / "z.npy"
     assert main(["generate", str(tiny_engine), "--prompts", str(prompts), "--size", "64x64", "--steps", "2",
                  "--output-type", "latent", "--out", str(out), "--seed", "1"]) == 0
-    import numpy as np
-
     assert [np.load(p).shape for p in sorted(tmp_path.glob("z-*.npy"))] == [(1, 4, 8, 8)] * 2
 
 
@@ -158,6 +158,31 @@ def test_generate_bad_input_writes_nothing(tiny_engine, tmp_path, argv, message,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_img2img_and_refine(tiny_engine, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((72, 100, 3), np.uint8) + 128).save(tmp_path / "in.png")
+    assert main(["generate", str(tiny_engine), "a cat", "--init-image", str(tmp_path / "in.png"), "--strength", "0.6",
+                 "--steps", "4", "--seed", "2", "--refine-strength", "0.3", "--out", str(tmp_path / "out.png")]) == 0
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (96, 72)  # the input's size rounded down to a multiple of 8
+        assert json.loads(image.text["parameters"])["strength"] == 0.6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-image", "{tmp}/missing.png"], "no such file"),
+    (["--init-image", "{tmp}/bad.png"], "not a readable image"),
+    (["--strength", "0.5"], "goes with --init-image"),
+    (["--mask", "m.png"], "not built yet"),
+])
+def test_generate_bad_images(tiny_engine, tmp_path, argv, message, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(["generate", str(tiny_engine), "a cat", "--out", str(tmp_path / "x.png"), *argv]) in (2, 3)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_generate_on_a_missing_or_tampered_engine_dir(tiny_engine, tmp_path, capsys):

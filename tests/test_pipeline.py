@@ -54,7 +54,11 @@ def same_noise(n_images):
         noise = np.stack([rng.standard_normal(tuple(shape[1:]), dtype=np.float32) for rng in rngs])
         return torch.from_numpy(noise).to(dtype or torch.float32)
 
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+
     modules = [m for name, m in vars(diffusers.schedulers).items() if name.startswith("scheduling_")]
+    modules += [vae_module, img2img_module]
     with contextlib.ExitStack() as stack:
         for module in modules:
             if hasattr(module, "randn_tensor"):
@@ -133,6 +137,48 @@ def test_refiner_expert_matches_diffusers(pipe, reference, reference_refiner, sa
     assert rel_l2(ours.array, theirs.numpy()) <= LATENT_TOL
 
 
+@pytest.fixture(scope="module")
+def reference_img2img(reference):
+    return diffusers.StableDiffusionXLImg2ImgPipeline.from_pipe(reference)
+
+
+def init_image(width=96, height=64):
+    from PIL import Image
+
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("sampler, strength, steps", [("euler", 0.5, 10), ("dpmpp_2m", 0.8, 12), ("heun", 0.6, 7),
+                                                      ("euler_a", 0.3, 20), ("ddim", 1.0, 5)])
+def test_img2img_matches_diffusers(pipe, reference_img2img, sampler, strength, steps):
+    image, prompt = init_image(), ["a watercolour of a harbour"]
+    ours = pipe(prompt, image=image, strength=strength, num_inference_steps=steps, sampler=sampler, seed=SEED,
+                output_type="latent", progress=False)
+    reference_img2img.scheduler = scheduler_for(sampler, pipe.scheduler_config)
+    with same_noise(1), torch.inference_mode():
+        theirs = reference_img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=steps,
+                                   output_type="latent").images
+    assert ours.array.shape == (1, 4, 8, 12)
+    assert rel_l2(ours.array, theirs.numpy()) <= LATENT_TOL
+
+
+@pytest.mark.parametrize("sampler, strength", [("euler", 0.3), ("dpmpp_2m_karras", 0.5)])
+def test_post_hoc_refine_matches_diffusers(pipe, reference, reference_refiner, sampler, strength):
+    prompts, width, height, steps = ["a lighthouse at dusk"], 96, 64, 10
+    latents = initial_latents(1, width, height)
+    ours = pipe(prompts, height=height, width=width, num_inference_steps=steps, sampler=sampler, seed=SEED,
+                latents=latents, refine_strength=strength, output_type="latent", progress=False)
+    reference.scheduler = scheduler_for(sampler, pipe.scheduler_config)
+    reference_refiner.scheduler = scheduler_for(sampler, pipe.scheduler_config)
+    with same_noise(1), torch.inference_mode():
+        base = reference(prompt=prompts, height=height, width=width, num_inference_steps=steps,
+                         latents=torch.from_numpy(latents), output_type="latent").images
+        theirs = reference_refiner(prompt=prompts, image=base, strength=strength, num_inference_steps=steps,
+                                   output_type="latent").images
+    assert rel_l2(ours.array, theirs.numpy()) <= LATENT_TOL
+
+
 def test_seeds_are_reproducible_and_per_image(pipe):
     kwargs = dict(height=64, width=64, num_inference_steps=3, output_type="latent", progress=False)
     a = pipe(["x", "y"], seed=7, **kwargs)
@@ -149,6 +195,10 @@ def test_seeds_are_reproducible_and_per_image(pipe):
     (dict(sampler="plms"), "plms"),
     (dict(refiner_start=1.0), "strictly between 0 and 1"),
     (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "latents of shape"),
+    (dict(image=init_image(), strength=0.0), "strength 0.0"),
+    (dict(image=init_image(), strength=0.01, num_inference_steps=10), "leaves no step"),
+    (dict(refine_strength=1.5), "refine strength 1.5"),
+    (dict(refine_strength=0.3, refiner_start=0.8), "not both"),
 ])
 def test_bad_input(pipe, kwargs, pattern):
     with pytest.raises(UserError, match=pattern):

@@ -1,0 +1,51 @@
+"""Images in and out: reading user images for img2img, and turning decoded arrays into uint8 / PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def load_image(path: str | Path, flag: str = "--init-image"):
+    """A user's image file as an RGB PIL image, or a one-line UserError saying why not."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{flag} {str(path)!r}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{flag} {str(path)!r}: not a readable image ({e})") from None
+
+
+def to_model_input(image, width: int, height: int) -> np.ndarray:
+    """PIL image → [1,3,H,W] float32 in [-1,1], resized with Lanczos when its size differs (as diffusers'
+    VaeImageProcessor with its defaults)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array * 2.0 - 1.0).transpose(2, 0, 1)[None]
+
+
+def default_size(image, factor: int) -> tuple[int, int]:
+    """(width, height) of an input image rounded down to the VAE's factor, as diffusers does."""
+    return tuple(x - x % factor for x in image.size)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N,H,W,3] in [0,1] → uint8, rounding as diffusers' numpy_to_pil."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def to_pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in to_uint8(images)]
