@@ -166,8 +166,8 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
                         target = name if role == "base" or "refiner" in name or "base" not in roles else f"{name}_refiner"
                         exported[_contract_role(name)] = target
                         jobs.append(_ExportJob(COMPONENTS[name](module), target, tmp / "onnx" / target))
+                    del module  # the jobs hold it now, and release it as soon as torch is no longer needed
                     _export_module(jobs, precision, verify, report, progress)
-                    del module
                     for job in jobs:
                         manifest["components"][job.target] = job.record(tmp, digest)
                     pipeline["components"].update(exported)
