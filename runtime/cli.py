@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (size: its own, unless --size)")
     g.add_argument("--strength", type=float, help="img2img: how much of the schedule to run (0, 1], default 0.3")
     g.add_argument("--mask", metavar="PNG", help="white = repaint")
+    g.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
+                   help="prompts over 77 tokens: truncate (as diffusers) or chunk into 77-token windows")
     g.add_argument("--latents", metavar="NPY", help="initial noise [N,4,h,w] float32, as diffusers' `latents`")
     g.add_argument("--output-type", choices=["png", "latent"], default="png")
     g.add_argument("--out", metavar="PATH", help="output file (default ./sdxl-trt-SEED.png or .npy); "

@@ -67,7 +67,7 @@ def generate(args) -> list[Path]:
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
                   image=image, strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-                  refiner_start=args.refiner_start, refine_strength=args.refine_strength,
+                  refiner_start=args.refiner_start, refine_strength=args.refine_strength, long_prompt=args.long_prompt,
                   output_type="latent" if args.output_type == "latent" else "pil")
     suffix = ".npy" if args.output_type == "latent" else ".png"
     paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)

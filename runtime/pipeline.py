@@ -76,31 +76,53 @@ class Pipeline:
 
     # --- conditioning -----------------------------------------------------------------------------------------
 
-    def _encode(self, role: str, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, role: str, prompts: list[str], windows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(context [B, 77·k, C], pooled [B, P]). With `windows` k, long prompts are encoded window by window and
+        the windows' hidden states concatenated (the pooled embedding is the first window's); without, they are
+        truncated to 77 tokens as diffusers does."""
         components = self.roles[role]["components"]
         states = []
-        for encoder, tokenizer in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2")):
+        for encoder, name in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2")):
             if encoder not in components:
                 continue
-            tokens = self.tokenizers[tokenizer](prompts)
-            for prompt, cut in zip(prompts, tokens.truncated(self.tokenizers[tokenizer].max_length)):
-                if cut:
-                    log.warning("prompt longer than %d tokens was truncated (as diffusers does): %.60r…",
-                                self.tokenizers[tokenizer].max_length - 2, prompt)
-            out = self.backend.session(components[encoder]).run(input_ids=tokens.ids)
-            states.append(out["hidden_states"])
+            tokenizer = self.tokenizers[name]
+            if windows is None:
+                tokens = tokenizer(prompts)
+                for prompt, cut in zip(prompts, tokens.truncated(tokenizer.max_length)):
+                    if cut:
+                        log.warning("prompt longer than %d tokens was truncated (as diffusers does; "
+                                    "--long-prompt chunk keeps it): %.60r…", tokenizer.max_length - 2, prompt)
+                ids = tokens.ids
+            else:
+                ids = tokenizer.windows(prompts, windows).reshape(-1, tokenizer.max_length)
+            out = self.backend.session(components[encoder]).run(input_ids=ids)
+            hidden = out["hidden_states"]
+            states.append(hidden.reshape(len(prompts), -1, hidden.shape[-1]))
             pooled = out.get("text_embeds")
+            if windows is not None and pooled is not None:
+                pooled = pooled.reshape(len(prompts), windows, -1)[:, 0]
         return np.concatenate(states, axis=-1).astype(np.float32), pooled.astype(np.float32)
 
-    def encode_prompt(self, role: str, prompts: list[str], negatives: list[str | None], guidance: bool):
+    def prompt_windows(self, prompts: list[str], negatives: list[str | None]) -> int:
+        """Windows a call needs: enough for its longest prompt or negative prompt, at most the contract's bound."""
+        tokenizer = self.tokenizers["tokenizer_2"]
+        needed = max(tokenizer.windows([p]).shape[1] for p in [*prompts, *(n or "" for n in negatives)])
+        limit = max(entry["bounds"]["prompt_windows"][1] for entry in self.manifest.components.values()
+                    if entry["contract"] in ("unet", "unet_refiner"))
+        if needed > limit:
+            log.warning("prompt needs %d windows of 77 tokens; keeping the first %d", needed, limit)
+        return min(needed, limit)
+
+    def encode_prompt(self, role: str, prompts: list[str], negatives: list[str | None], guidance: bool,
+                      windows: int | None = None):
         """(context, pooled), negatives stacked before positives under classifier-free guidance."""
-        embeds, pooled = self._encode(role, prompts)
+        embeds, pooled = self._encode(role, prompts, windows)
         if not guidance:
             return embeds, pooled
         if self.roles[role]["force_zeros_for_empty_prompt"] and not any(negatives):
             neg_embeds, neg_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
         else:
-            neg_embeds, neg_pooled = self._encode(role, [n or "" for n in negatives])
+            neg_embeds, neg_pooled = self._encode(role, [n or "" for n in negatives], windows)
         return np.concatenate([neg_embeds, embeds]), np.concatenate([neg_pooled, pooled])
 
     def time_ids(self, role: str, n: int, guidance: bool, *, original_size, crop, target_size,
@@ -147,11 +169,13 @@ class Pipeline:
                  refine_strength: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
-                 output_type: str = "pil", progress: bool = True) -> Result:
+                 long_prompt: str = "truncate", output_type: str = "pil", progress: bool = True) -> Result:
         """Text to image, or image to image with `image` (a PIL image) and `strength`. Arguments are diffusers' where
         they exist. The refiner, if the engine directory has one, runs either as a second expert from
         `refiner_start` F (diffusers' `denoising_end`/`denoising_start` = F) or after the base as an img2img pass on
-        its latents with `refine_strength`. `denoising_end` alone stops the base early (with output_type "latent")."""
+        its latents with `refine_strength`. `denoising_end` alone stops the base early (with output_type "latent").
+        `long_prompt` "truncate" cuts prompts at 77 tokens as diffusers does; "chunk" encodes 77-token windows
+        and concatenates them along the UNet's context axis."""
         timings = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = ([negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str)
@@ -178,9 +202,12 @@ class Pipeline:
                             target_size=tuple(target_size or (height, width)), aesthetic_score=aesthetic_score,
                             negative_aesthetic_score=negative_aesthetic_score)
         guidance = guidance_scale > 1.0
+        if long_prompt not in ("truncate", "chunk"):
+            raise UserError(f"long prompt mode {long_prompt!r}: expected truncate or chunk")
+        windows = self.prompt_windows(prompts, negatives) if long_prompt == "chunk" else None
 
         t = time.perf_counter()
-        cond = self.encode_prompt(role, prompts, negatives, guidance)
+        cond = self.encode_prompt(role, prompts, negatives, guidance, windows)
         cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
         timings["text"] = time.perf_counter() - t
 
@@ -216,7 +243,7 @@ class Pipeline:
                 evals = range(start, len(refiner.timesteps))
             else:  # post-hoc: img2img on the base's latents
                 latents, evals = self._start_from(refiner, latents, refine_strength, rngs)
-            ref_cond = self.encode_prompt("refiner", prompts, negatives, guidance)
+            ref_cond = self.encode_prompt("refiner", prompts, negatives, guidance, windows)
             ref_cond = (*ref_cond, self.time_ids("refiner", n, guidance, **conditioning))
             latents = self._denoise("refiner", latents, refiner, evals, ref_cond, guidance_scale, guidance_rescale,
                                     rngs, progress)

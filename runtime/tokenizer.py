@@ -111,6 +111,23 @@ class ClipTokenizer:
             row[1 + len(p)] = self.eos_id
         return Tokens(ids=ids, lengths=[len(p) for p in pieces])
 
+    def windows(self, prompts: Sequence[str], count: int | None = None) -> np.ndarray:
+        """Long prompts as `count` windows of `max_length` ids each, [B, count, max_length] int32: the tokens are cut
+        into runs of max_length - 2, each wrapped in <bos> … <eos> and padded; prompts with fewer runs get windows
+        of the empty prompt. `count` defaults to what the longest prompt needs."""
+        keep = self.max_length - 2
+        pieces = self.tokenize(prompts)
+        needed = [max(1, -(-len(p) // keep)) for p in pieces]
+        count = count or max(needed)
+        ids = np.full((len(pieces), count, self.max_length), self.pad_id, dtype=np.int32)
+        for rows, p in zip(ids, pieces):
+            for w, row in enumerate(rows):
+                chunk = p[w * keep : (w + 1) * keep]
+                row[0] = self.bos_id
+                row[1 : 1 + len(chunk)] = chunk
+                row[1 + len(chunk)] = self.eos_id
+        return ids
+
     def decode(self, ids: Sequence[int]) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=True)
         return text.replace("</w>", " ").strip()

@@ -131,6 +131,13 @@ def test_generate_writes_pngs_with_their_parameters(tiny_engine, tmp_path, capsy
             assert params["seed"] == seed and params["prompt"] == "a cat" and len(params["manifest_sha256"]) == 64
 
 
+def test_generate_long_prompt_chunks(tiny_engine, tmp_path):
+    out = tmp_path / "long.npy"
+    assert main(["generate", str(tiny_engine), "castle " * 150, "--long-prompt", "chunk", "--size", "64x64",
+                 "--steps", "2", "--output-type", "latent", "--out", str(out)]) == 0
+    assert np.load(out).shape == (1, 4, 8, 8)
+
+
 def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\n  a dog  \n", encoding="utf-8")

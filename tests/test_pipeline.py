@@ -203,3 +203,47 @@ def test_seeds_are_reproducible_and_per_image(pipe):
 def test_bad_input(pipe, kwargs, pattern):
     with pytest.raises(UserError, match=pattern):
         pipe("a cat", **{"height": 64, "width": 64, "progress": False, **kwargs})
+
+
+def reference_windows(tokenizer_dir, prompt, k):
+    """77-token windows built with transformers' tokenizer: runs of 75 ids, each <bos> … <eos> + pad."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    rows = []
+    for w in range(k):
+        chunk = ids[w * 75 : (w + 1) * 75]
+        rows.append([tok.bos_token_id, *chunk, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(chunk)))
+    return torch.tensor(rows)
+
+
+def test_long_prompt_chunks_match_transformers_and_diffusers(pipe, reference, tiny_base, tiny_engine):
+    prompt = ", ".join(f"detail number {i} of a sprawling fantasy city" for i in range(20))
+    n_tokens = len(pipe.tokenizers["tokenizer"].tokenize([prompt])[0])
+    k = pipe.prompt_windows([prompt], [None])
+    assert k == -(-n_tokens // 75) >= 2
+    states = []
+    with torch.inference_mode():
+        for module, name in ((tiny_base.clip_l, "tokenizer"), (tiny_base.clip_g, "tokenizer_2")):
+            ids = reference_windows(tiny_engine / name, prompt, k)
+            assert np.array_equal(ids.numpy(), pipe.tokenizers[name].windows([prompt])[0])
+            out = module(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].reshape(1, k * 77, -1))
+        embeds, pooled = torch.cat(states, -1), out.text_embeds[:1]
+    latents = initial_latents(1, 96, 64)
+    ours = pipe(prompt, height=64, width=96, num_inference_steps=6, latents=latents, long_prompt="chunk",
+                output_type="latent", progress=False)
+    reference.scheduler = scheduler_for("euler", pipe.scheduler_config)
+    with torch.inference_mode():
+        theirs = reference(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(embeds),
+                           negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=64, width=96,
+                           num_inference_steps=6, latents=torch.from_numpy(latents), output_type="latent").images
+    assert rel_l2(ours.array, theirs.numpy()) <= LATENT_TOL
+
+
+def test_long_prompt_chunk_with_negative_and_refiner(pipe):
+    long = " ".join(["ornate"] * 200)
+    result = pipe([long], "blurry " * 100, height=64, width=64, num_inference_steps=4, refiner_start=0.5,
+                  long_prompt="chunk", output_type="latent", progress=False, seed=3)
+    assert np.isfinite(result.array).all()
