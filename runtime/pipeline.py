@@ -215,11 +215,13 @@ class Pipeline:
         first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
         if image is None:
             evals = range(len(first.timesteps))
-            if latents is None:
-                latents = draw(rngs, shape[1:])
-            elif latents.shape != shape:
-                raise UserError(f"latents of shape {latents.shape}: expected {shape} for {n} images of {width}x{height}")
-            latents = np.asarray(latents, dtype=np.float32) * np.float32(first.init_noise_sigma)
+            latents = draw(rngs, shape[1:]) if latents is None else np.asarray(latents)
+            if latents.shape != shape or not np.issubdtype(latents.dtype, np.floating):
+                raise UserError(f"latents of shape {latents.shape} ({latents.dtype}): expected float {shape} for "
+                                f"{n} images of {width}x{height}")
+            if not np.isfinite(latents).all():
+                raise UserError("latents hold NaN or Inf")
+            latents = latents.astype(np.float32) * np.float32(first.init_noise_sigma)
         else:
             init = self.encode_image(to_model_input(image, width, height), rngs)
             latents, evals = self._start_from(first, init, strength, rngs)

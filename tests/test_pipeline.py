@@ -195,6 +195,8 @@ def test_seeds_are_reproducible_and_per_image(pipe):
     (dict(sampler="plms"), "plms"),
     (dict(refiner_start=1.0), "strictly between 0 and 1"),
     (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "latents of shape"),
+    (dict(latents=np.zeros((1, 4, 8, 8), np.int64)), "expected float"),
+    (dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "NaN"),
     (dict(image=init_image(), strength=0.0), "strength 0.0"),
     (dict(image=init_image(), strength=0.01, num_inference_steps=10), "leaves no step"),
     (dict(refine_strength=1.5), "refine strength 1.5"),
