@@ -7,36 +7,22 @@ torch) → PNG with its parameters in a text chunk.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from ..runtime.errors import UserError
-from ..runtime.fileio import atomic_file
+from ..runtime.generate import output_paths
+from ..runtime.images import write_png
 from ..runtime.validate import parse_size, positive_int
 
 MODEL = "tiny:base"
 
 
-def _output_path(out: str | Path) -> Path:
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise UserError(f"--out {str(out)!r} is a folder; give a file name such as {path / 'demo.png'}")
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {str(out)!r}: the demo writes PNG, so the name must end in .png")
-    if not path.parent.is_dir():
-        raise UserError(f"--out {str(out)!r}: folder {path.parent} does not exist")
-    return path
-
-
 def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, size: str = "256x256") -> Path:
-    from PIL.PngImagePlugin import PngInfo
-
     from ..runtime.pipeline import Pipeline
     from .engine_dir import export_engine_dir
 
-    path = _output_path(out)
+    path = output_paths(str(out), seed, 1, ".png")[0]
     width, height = parse_size(size)
     positive_int(steps, "--steps")
     with tempfile.TemporaryDirectory(prefix="sdxl-trt-demo-") as tmp:
@@ -46,11 +32,8 @@ def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, si
         exported = time.perf_counter() - t
         pipe = Pipeline.load(engine)
         result = pipe(prompt, height=height, width=width, num_inference_steps=steps, seed=seed)
-    info = PngInfo()
-    info.add_text("parameters", json.dumps({"prompt": prompt, "seed": seed, "steps": steps, "sampler": "euler",
-                                            "guidance": 5.0, "size": f"{width}x{height}", "model": MODEL}))
-    with atomic_file(path) as tmp_png:
-        result.images[0].save(tmp_png, format="PNG", pnginfo=info)
+    write_png(path, result.images[0], {"prompt": prompt, "seed": seed, "steps": steps, "sampler": "euler",
+                                       "guidance": 5.0, "size": f"{width}x{height}", "model": MODEL})
     timings = {"export": exported, **result.timings}
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import NotBuiltYet, UserError
 from .fileio import atomic_file
-from .images import load_image
+from .images import load_image, write_png
 from .validate import parse_size, positive_int
 
 
@@ -32,11 +31,11 @@ def read_prompts(args) -> list[str]:
 
 
 def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[Path]:
-    base = Path(out) if out else Path(f"sdxl-trt-{first_seed}{suffix}")
+    base = Path(out).expanduser() if out else Path(f"sdxl-trt-{first_seed}{suffix}")
+    if base.is_dir():
+        raise UserError(f"--out {str(base)!r} is a folder; give a file name such as {base / ('image' + suffix)}")
     if base.suffix.lower() != suffix:
         raise UserError(f"--out {str(base)!r}: expected a {suffix} file name")
-    if base.is_dir():
-        raise UserError(f"--out {str(base)!r} is a folder; give a file name")
     if not base.parent.is_dir():
         raise UserError(f"--out {str(base)!r}: folder {base.parent} does not exist")
     if n == 1:
@@ -77,21 +76,16 @@ def generate(args) -> list[Path]:
                 with open(tmp, "wb") as f:
                     np.save(f, latent[None])
     else:
-        from PIL.PngImagePlugin import PngInfo
-
         h, w = result.array.shape[1:3]
         prompts_per_image = [p for p in prompts for _ in range(args.batch)]
         for path, image, seed, prompt in zip(paths, result.images, result.seeds, prompts_per_image):
-            info = PngInfo()
-            info.add_text("parameters", json.dumps({
+            write_png(path, image, {
                 "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
                 "sampler": args.sampler, "guidance": args.guidance, "size": f"{w}x{h}",
                 "refiner_start": args.refiner_start, "refine_strength": args.refine_strength,
                 "init_image": args.init_image, "strength": args.strength if args.init_image else None,
-                "backend": args.backend,
-                "model": pipe.manifest.data["sources"], "manifest_sha256": pipe.manifest.sha256}, ensure_ascii=False))
-            with atomic_file(path) as tmp:
-                image.save(tmp, format="PNG", pnginfo=info)
+                "backend": args.backend, "model": pipe.manifest.data["sources"],
+                "manifest_sha256": pipe.manifest.sha256})
     if args.timings:
         print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     return paths

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .fileio import atomic_file
 
 
 def load_image(path: str | Path, flag: str = "--init-image"):
@@ -49,3 +50,15 @@ def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
     return [Image.fromarray(image) for image in to_uint8(images)]
+
+
+def write_png(path: Path, image, parameters: dict) -> None:
+    """Save a PIL image as PNG with its generation parameters as JSON in a `parameters` text chunk, atomically."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, ensure_ascii=False))
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)

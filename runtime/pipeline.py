@@ -26,6 +26,7 @@ from .images import default_size, to_model_input, to_pil
 from .manifest import load_manifest
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
+from .validate import check_size, positive_int
 
 log = logging.getLogger("sdxl_trt")
 
@@ -261,12 +262,9 @@ class Pipeline:
 
     def _check(self, height, width, steps, batch, output_type, image, latents, strength, refiner_start,
                refine_strength) -> None:
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise UserError(f"size {width}x{height}: width and height must be positive multiples of 8")
-        if steps < 1:
-            raise UserError(f"steps {steps}: expected a whole number ≥ 1")
-        if batch < 1:
-            raise UserError(f"batch {batch}: expected a whole number ≥ 1")
+        check_size(width, height)
+        positive_int(steps, "steps")
+        positive_int(batch, "batch")
         if output_type not in ("pil", "np", "latent"):
             raise UserError(f"output type {output_type!r}: expected pil, np or latent")
         if image is not None and latents is not None:

@@ -16,9 +16,13 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     if not m:
         raise UserError(f"{flag} {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024")
     w, h = int(m.group(1)), int(m.group(2))
-    if w <= 0 or h <= 0 or w % VAE_FACTOR or h % VAE_FACTOR:
-        raise UserError(f"{flag} {text!r}: width and height must be positive multiples of {VAE_FACTOR}")
+    check_size(w, h, f"{flag} {text!r}")
     return w, h
+
+
+def check_size(width: int, height: int, what: str | None = None) -> None:
+    if width <= 0 or height <= 0 or width % VAE_FACTOR or height % VAE_FACTOR:
+        raise UserError(f"{what or f'size {width}x{height}'}: width and height must be positive multiples of {VAE_FACTOR}")
 
 
 def positive_int(value: int, flag: str) -> int:

@@ -106,7 +106,7 @@ def test_demo_writes_a_png(tmp_path, capsys):
     (["--size", "big"], "WIDTHxHEIGHT"),
     (["--steps", "0"], "--steps"),
     (["--out", "{dir}"], "is a folder"),
-    (["--out", "{dir}/x.jpg"], "must end in .png"),
+    (["--out", "{dir}/x.jpg"], "expected a .png file name"),
     (["--out", "{dir}/missing/x.png"], "does not exist"),
 ])
 def test_demo_bad_input_writes_nothing(tmp_path, flags, message, capsys):
