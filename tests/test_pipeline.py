@@ -23,7 +23,7 @@ from diffusers_schedulers import REFERENCE, scheduler_for  # noqa: E402
 from sdxl_trt.export.reference import diffusers_pipeline  # noqa: E402
 from sdxl_trt.export.verify import rel_l2  # noqa: E402
 from sdxl_trt.runtime import UserError  # noqa: E402
-from sdxl_trt.runtime.pipeline import Pipeline  # noqa: E402
+from sdxl_trt.runtime import Pipeline  # noqa: E402
 
 LATENT_TOL = 1e-3
 IMAGE_TOL = 2 / 255
