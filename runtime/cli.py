@@ -97,14 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=1, help="largest number of images per call")
     b.set_defaults(func=_not_built("building engines", 6))
 
-    g = sub.add_parser("generate", help="text-to-image and img2img from an engine directory (ONNX Runtime CPU)")
+    g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory "
+                       "(ONNX Runtime CPU)")
     g.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
     g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE)")
     g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
     g.add_argument("--negative", default="", help="negative prompt (empty: zero negative conditioning on the base)")
     g.add_argument("--size", help="WxH in pixels, multiples of 8 (default: the model's, 1024x1024 for SDXL)")
     g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; ≤ 1 turns it off")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance; ≤ 1 turns it off "
+                   "(default 5.0; 7.5 when inpainting, as diffusers)")
     g.add_argument("--guidance-rescale", type=float, default=0.0)
     g.add_argument("--sampler", default="euler", help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, "
                    "dpmpp_sde_karras, ddim, lcm, tcd")
@@ -117,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")
     g.add_argument("--init-image", metavar="PNG", help="img2img: start from this image (size: its own, unless --size)")
-    g.add_argument("--strength", type=float, help="img2img: how much of the schedule to run (0, 1], default 0.3")
-    g.add_argument("--mask", metavar="PNG", help="white = repaint")
+    g.add_argument("--strength", type=float, help="how much of the schedule to run, (0, 1]: default 0.3 for img2img, "
+                   "0.9999 for inpainting (diffusers' defaults)")
+    g.add_argument("--mask", metavar="PNG", help="inpainting mask for --init-image, same size; white = repaint")
     g.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
                    help="prompts over 77 tokens: truncate (as diffusers) or chunk into 77-token windows")
     g.add_argument("--latents", metavar="NPY", help="initial noise [N,4,h,w] float32, as diffusers' `latents`")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NotBuiltYet, UserError
+from .errors import UserError
 from .fileio import atomic_file
 from .images import load_image, write_png
 from .validate import parse_size, positive_int
@@ -44,10 +44,10 @@ def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[
 
 
 def generate(args) -> list[Path]:
-    if args.mask is not None:
-        raise NotBuiltYet("--mask (inpainting) is not built yet (planned in issue 5)")
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength goes with --init-image")
+    if args.mask is not None and args.init_image is None:
+        raise UserError("--mask goes with --init-image (the image it masks)")
     prompts = read_prompts(args)
     positive_int(args.steps, "--steps")
     positive_int(args.batch, "--batch")
@@ -59,13 +59,14 @@ def generate(args) -> list[Path]:
         except (OSError, ValueError) as e:
             raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
     image = load_image(args.init_image) if args.init_image else None
-    from .pipeline import DEFAULT_STRENGTH, Pipeline
+    mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
+    from .pipeline import Pipeline
 
     pipe = Pipeline.load(args.dir, backend=args.backend)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
-                  image=image, strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+                  image=image, mask_image=mask, strength=args.strength,
                   refiner_start=args.refiner_start, refine_strength=args.refine_strength, long_prompt=args.long_prompt,
                   output_type="latent" if args.output_type == "latent" else "pil")
     suffix = ".npy" if args.output_type == "latent" else ".png"
@@ -83,7 +84,7 @@ def generate(args) -> list[Path]:
                 "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
                 "sampler": args.sampler, "guidance": args.guidance, "size": f"{w}x{h}",
                 "refiner_start": args.refiner_start, "refine_strength": args.refine_strength,
-                "init_image": args.init_image, "strength": args.strength if args.init_image else None,
+                "init_image": args.init_image, "mask": args.mask, "strength": args.strength if args.init_image else None,
                 "backend": args.backend, "model": pipe.manifest.data["sources"],
                 "manifest_sha256": pipe.manifest.sha256})
     if args.timings:

@@ -10,14 +10,14 @@ from .errors import UserError
 from .fileio import atomic_file
 
 
-def load_image(path: str | Path, flag: str = "--init-image"):
-    """A user's image file as an RGB PIL image, or a one-line UserError saying why not."""
+def load_image(path: str | Path, flag: str = "--init-image", mode: str = "RGB"):
+    """A user's image file as a PIL image in `mode`, or a one-line UserError saying why not."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return image.convert(mode)
     except FileNotFoundError:
         raise UserError(f"{flag} {str(path)!r}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -34,6 +34,18 @@ def to_model_input(image, width: int, height: int) -> np.ndarray:
         image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return (array * 2.0 - 1.0).transpose(2, 0, 1)[None]
+
+
+def mask_to_array(mask, width: int, height: int) -> np.ndarray:
+    """Mask image → [1,1,H,W] of 0/1 (white = repaint), as diffusers' inpainting mask processor: grey scale, Lanczos
+    resize when needed, threshold at one half."""
+    from PIL import Image
+
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(mask, dtype=np.float32) / 255.0
+    return (array >= 0.5).astype(np.float32)[None, None]
 
 
 def default_size(image, factor: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .backends import load_backend
 from .errors import UserError
-from .images import default_size, to_model_input, to_pil
+from .images import default_size, mask_to_array, to_model_input, to_pil
 from .manifest import load_manifest
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
@@ -32,8 +32,21 @@ log = logging.getLogger("sdxl_trt")
 
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults for the refiner's aesthetic-score conditioning
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
-DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline default
+DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXLPipeline (and Img2Img) default
+INPAINT_GUIDANCE = 7.5  # diffusers' StableDiffusionXLInpaintPipeline default
 DEFAULT_STRENGTH = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline default
+INPAINT_STRENGTH = 0.9999  # diffusers' StableDiffusionXLInpaintPipeline default
+
+
+@dataclass
+class Inpainting:
+    """What the loop needs to inpaint: the latent-size mask (1 = repaint) and either the 9-channel UNet's extra
+    input channels or, for a 4-channel UNet, the image latents and noise that re-noise the kept part each step."""
+
+    mask: np.ndarray  # [N,1,h,w]
+    channels: np.ndarray | None = None  # [N,1+4,h,w]: mask ∥ masked-image latents
+    image_latents: np.ndarray | None = None
+    noise: np.ndarray | None = None
 
 
 @dataclass
@@ -140,7 +153,7 @@ class Pipeline:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def _denoise(self, role: str, latents: np.ndarray, sampler, evals: range, cond, guidance_scale: float,
-                 guidance_rescale: float, rngs, progress: bool) -> np.ndarray:
+                 guidance_rescale: float, rngs, progress: bool, inpaint: Inpainting | None = None) -> np.ndarray:
         from tqdm.auto import tqdm
 
         embeds, pooled, time_ids = cond
@@ -149,6 +162,9 @@ class Pipeline:
         for i in tqdm(evals, desc=role, disable=not progress, leave=False):
             x = np.concatenate([latents, latents]) if guidance else latents
             x = sampler.scale_model_input(x, i)
+            if inpaint is not None and inpaint.channels is not None:  # 9-channel UNet: + mask + masked image
+                extra = np.concatenate([inpaint.channels] * 2) if guidance else inpaint.channels
+                x = np.concatenate([x, extra], axis=1)
             t = np.full(x.shape[0], sampler.timesteps[i], dtype=np.float32)
             noise_pred = unet.run(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled,
                                   time_ids=time_ids)["noise_pred"].astype(np.float32)
@@ -159,22 +175,30 @@ class Pipeline:
                     noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
             noise = draw(rngs, latents.shape[1:]) if sampler.needs_noise else None
             latents = sampler.step(noise_pred, i, latents, noise=noise).astype(np.float32)
+            if inpaint is not None and inpaint.channels is None:  # 4-channel UNet: keep the unmasked part
+                known = inpaint.image_latents
+                if i < evals.stop - 1:
+                    known = sampler.add_noise(known, inpaint.noise, i + 1)
+                latents = ((1 - inpaint.mask) * known + inpaint.mask * latents).astype(np.float32)
         return latents
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
-                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str = "euler",
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "euler",
                  spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
-                 latents: np.ndarray | None = None, image=None, strength: float = DEFAULT_STRENGTH,
+                 latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
                  denoising_end: float | None = None, refiner_start: float | None = None,
                  refine_strength: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
                  long_prompt: str = "truncate", output_type: str = "pil", progress: bool = True) -> Result:
-        """Text to image, or image to image with `image` (a PIL image) and `strength`. Arguments are diffusers' where
-        they exist. The refiner, if the engine directory has one, runs either as a second expert from
-        `refiner_start` F (diffusers' `denoising_end`/`denoising_start` = F) or after the base as an img2img pass on
-        its latents with `refine_strength`. `denoising_end` alone stops the base early (with output_type "latent").
+        """Text to image; image to image with `image` (a PIL image) and `strength` (default 0.3); inpainting with
+        `image` and `mask_image` (white = repaint; `strength` default 0.9999), for 4-channel UNets by blending the
+        kept part back each step, for 9-channel inpainting UNets through their extra input channels, as diffusers'
+        StableDiffusionXLInpaintPipeline. Arguments are diffusers' where they exist. The refiner, if the engine
+        directory has one, runs either as a second expert from `refiner_start` F (diffusers' `denoising_end` /
+        `denoising_start` = F) or after the base as an img2img pass on its latents with `refine_strength`.
+        `denoising_end` alone stops the base early (with output_type "latent").
         `long_prompt` "truncate" cuts prompts at 77 tokens as diffusers does; "chunk" encodes 77-token windows
         and concatenates them along the UNet's context axis."""
         timings = {}
@@ -183,8 +207,17 @@ class Pipeline:
                      else list(negative_prompt))
         if not prompts or len(negatives) != len(prompts):
             raise UserError("give one negative prompt, or one per prompt")
+        if mask_image is not None and image is None:
+            raise UserError("a mask needs the image it masks (--init-image)")
         if image is not None and (height is None or width is None):
             width, height = default_size(image, self.model["vae_scale_factor"])
+        if mask_image is not None and mask_image.size != image.size:
+            raise UserError(f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
+                            f"{image.size[0]}x{image.size[1]}: they must be the same size")
+        if strength is None:
+            strength = INPAINT_STRENGTH if mask_image is not None else DEFAULT_STRENGTH
+        if guidance_scale is None:
+            guidance_scale = INPAINT_GUIDANCE if mask_image is not None else DEFAULT_GUIDANCE
         size = self.model["default_size"]
         height, width = height or size, width or size
         self._check(height, width, num_inference_steps, num_images_per_prompt, output_type, image, latents,
@@ -213,6 +246,7 @@ class Pipeline:
         timings["text"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        inpaint = None
         first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
         if image is None:
             evals = range(len(first.timesteps))
@@ -224,14 +258,21 @@ class Pipeline:
                 raise UserError("latents hold NaN or Inf")
             latents = latents.astype(np.float32) * np.float32(first.init_noise_sigma)
         else:
-            init = self.encode_image(to_model_input(image, width, height), rngs)
-            latents, evals = self._start_from(first, init, strength, rngs)
+            pixels = to_model_input(image, width, height)
+            from_noise_only = mask_image is not None and strength == 1.0 and self.roles[role]["unet_in_channels"] == 9
+            # a 9-channel UNet at strength 1 starts from pure noise and never needs the image's own latents
+            # (diffusers then does not sample them either, which keeps the noise streams aligned)
+            init = np.zeros(shape, np.float32) if from_noise_only else self.encode_image(pixels, rngs)
+            latents, evals, noise = self._start_from(first, init, strength, rngs, from_noise=mask_image is not None)
+            if mask_image is not None:
+                inpaint = self._inpainting(role, pixels, mask_to_array(mask_image, width, height), init, noise, rngs)
             timings["vae encode"] = time.perf_counter() - t
             t = time.perf_counter()
         if denoising_end is not None:
             cutoff = self._cutoff(denoising_end)
             evals = range(evals.start, evals.start + int(np.sum(first.timesteps[evals.start:] >= cutoff)))
-        latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress)
+        latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress,
+                                inpaint)
         timings[role] = time.perf_counter() - t
 
         if refiner_start is not None or refine_strength is not None:
@@ -245,7 +286,7 @@ class Pipeline:
                 refiner.set_begin_index(start)
                 evals = range(start, len(refiner.timesteps))
             else:  # post-hoc: img2img on the base's latents
-                latents, evals = self._start_from(refiner, latents, refine_strength, rngs)
+                latents, evals, _ = self._start_from(refiner, latents, refine_strength, rngs)
             ref_cond = self.encode_prompt("refiner", prompts, negatives, guidance, windows)
             ref_cond = (*ref_cond, self.time_ids("refiner", n, guidance, **conditioning))
             latents = self._denoise("refiner", latents, refiner, evals, ref_cond, guidance_scale, guidance_rescale,
@@ -286,13 +327,34 @@ class Pipeline:
                 raise UserError(f"{name} {value}: expected a fraction strictly between 0 and 1"
                                 + ("" if name == "refiner start" else " (or 1)"))
 
-    def _start_from(self, sampler, init: np.ndarray, strength: float, rngs):
-        """img2img's start, as diffusers: skip the first (1 - strength) of the steps and noise `init` to that point."""
+    def _start_from(self, sampler, init: np.ndarray, strength: float, rngs, from_noise: bool = False):
+        """img2img's start, as diffusers: skip the first (1 - strength) of the steps and noise `init` to that point
+        (inpainting at strength 1 starts from pure noise instead). Returns (latents, evaluations to run, noise)."""
         steps = sampler.steps
         start = (steps - min(int(steps * strength), steps)) * sampler.order
         sampler.set_begin_index(start)
-        latents = sampler.add_noise(init, draw(rngs, init.shape[1:]), start).astype(np.float32)
-        return latents, range(start, len(sampler.timesteps))
+        noise = draw(rngs, init.shape[1:])
+        if from_noise and strength == 1.0:
+            latents = noise * np.float32(sampler.init_noise_sigma)
+        else:
+            latents = sampler.add_noise(init, noise, start)
+        return latents.astype(np.float32), range(start, len(sampler.timesteps)), noise
+
+    def _inpainting(self, role: str, pixels: np.ndarray, mask: np.ndarray, image_latents: np.ndarray,
+                    noise: np.ndarray, rngs) -> Inpainting:
+        scale = self.model["vae_scale_factor"]
+        n = image_latents.shape[0]
+        latent_mask = np.repeat(mask[:, :, ::scale, ::scale], n, axis=0)  # nearest, as diffusers' interpolate
+        channels = self.roles[role]["unet_in_channels"]
+        if channels == 4:
+            # diffusers also samples the masked image's latents here, unused by a 4-channel UNet: take the same
+            # draw so that a stochastic sampler's later noise lines up with the reference pipeline's
+            draw(rngs, image_latents.shape[1:])
+            return Inpainting(latent_mask, image_latents=image_latents, noise=noise)
+        if channels != 9:
+            raise UserError(f"inpainting needs a UNet with 4 or 9 input channels; this one has {channels}")
+        masked = self.encode_image(pixels * (mask < 0.5), rngs)
+        return Inpainting(latent_mask, channels=np.concatenate([latent_mask, masked], axis=1))
 
     def encode_image(self, pixels: np.ndarray, rngs) -> np.ndarray:
         """[1,3,H,W] in [-1,1] → scaled latents per image, each sampled from the VAE's distribution with the

@@ -56,9 +56,10 @@ def same_noise(n_images):
 
     import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
 
     modules = [m for name, m in vars(diffusers.schedulers).items() if name.startswith("scheduling_")]
-    modules += [vae_module, img2img_module]
+    modules += [vae_module, img2img_module, inpaint_module]
     with contextlib.ExitStack() as stack:
         for module in modules:
             if hasattr(module, "randn_tensor"):
@@ -249,3 +250,59 @@ def test_long_prompt_chunk_with_negative_and_refiner(pipe):
     result = pipe([long], "blurry " * 100, height=64, width=64, num_inference_steps=4, refiner_start=0.5,
                   long_prompt="chunk", output_type="latent", progress=False, seed=3)
     assert np.isfinite(result.array).all()
+
+
+def mask_image(width=96, height=64):
+    from PIL import Image
+
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, : width // 2] = 255  # white = repaint the left half
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="module")
+def inpaint_engine(tiny_base, tmp_path_factory):
+    """A tiny 9-channel inpainting model (diffusers folder) and its engine directory."""
+    import json
+    import shutil
+
+    from sdxl_trt.export.engine_dir import export_engine_dir
+    from sdxl_trt.export.sources import load_model
+
+    folder = tmp_path_factory.mktemp("inpaint") / "model"
+    tiny_base.save_pretrained(folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["in_channels"] = 9
+    torch.manual_seed(9)
+    shutil.rmtree(folder / "unet")
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    out = folder.parent / "engine"
+    export_engine_dir(str(folder), out, precision="fp32", progress=False)
+    return load_model(str(folder), progress=False), Pipeline.load(out)
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+@pytest.mark.parametrize("sampler, strength, steps", [("euler", 0.9999, 8), ("dpmpp_2m", 0.6, 10), ("euler_a", 1.0, 6)])
+def test_inpainting_matches_diffusers(pipe, reference, inpaint_engine, channels, sampler, strength, steps):
+    if channels == 4:
+        ours_pipe, ref = pipe, diffusers.StableDiffusionXLInpaintPipeline.from_pipe(reference)
+    else:
+        model, ours_pipe = inpaint_engine
+        ref = diffusers.StableDiffusionXLInpaintPipeline.from_pipe(diffusers_pipeline(model))
+    image, mask, prompt = init_image(), mask_image(), ["a red door"]
+    ours = ours_pipe(prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=steps,
+                     sampler=sampler, seed=SEED, output_type="latent", progress=False)
+    ref.scheduler = scheduler_for(sampler, ours_pipe.scheduler_config)
+    with same_noise(1), torch.inference_mode():
+        theirs = ref(prompt=prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=steps,
+                     height=64, width=96, output_type="latent").images
+    assert rel_l2(ours.array, theirs.numpy()) <= LATENT_TOL
+
+
+def test_inpainting_bad_input(pipe):
+    from PIL import Image
+
+    with pytest.raises(UserError, match="must be the same size"):
+        pipe("x", image=init_image(), mask_image=Image.new("L", (64, 64)), num_inference_steps=2, progress=False)
+    with pytest.raises(UserError, match="needs the image"):
+        pipe("x", mask_image=mask_image(), num_inference_steps=2, progress=False)
