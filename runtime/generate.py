@@ -58,6 +58,9 @@ def generate(args) -> list[Path]:
             latents = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
+    suffix = ".npy" if args.output_type == "latent" else ".png"
+    if args.out:  # a bad --out fails before any work
+        output_paths(args.out, 0, len(prompts) * args.batch, suffix)
     image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
     from .pipeline import Pipeline
@@ -69,7 +72,6 @@ def generate(args) -> list[Path]:
                   image=image, mask_image=mask, strength=args.strength,
                   refiner_start=args.refiner_start, refine_strength=args.refine_strength, long_prompt=args.long_prompt,
                   output_type="latent" if args.output_type == "latent" else "pil")
-    suffix = ".npy" if args.output_type == "latent" else ".png"
     paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)
     if args.output_type == "latent":
         for path, latent in zip(paths, result.array):

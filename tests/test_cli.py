@@ -160,11 +160,13 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
 ])
 def test_generate_bad_input_writes_nothing(tiny_engine, tmp_path, argv, message, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]
+    keep = tmp_path / "keep.png"
+    keep.write_bytes(b"an earlier result")
     assert main(["generate", str(tiny_engine), "a cat", "--size", "64x64", "--steps", "2",
-                 "--out", str(tmp_path / "keep.png"), *argv]) == 2
+                 "--out", str(keep), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [keep] and keep.read_bytes() == b"an earlier result"
 
 
 def test_generate_img2img_and_refine(tiny_engine, tmp_path):

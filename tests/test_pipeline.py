@@ -306,3 +306,10 @@ def test_inpainting_bad_input(pipe):
         pipe("x", image=init_image(), mask_image=Image.new("L", (64, 64)), num_inference_steps=2, progress=False)
     with pytest.raises(UserError, match="needs the image"):
         pipe("x", mask_image=mask_image(), num_inference_steps=2, progress=False)
+
+
+def test_refiner_options_need_a_refiner(inpaint_engine):
+    _, base_only = inpaint_engine
+    for kwargs in (dict(refiner_start=0.8), dict(refine_strength=0.3)):
+        with pytest.raises(UserError, match="has no refiner"):
+            base_only("x", height=64, width=64, num_inference_steps=2, progress=False, **kwargs)
