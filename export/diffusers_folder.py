@@ -9,9 +9,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..runtime.errors import UserError
-from ..runtime.fileio import atomic_dir
+from ..runtime.fileio import atomic_dir, read_json
 from .modules import SUBFOLDERS
-from .sources import ACCEPTED, ModelSource, SourceSpec, read_json, role_from_configs
+from .sources import ACCEPTED, ModelSource, SourceSpec, role_from_configs
 from .vocab import TOKENIZER_NAMES
 
 WEIGHT_STEMS = {"text_encoder": "model", "text_encoder_2": "model", "unet": "diffusion_pytorch_model",

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from ..runtime import manifest as mf
 from ..runtime.errors import UserError
-from ..runtime.fileio import atomic_dir
+from ..runtime.fileio import atomic_dir, read_json
 from .models import COMPONENTS
 from .onnx_export import IR_VERSION, OPSET, PRECISION_FILES, export_onnx, model_files
-from .sources import SourceSpec, load_model, read_json, resolve
+from .sources import SourceSpec, load_model, resolve
 
 PRECISIONS = ("fp32", "fp16")  # --precision fp16 writes both: model.onnx (fp32, the reference) and model.fp16.onnx
 # per role: (module of the ModelSource, components exported from it)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .contract import Component
-from .onnx_export import _initializers, external_info, toposort_nodes, write_model
+from .onnx_export import initializers, external_info, toposort_nodes, write_model
 
 OP_BLOCK = ["Resize", "RandomNormalLike", "RandomNormal", "RandomUniformLike"]
 FP32_SCOPES = ("/time_proj/", "/add_time_proj/")  # node-name scopes of diffusers' Timesteps modules
@@ -30,7 +30,7 @@ def convert_to_fp16(fp32_path: Path, dest: Path, component: Component) -> Path:
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path), load_external_data=False))
     stubs = {}
-    for tensor in _initializers(model):  # weights stay on disk: the converter sees data-less stubs of them
+    for tensor in initializers(model):  # weights stay on disk: the converter sees data-less stubs of them
         info = external_info(tensor)
         if info is not None:
             stubs[tensor.name] = info

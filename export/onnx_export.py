@@ -91,7 +91,7 @@ def toposort_nodes(model: onnx.ModelProto) -> None:
     model.graph.node.extend(order)
 
 
-def _initializers(model: onnx.ModelProto):
+def initializers(model: onnx.ModelProto):
     yield from model.graph.initializer
     for node in model.graph.node:
         for attr in node.attribute:
@@ -121,7 +121,7 @@ def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict |
     in `model`; `transform(tensor, data)` may rewrite a stub's bytes on the way (the fp16 conversion does)."""
     stubs = stubs or {}
     model.ir_version = IR_VERSION
-    tensors = [t for t in _initializers(model) if t.name in stubs or external_info(t) or t.raw_data]
+    tensors = [t for t in initializers(model) if t.name in stubs or external_info(t) or t.raw_data]
     external = bool(stubs) or any(external_info(t) for t in tensors) or \
         sum(len(t.raw_data) for t in tensors) > EXTERNAL_ABOVE
     data_path = path.with_name(path.name + ".data")

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..runtime.errors import UserError
 from .modules import build
-from .sources import ACCEPTED, ModelSource, SourceSpec, read_json
+from ..runtime.fileio import read_json
+from .sources import ACCEPTED, ModelSource, SourceSpec
 from .vocab import CONFIGS, cached_tokenizer_dirs
 
 UNET = "model.diffusion_model."

@@ -13,13 +13,13 @@ loaded: they are refused unless the caller passes `allow_pickle=True` (`--allow-
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..runtime.errors import UserError
+from ..runtime.fileio import read_json
 from .vocab import CONFIGS
 
 ACCEPTED = ("a diffusers SDXL folder, a single-file SDXL .safetensors checkpoint, "
@@ -155,19 +155,6 @@ def load_model(spec: str | SourceSpec, *, dtype=None, device: str = "cpu", allow
     for module in model.modules().values():
         module.eval().requires_grad_(False)
     return model
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON config file; a missing or broken one is the user's input error, named with its path."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{what}: {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{what}: {path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what}: {path} does not hold a JSON object")
-    return data
 
 
 def role_from_configs(unet_config: dict, clip_g_config: dict, what: str) -> str:

@@ -7,6 +7,7 @@ process leaves at most a `.tmp-*` sibling behind, never a truncated PNG, manifes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -59,6 +60,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from a file the user gave us; missing or broken is their input error, named with its path."""
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what}: {path} does not hold a JSON object")
+    return data
 
 
 def cache_dir(*parts: str) -> Path:

@@ -120,7 +120,7 @@ class Pipeline:
     def prompt_windows(self, prompts: list[str], negatives: list[str | None]) -> int:
         """Windows a call needs: enough for its longest prompt or negative prompt, at most the contract's bound."""
         tokenizer = self.tokenizers["tokenizer_2"]
-        needed = max(tokenizer.windows([p]).shape[1] for p in [*prompts, *(n or "" for n in negatives)])
+        needed = tokenizer.windows([*prompts, *(n or "" for n in negatives)]).shape[1]
         limit = max(entry["bounds"]["prompt_windows"][1] for entry in self.manifest.components.values()
                     if entry["contract"] in ("unet", "unet_refiner"))
         if needed > limit:

@@ -9,7 +9,6 @@ it is read from the model's tokenizer files, never assumed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .errors import UserError
+from .fileio import read_json
 
 # CLIP's pre-tokenization pattern (OpenAI `SimpleTokenizer`): the pieces that BPE then sees one by one.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -66,19 +66,20 @@ class ClipTokenizer:
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"tokenizer folder {path} does not exist")
-        config = _read_json(path / "tokenizer_config.json") or {}
-        specials = _read_json(path / "special_tokens_map.json") or {}
+        config = read_json(path / "tokenizer_config.json", "tokenizer") if (path / "tokenizer_config.json").is_file() else {}
+        specials = (read_json(path / "special_tokens_map.json", "tokenizer")
+                    if (path / "special_tokens_map.json").is_file() else {})
 
         def special(name: str, default: str) -> str:
             value = config.get(name) or specials.get(name) or default
             return value["content"] if isinstance(value, dict) else str(value)
 
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            vocab = _read_json(path / "vocab.json")
+            vocab = read_json(path / "vocab.json", "tokenizer")
             lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
             merges = [ln for ln in lines if ln and not ln.startswith("#version")]
         elif (path / "tokenizer.json").is_file():
-            model = (_read_json(path / "tokenizer.json") or {}).get("model", {})
+            model = read_json(path / "tokenizer.json", "tokenizer").get("model", {})
             vocab, merges = model.get("vocab"), model.get("merges")
             if not isinstance(vocab, dict) or not isinstance(merges, list):
                 raise UserError(f"{path / 'tokenizer.json'} does not hold a BPE model (vocab and merges)")
@@ -131,12 +132,3 @@ class ClipTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=True)
         return text.replace("</w>", " ").strip()
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None

@@ -273,7 +273,7 @@ def test_bad_folders_and_files(tmp_path, base_folder):
         (tmp_path / "notes.txt", "not a model file"),
         (sd15, "StableDiffusionPipeline pipeline, not SDXL"),
         (incomplete, "missing: vae"),
-        (broken, "not readable JSON"),
+        (broken, "not valid JSON"),
         (engine_dir, "engine directory"),
     ]:
         with pytest.raises(UserError, match=pattern):
