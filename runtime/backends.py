@@ -1,7 +1,7 @@
 """Inference backends, chosen by name. Each runs an engine directory's components by their contract names.
 
-Only `ort-cpu` exists so far: ONNX Runtime's CPU execution provider on the fp32 files, numpy in and out. It is
-the reference path that every faster backend is held to.
+`ort-cpu`: ONNX Runtime's CPU execution provider on the fp32 files, numpy in and out; the reference path that every
+faster backend is held to. `tensorrt` and `tensorrt-rtx`: engines built by `sdxl-trt build` (trt_backend.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from .errors import NotBuiltYet, UserError
 from .manifest import Manifest
 
-BACKENDS = {"ort-cpu": None, "ort-cuda": 7, "tensorrt": 6, "tensorrt-rtx": 6}  # name → issue that builds it, if not built
+BACKENDS = {"ort-cpu": None, "ort-cuda": 7, "tensorrt": None, "tensorrt-rtx": None}  # name → issue that builds it, if not built
 DTYPES = {"float": {"fp32": np.float32, "fp16": np.float16}, "float32": np.float32, "int32": np.int32}
 
 
@@ -78,9 +78,13 @@ class OrtCpuBackend:
         return self._sessions[component]
 
 
-def load_backend(name: str, manifest: Manifest):
+def load_backend(name: str, manifest: Manifest, check_hashes: bool = True):
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
     if BACKENDS[name] is not None:
         raise NotBuiltYet(f"backend {name} is not built yet (planned in issue {BACKENDS[name]}); use ort-cpu")
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from .trt_backend import TensorRTBackend
+
+        return TensorRTBackend(manifest, name, check_hashes=check_hashes)
     return OrtCpuBackend(manifest)

@@ -52,6 +52,33 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from pathlib import Path
+
+    from .engine_build import BuildOptions, build_engines
+    from .manifest import load_manifest
+    from .profiles import parse_profiles
+
+    manifest = load_manifest(args.dir)
+    bounds = [entry["bounds"] for entry in manifest.components.values()]
+    max_windows = max(b["prompt_windows"][1] for b in bounds)
+    pixels = (max(b["pixels"][0] for b in bounds), min(b["pixels"][1] for b in bounds))
+    profiles = parse_profiles(args.profiles, args.static, args.max_batch, max_windows, pixels)
+    options = BuildOptions(args.backend, profiles, opt_level=args.opt_level,
+                           workspace_mib=args.workspace, refittable=args.refittable, strip_weights=args.strip_weights,
+                           timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                           vae_precision=args.vae_precision)
+    print(build_engines(args.dir, options, components=args.components).summary())
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_dir
+
+    print(inspect_dir(args.dir, as_json=args.json))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from .generate import generate
 
@@ -90,12 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
     e.set_defaults(func=_cmd_export)
 
-    b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory")
-    b.add_argument("dir", metavar="DIR")
-    b.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], required=True)
-    b.add_argument("--profiles", help="comma-separated WxH buckets (default: the SDXL buckets + a dynamic range)")
-    b.add_argument("--max-batch", type=int, default=1, help="largest number of images per call")
-    b.set_defaults(func=_not_built("building engines", 6))
+    b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory's ONNX files")
+    b.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export` (with --precision fp16)")
+    b.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], required=True,
+                   help="tensorrt: for this machine's GPU; tensorrt-rtx: for every GPU it supports, built without one")
+    b.add_argument("--profiles", metavar="LIST", help="comma-separated WxH sizes, each an exact profile, and `dynamic` "
+                   "(512-1536 px, multiples of 64) or `dynamic:LO-HI`; default: the 9 SDXL buckets + dynamic")
+    b.add_argument("--static", metavar="WxH", help="one exact shape instead: --max-batch images with guidance, "
+                   "prompts of up to 77 tokens (fastest; nothing else runs)")
+    b.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4; the UNet sees twice as many "
+                   "under classifier-free guidance)")
+    b.add_argument("--components", nargs="+", metavar="NAME", help="build only these (default: every exported one)")
+    b.add_argument("--opt-level", type=int, metavar="0-5", help="TensorRT's builder optimization level (its default: 3)")
+    b.add_argument("--workspace", type=int, metavar="MIB", help="cap on the builder's scratch memory on the GPU, in MiB")
+    b.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to read and update (default: "
+                   "DIR/engines/tensorrt/<sm>.timing-cache)")
+    b.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced at load "
+                   "(fine-tunes, LoRA) at some cost in speed")
+    b.add_argument("--strip-weights", action="store_true", help="leave the weights out of the engine files; they are "
+                   "refitted from the ONNX files at load (with --refittable: from any fine-tune's ONNX)")
+    b.add_argument("--vae-precision", choices=["auto", "fp16", "fp32"], default="auto",
+                   help="auto (default): fp16 if the export has an fp16 VAE (an fp16-safe one), else fp32 with TF32")
+    b.set_defaults(func=_cmd_build)
+
+    i = sub.add_parser("inspect", help="what an engine directory holds and whether its engines run on this machine")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=_cmd_inspect)
 
     g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory "
                        "(ONNX Runtime CPU)")
@@ -131,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timings", action="store_true", help="print the time of each stage")
     g.set_defaults(func=_cmd_generate)
 
-    for name, what, issue in (("bench", "benchmarks", 8), ("serve", "the HTTP server", 10),
-                              ("inspect", "inspecting engine directories", 6)):
+    for name, what, issue in (("bench", "benchmarks", 8), ("serve", "the HTTP server", 10)):
         s = sub.add_parser(name, help=what)
         s.add_argument("dir", metavar="DIR")
         s.set_defaults(func=_not_built(what, issue))

@@ -12,7 +12,8 @@ Manifest keys: `format`, `format_version`, `created`, `sources` (what each role 
 `versions` (torch, onnx, diffusers, transformers, sdxl-trt), `onnx` (opset, IR version), `model` (config values
 the runtime needs), `scheduler`, `tokenizers`, `components` (contract, precisions and files of each exported
 model), `pipelines` (which component each role uses for what: the refiner may share the base's clip_g and VAE),
-`files` (sha256 and size of every file, paths relative to the directory).
+`files` (sha256 and size of every exported file, paths relative to the directory), and, once `sdxl-trt build` has
+run, `engines` (one record per TensorRT / TensorRT-RTX engine: see engines.py).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class Manifest:
 
     @property
     def sha256(self) -> str:
-        """The manifest file's own hash: it names every file's hash, so it identifies the whole directory."""
-        return sha256_file(self.root / MANIFEST)
+        """A hash of the manifest without its `engines` section: it names every exported file's hash, so it
+        identifies what was exported (building engines does not change it)."""
+        exported = {k: v for k, v in self.data.items() if k != "engines"}
+        return hashlib.sha256(json.dumps(exported, sort_keys=True).encode()).hexdigest()
 
     def path(self, relative: str) -> Path:
         """An absolute path for a manifest entry; entries may not leave the engine directory."""
@@ -69,9 +72,16 @@ class Manifest:
             raise UserError(f"{self.root / MANIFEST}: file entry {relative!r} points outside the engine directory")
         return self.root.joinpath(*pure.parts)
 
-    def check_files(self, hashes: bool = True) -> None:
-        """Every listed file exists with its recorded size (and sha256 with `hashes`)."""
+    @property
+    def engines(self) -> dict:
+        """TensorRT / TensorRT-RTX engines built into this directory (see engines.py), by path."""
+        return self.data.get("engines", {})
+
+    def check_files(self, hashes: bool = True, only: list[str] | None = None) -> None:
+        """Every listed file (or those in `only`) exists with its recorded size (and sha256 with `hashes`)."""
         for relative, record in self.data["files"].items():
+            if only is not None and relative not in only:
+                continue
             path = self.path(relative)
             if not path.is_file():
                 raise UserError(f"{path} is missing; {EXPORT_HINT}")

@@ -82,7 +82,7 @@ class Pipeline:
         """Open an engine directory; every file is checked against the manifest (sizes, and sha256 by default)."""
         manifest = load_manifest(engine_dir)
         manifest.check_files(hashes=check_hashes)
-        return cls(manifest, load_backend(backend, manifest))
+        return cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes))
 
     @property
     def has_refiner(self) -> bool:

@@ -42,10 +42,8 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 @pytest.mark.parametrize("argv, issue", [
-    (["build", "d", "--backend", "tensorrt"], 6),
     (["bench", "d"], 8),
     (["serve", "d"], 10),
-    (["inspect", "d"], 6),
 ])
 def test_commands_not_built_yet_say_so_in_one_line(argv, issue, capsys):
     assert main(argv) == 3

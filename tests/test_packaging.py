@@ -18,7 +18,8 @@ HEAVY = ("torch", "diffusers", "transformers")
 
 def test_runtime_imports_without_torch():
     code = ("import sys, sdxl_trt.runtime, sdxl_trt.runtime.cli, sdxl_trt.runtime.tokenizer, sdxl_trt.runtime.fileio, "
-            "sdxl_trt.runtime.validate, sdxl_trt.kernels; "
+            "sdxl_trt.runtime.validate, sdxl_trt.runtime.engine_build, sdxl_trt.runtime.inspect, "
+            "sdxl_trt.runtime.trt_backend, sdxl_trt.kernels; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

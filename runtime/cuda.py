@@ -1,0 +1,80 @@
+"""The little of the CUDA runtime the engine backends need (through cuda-python's `cuda.bindings.runtime`): device
+buffers, a stream, copies. Everything is allocated once and reused; nothing here allocates per call."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+
+
+def cudart():
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        raise UserError("cuda-python is not installed: pip install 'sdxl-trt[gpu]'") from None
+    return runtime
+
+
+def check(result):
+    """cuda-python returns (error, *values): raise on an error, else return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        rt = cudart()
+        _, name = rt.cudaGetErrorName(err)
+        _, text = rt.cudaGetErrorString(err)
+        raise UserError(f"CUDA error {name.decode()}: {text.decode()}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class Stream:
+    def __init__(self):
+        rt = cudart()
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+
+    @property
+    def ptr(self) -> int:
+        return int(self.handle)
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            check(cudart().cudaStreamDestroy(self.handle))
+            self.handle = None
+
+
+class DeviceBuffer:
+    """`nbytes` of device memory; grows only through `reserve` (which returns whether the address changed)."""
+
+    def __init__(self, nbytes: int):
+        self.ptr, self.nbytes = 0, 0
+        self.reserve(nbytes)
+
+    def reserve(self, nbytes: int) -> bool:
+        if nbytes <= self.nbytes:
+            return False
+        self.free()
+        self.ptr = int(check(cudart().cudaMalloc(max(nbytes, 1))))
+        self.nbytes = nbytes
+        return True
+
+    def upload(self, array: np.ndarray, stream: Stream) -> None:
+        array = np.ascontiguousarray(array)
+        if array.nbytes > self.nbytes:
+            raise ValueError(f"{array.nbytes} bytes do not fit a {self.nbytes}-byte buffer")
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                 stream.handle))
+
+    def download(self, out: np.ndarray, stream: Stream) -> np.ndarray:
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                 stream.handle))
+        return out
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart().cudaFree(self.ptr))
+            self.ptr, self.nbytes = 0, 0

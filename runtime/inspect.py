@@ -1,0 +1,64 @@
+"""`sdxl-trt inspect DIR`: what an engine directory holds, and whether each engine can run on this machine."""
+
+from __future__ import annotations
+
+import json
+
+from . import engines as eng
+from . import tensorrt_api
+from .manifest import load_manifest
+
+
+def inspect_data(engine_dir) -> dict:
+    manifest = load_manifest(engine_dir)
+    data = manifest.data
+    device = tensorrt_api.gpu()
+    sizes = {}
+    for name, entry in manifest.components.items():
+        sizes[name] = {p: sum(data["files"][f]["size"] for f in files) for p, files in entry["files"].items()}
+    engines = []
+    for path, record in manifest.engines.items():
+        problem = eng.engine_problem(manifest, path, record, device, check_hash=False)
+        engines.append({"path": path, "backend": record["backend"], "backend_version": record["backend_version"],
+                        "component": record["component"], "precision": record["precision"],
+                        "target": record["target"], "size": record["size"], "built": record.get("built"),
+                        "build_seconds": record.get("build_seconds"), "options": record.get("options", {}),
+                        "profiles": [p["label"] for p in record["profiles"]],
+                        "usable": problem is None, "why_not": problem})
+    machine = {"gpu": None if device is None else {"name": device.name, "compute_capability": device.compute_capability},
+               "backends": {b: tensorrt_api.version(b) for b in tensorrt_api.MODULES}}
+    return {"dir": str(manifest.root), "created": data.get("created"), "sources": data.get("sources", {}),
+            "components": {name: {"contract": entry["contract"], "precisions": sizes[name]}
+                           for name, entry in manifest.components.items()},
+            "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
+            "engines": engines, "machine": machine}
+
+
+def inspect_dir(engine_dir, as_json: bool = False) -> str:
+    info = inspect_data(engine_dir)
+    if as_json:
+        return json.dumps(info, indent=2)
+    lines = [f"engine directory {info['dir']} (exported {info['created']})"]
+    lines += [f"  {role}: {s['spec']} ({s['kind']})" for role, s in info["sources"].items()]
+    lines.append("components:")
+    for name, c in info["components"].items():
+        files = ", ".join(f"{p} {size / 1e6:.1f} MB" for p, size in c["precisions"].items())
+        lines.append(f"  {name:<14} {files}")
+    for role, comps in info["pipelines"].items():
+        lines.append(f"  {role} pipeline: " + ", ".join(f"{k}={v}" if k != v else k for k, v in comps.items()))
+    lines.append("engines:" if info["engines"] else "engines: none (build them with `sdxl-trt build DIR --backend ...`)")
+    for e in info["engines"]:
+        t = e["target"]
+        target = f"{t['gpu']} sm {t['compute_capability']}" if t.get("gpu") else \
+            "any GPU of sm " + " ".join(t.get("compute_capabilities", []))
+        flags = [k.replace("_", "-") for k in ("refittable", "strip_weights") if e["options"].get(k)]
+        lines.append(f"  {e['backend']} {e['backend_version']}  {e['component']} {e['precision']}  "
+                     f"{e['size'] / 1e6:.1f} MB  for {target}" + (f"  [{', '.join(flags)}]" if flags else ""))
+        lines.append(f"      {e['path']}")
+        lines += [f"      profile {label}" for label in e["profiles"]]
+        lines.append("      usable here: yes" if e["usable"] else f"      usable here: no: {e['why_not']}")
+    m = info["machine"]
+    gpu = f"{m['gpu']['name']} (sm {m['gpu']['compute_capability']})" if m["gpu"] else "no CUDA GPU"
+    backends = ", ".join(f"{b} {v}" if v else f"{b} not installed" for b, v in m["backends"].items())
+    lines.append(f"this machine: {gpu}; {backends}")
+    return "\n".join(lines)
