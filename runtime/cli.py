@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fine-tunes, LoRA) at some cost in speed")
     b.add_argument("--strip-weights", action="store_true", help="leave the weights out of the engine files; they are "
                    "refitted from the ONNX files at load (with --refittable: from any fine-tune's ONNX)")
-    b.add_argument("--vae-precision", choices=["auto", "fp16", "fp32"], default="auto",
-                   help="auto (default): fp16 if the export has an fp16 VAE (an fp16-safe one), else fp32 with TF32")
+    b.add_argument("--vae-precision", choices=["auto", "fp16", "fp32", "bf16"], default="auto",
+                   help="auto (default): fp16 if the export has an fp16 VAE (an fp16-safe one), else fp32 with TF32; "
+                   "bf16: fp32's range at half the memory traffic (a bf16 ONNX file is derived from the fp32 one)")
     b.set_defaults(func=_cmd_build)
 
     i = sub.add_parser("inspect", help="what an engine directory holds and whether its engines run on this machine")

@@ -27,7 +27,8 @@ from .fileio import atomic_file
 from .manifest import Manifest, load_manifest, sha256_file
 
 VAE = ("vae_decoder", "vae_encoder")
-VAE_PRECISIONS = ("auto", "fp16", "fp32")
+VAE_PRECISIONS = ("auto", "fp16", "fp32", "bf16")
+BF16_FILE = "model.bf16.onnx"
 DTYPE_NAMES = {"HALF": "fp16", "FLOAT": "fp32", "BF16": "bf16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 CONTRACT_DTYPES = {"float32": "fp32", "int32": "int32"}  # "float" follows the file's precision
 
@@ -74,6 +75,8 @@ def component_precision(manifest: Manifest, component: str, vae_precision: str) 
         wanted = ("fp16" if "fp16" in have else "fp32") if vae_precision == "auto" else vae_precision
     else:
         wanted = "fp16"
+    if wanted == "bf16" and "fp32" in have:
+        return wanted  # derived from the fp32 file when the build starts (onnx_bf16.py)
     if wanted not in have:
         how = ("export with --precision fp16" if wanted == "fp16" and entry["contract"] not in VAE
                else "export with --vae an fp16-safe VAE, or build with --vae-precision fp32")
@@ -118,9 +121,6 @@ def build_engines(engine_dir: str | Path, options: BuildOptions, components: lis
     if options.vae_precision not in VAE_PRECISIONS:
         raise UserError(f"--vae-precision {options.vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
     plan = [(name, component_precision(manifest, name, options.vae_precision)) for name in names]
-    # the ONNX files must be the ones the manifest names: their hashes are the engines' cache keys
-    manifest.check_files(only=[f for name, p in plan for f in manifest.components[name]["files"][p]])
-
     if options.backend == "tensorrt" and options.timing_cache is None:
         options.timing_cache = root / eng.ENGINES / options.backend / f"{target['label']}.timing-cache"
     report = BuildReport(root, options.backend)
@@ -128,6 +128,11 @@ def build_engines(engine_dir: str | Path, options: BuildOptions, components: lis
     if options.backend == "tensorrt-rtx" and options.timing_cache is not None:
         report.notes.append("--timing-cache: ignored, TensorRT-RTX does not time kernels at build time")
     with eng.locked(root):
+        for name, precision in plan:
+            if precision == "bf16":
+                manifest = add_bf16_variant(root, name)
+        # the ONNX files must be the ones the manifest names: their hashes are the engines' cache keys
+        manifest.check_files(only=[f for name, p in plan for f in manifest.components[name]["files"][p]])
         bar = tqdm(plan, desc=f"build {options.backend}", unit="engine", disable=not progress)
         for name, precision in bar:
             bar.set_postfix_str(name)
@@ -155,6 +160,28 @@ def build_engines(engine_dir: str | Path, options: BuildOptions, components: lis
         builder.save_timing_cache()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def add_bf16_variant(root: Path, component: str) -> Manifest:
+    """onnx/<component>/model.bf16.onnx from its fp32 file (once), recorded in the manifest like an exported file."""
+    from .manifest import file_record
+    from .onnx_bf16 import convert_to_bf16
+
+    manifest = load_manifest(root)
+    entry = manifest.components[component]
+    if "bf16" in entry["precisions"]:
+        return manifest
+    manifest.check_files(only=entry["files"]["fp32"])
+    fp32 = manifest.path(entry["precisions"]["fp32"])
+    dest = convert_to_bf16(fp32, fp32.parent / BF16_FILE)
+    relative, record = file_record(root, dest)
+
+    def change(data: dict) -> None:
+        data["files"][relative] = record
+        data["components"][component]["precisions"]["bf16"] = relative
+        data["components"][component]["files"]["bf16"] = [relative]
+
+    return eng.update_manifest(root, change)
 
 
 def _intact(manifest: Manifest, path: str, record: dict) -> bool:
@@ -290,7 +317,7 @@ def check_io(component: str, entry: dict, precision: str, io: list[dict]) -> Non
                                 f"its contract's {sorted(t['name'] for _, t in expected)}")
     for mode, spec in expected:
         t = got[(mode, spec["name"])]
-        dtype = CONTRACT_DTYPES.get(spec["dtype"], precision)
+        dtype = CONTRACT_DTYPES.get(spec["dtype"], "fp32" if precision == "bf16" else precision)  # bf16: fp32 IO
         fixed = [d if isinstance(d, int) else -1 for d in spec["shape"]]
         if t["dtype"] != dtype or len(t["shape"]) != len(fixed) or any(
                 f != -1 and s != f for s, f in zip(t["shape"], fixed)):

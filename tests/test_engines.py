@@ -324,3 +324,31 @@ def test_device_buffers_round_trip():
     np.testing.assert_array_equal(out, data)
     buffer.free()
     stream.close()
+
+
+def test_bf16_rounding_matches_torch():
+    torch = pytest.importorskip("torch")
+    from sdxl_trt.runtime.onnx_bf16 import to_bf16_bits
+
+    values = np.concatenate([np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100,
+                             np.array([0.0, -0.0, 1.0, 65504.0, 1e30, -3.4e38, 1.00390625, 1.01171875], np.float32)])
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16_bits(values), expected)
+
+
+def test_bf16_vae_is_derived_and_built_with_bf16_layers_and_fp32_io(built, tmp_path):
+    root = _copy(built, tmp_path)
+    report = build_engines(root, BuildOptions("tensorrt-rtx", parse_profiles("1024x1024", None, 1, 4),
+                                              vae_precision="bf16"), components=["vae_decoder"], progress=False)
+    assert [r[:2] for r in report.rows] == [("vae_decoder", "bf16")]
+    manifest = load_manifest(root)
+    manifest.check_files()  # the derived file is recorded with its hash like an exported one
+    path, record = _record(root, "vae_decoder")
+    assert path.startswith("engines/tensorrt-rtx/vae_decoder.bf16.") and record["onnx"].endswith("model.bf16.onnx")
+    assert [(t["name"], t["dtype"]) for t in record["io"]] == [("latent", "fp32"), ("image", "fp32")]
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert trt.OnnxParser(network, logger).parse_from_file(str(root / record["onnx"]))
+    heavy = [network.get_layer(i) for i in range(network.num_layers)
+             if network.get_layer(i).type in (trt.LayerType.CONVOLUTION, trt.LayerType.NORMALIZATION)]
+    assert len(heavy) > 10 and all(layer.get_output(0).dtype == trt.DataType.BF16 for layer in heavy)
