@@ -88,13 +88,17 @@ def engine_problem(manifest: Manifest, path: str, record: dict, device: tensorrt
         return f"{backend} is not installed (pip install '{tensorrt_api.EXTRAS[backend]}')"
     if installed != record["backend_version"]:
         return f"built with {backend} {record['backend_version']}, this machine has {installed}"
+    if device is not None:  # said first: clearer than the header check's "unsupported cc"
+        problem = tensorrt_api.target_problem(record["target"], backend, device)
+        if problem:
+            return problem
     with open(file, "rb") as f:
         header = f.read(4096)
     trt = tensorrt_api.import_trt(backend)
     problem = tensorrt_api.header_problem(trt, tensorrt_api.Logger(trt), header)
     if problem:
         return f"{file}: {backend} rejects the engine header ({problem})"
-    return tensorrt_api.target_problem(record["target"], backend, device)
+    return tensorrt_api.target_problem(record["target"], backend, device)  # without a GPU: says so
 
 
 @contextlib.contextmanager

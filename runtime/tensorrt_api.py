@@ -77,13 +77,18 @@ def gpu() -> Gpu | None:
     return Gpu(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}")
 
 
+RTX_MIN_CC = (8, 0)  # TensorRT-RTX 1.7's runtime on an H100: "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1"
+
+
 def rtx_compute_capabilities(trt) -> list[str]:
-    """The compute capabilities TensorRT-RTX can target, from its own enum (SM75 → "7.5")."""
+    """The compute capabilities TensorRT-RTX engines run on: its build-target enum (SM80 → "8.0"), less those its
+    runtime refuses (the enum also lists SM75, which the runtime does not accept)."""
     found = []
     for name in trt.ComputeCapability.__members__:
         if name.startswith("SM") and name[2:].isdigit():
-            digits = name[2:]
-            found.append(f"{digits[:-1]}.{digits[-1]}")
+            major, minor = int(name[2:-1]), int(name[-1])
+            if (major, minor) >= RTX_MIN_CC:
+                found.append(f"{major}.{minor}")
     return found
 
 
@@ -144,6 +149,8 @@ def header_problem(trt, logger, data: bytes) -> str | None:
     """TensorRT's own check of an engine's header (magic number, version, compute capability): what is wrong, or
     None when it is valid or cannot be told (TensorRT needs a GPU driver to judge the compute capability)."""
     runtime = trt.Runtime(logger)
+    if not hasattr(runtime, "get_engine_validity"):  # TensorRT releases before the check existed
+        return None
     validity, diagnostics = runtime.get_engine_validity(data[: runtime.engine_header_size])
     if validity != trt.EngineValidity.INVALID:
         return None

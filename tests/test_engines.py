@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,63 @@ def test_bf16_vae_is_derived_and_built_with_bf16_layers_and_fp32_io(built, tmp_p
     heavy = [network.get_layer(i) for i in range(network.num_layers)
              if network.get_layer(i).type in (trt.LayerType.CONVOLUTION, trt.LayerType.NORMALIZATION)]
     assert len(heavy) > 10 and all(layer.get_output(0).dtype == trt.DataType.BF16 for layer in heavy)
+
+
+@pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")  # its timing cache is a no-op
+def test_the_tensorrt_branch_builds_for_this_gpu_with_a_timing_cache(built, tmp_path, monkeypatch):
+    """Full TensorRT cannot be installed here: its branch of the builder (GPU-specific target, timing cache) runs on
+    TensorRT-RTX's identical API with a stand-in GPU, to exercise everything but the library itself."""
+    root = _copy(built, tmp_path)
+    monkeypatch.setitem(tensorrt_api.MODULES, "tensorrt", "tensorrt_rtx")
+    monkeypatch.setattr(tensorrt_api, "gpu", lambda: L40S)
+    options = BuildOptions("tensorrt", parse_profiles("1024x1024", None, 1, 4))
+    build_engines(root, options, components=["vae_decoder"], progress=False)
+    manifest = load_manifest(root)
+    path, record = next((p, r) for p, r in manifest.engines.items() if r["backend"] == "tensorrt")
+    assert path.startswith("engines/tensorrt/vae_decoder.fp32.sm89.") and record["target"]["gpu"] == "NVIDIA L40S"
+    assert (root / "engines/tensorrt/sm89.timing-cache").is_file()
+    assert eng.engine_problem(manifest, path, record, L40S) is None
+    assert "TensorRT engines run only on the GPU model they were built on" in \
+        eng.engine_problem(manifest, path, record, H100)
+    assert len(eng.records(manifest, "tensorrt-rtx")) == len(COMPONENTS)  # engines of other backends are kept
+
+
+def test_a_failed_build_keeps_the_engines_it_finished(built, tmp_path):
+    root = _copy(built, tmp_path)
+    shutil.rmtree(root / "engines")
+    data = json.loads((root / "manifest.json").read_text())
+    del data["engines"]
+    bad = root / "onnx/vae_encoder/model.onnx"
+    bad.write_bytes(b"not an onnx file")  # a broken file the manifest agrees with: the parser is what fails
+    data["files"]["onnx/vae_encoder/model.onnx"] = {"sha256": sha256_file(bad), "size": bad.stat().st_size}
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="cannot parse .*vae_encoder"):
+        build_engines(root, _options(), components=["clip_l", "vae_encoder"], progress=False)
+    manifest = load_manifest(root)
+    assert [r["component"] for r in manifest.engines.values()] == ["clip_l"]
+    assert sorted(p.name for p in (root / "engines/tensorrt-rtx").iterdir()) == [Path(next(iter(manifest.engines))).name]
+
+
+def test_an_onnx_file_changed_behind_the_manifest_is_refused(built, tmp_path, capsys):
+    root = _copy(built, tmp_path)
+    with open(root / "onnx/clip_l/model.fp16.onnx", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    assert main(["build", str(root), "--backend", "tensorrt-rtx", "--components", "clip_l"]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
+
+
+def test_one_build_at_a_time_per_directory(built, tmp_path):
+    root = _copy(built, tmp_path)
+    with eng.locked(root):
+        with pytest.raises(UserError, match="another `sdxl-trt build` is running"):
+            build_engines(root, _options(), components=["clip_l"], progress=False)
+
+
+def test_static_build_has_one_exact_profile(built, tmp_path):
+    root = _copy(built, tmp_path)
+    options = BuildOptions("tensorrt-rtx", parse_profiles(None, "1216x832", 2, 4))
+    build_engines(root, options, components=["vae_decoder"], progress=False)
+    _, record = _record(root, "vae_decoder")
+    (profile,) = record["profiles"]
+    assert profile["shapes"]["latent"] == [[2, 4, 104, 152]] * 3 and profile["exact"]
