@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opt-level", type=int, metavar="0-5", help="TensorRT's builder optimization level (its default: 3)")
     b.add_argument("--workspace", type=int, metavar="MIB", help="cap on the builder's scratch memory on the GPU, in MiB")
     b.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to read and update (default: "
-                   "DIR/engines/tensorrt/<sm>.timing-cache)")
+                   "DIR/engines/tensorrt/<sm>-<gpu>.timing-cache)")
     b.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced at load "
                    "(fine-tunes, LoRA) at some cost in speed")
     b.add_argument("--strip-weights", action="store_true", help="leave the weights out of the engine files; they are "
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_inspect)
 
     g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory "
-                       "(ONNX Runtime CPU)")
+                       "(ONNX Runtime CPU, or engines built by `sdxl-trt build`)")
     g.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
     g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE)")
     g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's scheduler config)")
     g.add_argument("--seed", type=int, help="image i gets seed S+i (default: random, printed)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
-    g.add_argument("--backend", default="ort-cpu")
+    g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), tensorrt or tensorrt-rtx (engines from "
+                   "`sdxl-trt build`, on a GPU)")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")

@@ -12,6 +12,7 @@ so an interrupted build keeps the engines it finished and never leaves a half-wr
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -93,12 +94,21 @@ def component_profiles(profiles: list[prof.Profile], contract: str, inputs: list
     windows = (min(p.windows[0] for p in profiles), 1, max(p.windows[2] for p in profiles))
     exact = all(p.exact for p in profiles)
     images = (lo, lo if exact else 1, hi)
-    first = profiles[0]
-    return [prof.Profile(prof.ANY_SIZE, first.min, first.opt, first.max, first.step, images, windows, exact)]
+    none = (0, 0)  # no size: fixed, so that the cache key does not change with the sized profiles
+    return [prof.Profile(prof.ANY_SIZE, none, none, none, 0, images, windows, exact)]
 
 
 def build_engines(engine_dir: str | Path, options: BuildOptions, components: list[str] | None = None,
                   progress: bool = True) -> BuildReport:
+    """Build (or find cached) engines for `components` (default: all) of an engine directory; see module doc."""
+    try:
+        return _build_engines(engine_dir, options, components, progress)
+    except OSError as e:
+        raise UserError(f"building in {engine_dir} failed: {e.strerror or e} ({e.filename or engine_dir}); "
+                        "engines finished before this are kept") from None
+
+
+def _build_engines(engine_dir, options: BuildOptions, components, progress: bool) -> BuildReport:
     started = time.perf_counter()
     manifest = load_manifest(engine_dir)
     root = manifest.root
@@ -122,7 +132,8 @@ def build_engines(engine_dir: str | Path, options: BuildOptions, components: lis
         raise UserError(f"--vae-precision {options.vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
     plan = [(name, component_precision(manifest, name, options.vae_precision)) for name in names]
     if options.backend == "tensorrt" and options.timing_cache is None:
-        options.timing_cache = root / eng.ENGINES / options.backend / f"{target['label']}.timing-cache"
+        gpu_slug = re.sub(r"[^A-Za-z0-9]+", "-", target["gpu"]).strip("-").lower()
+        options.timing_cache = root / eng.ENGINES / options.backend / f"{target['label']}-{gpu_slug}.timing-cache"
     report = BuildReport(root, options.backend)
     builder = _Builder(trt, options, target)
     if options.backend == "tensorrt-rtx" and options.timing_cache is not None:
@@ -169,7 +180,8 @@ def add_bf16_variant(root: Path, component: str) -> Manifest:
 
     manifest = load_manifest(root)
     entry = manifest.components[component]
-    if "bf16" in entry["precisions"]:
+    source = eng.onnx_sha256(manifest, component, "fp32")
+    if "bf16" in entry["precisions"] and entry.get("bf16_from") == source:
         return manifest
     manifest.check_files(only=entry["files"]["fp32"])
     fp32 = manifest.path(entry["precisions"]["fp32"])
@@ -180,6 +192,7 @@ def add_bf16_variant(root: Path, component: str) -> Manifest:
         data["files"][relative] = record
         data["components"][component]["precisions"]["bf16"] = relative
         data["components"][component]["files"]["bf16"] = [relative]
+        data["components"][component]["bf16_from"] = source  # the fp32 file it was derived from
 
     return eng.update_manifest(root, change)
 
@@ -197,8 +210,8 @@ def _record_engine(root: Path, path: str, record: dict) -> None:
     def change(data: dict) -> None:
         engines = data.setdefault("engines", {})
         for old, r in list(engines.items()):
-            if (r["component"], r["backend"], r["target"]["label"]) == (
-                    record["component"], record["backend"], record["target"]["label"]) and old != path:
+            if (r["component"], r["backend"]) == (record["component"], record["backend"]) and old != path and \
+                    eng.same_target(r["target"], record["target"]):
                 replaced.append(old)
                 del engines[old]
         engines[path] = record
@@ -231,6 +244,7 @@ class _Builder:
 
     def parse(self, onnx_path: Path):
         trt = self.trt
+        self.logger.clear()
         network = self.builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
@@ -253,7 +267,8 @@ class _Builder:
             config.set_flag(trt.BuilderFlag.STRIP_PLAN)  # weights come from the ONNX file at load
             if not o.refittable:
                 config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # ... and only those: keeps every optimisation
-        if self.timing_cache is not None:
+        if self.timing_cache is not None and not config.set_timing_cache(self.timing_cache, ignore_mismatch=False):
+            self.timing_cache = config.create_timing_cache(b"")  # from another GPU or version: start afresh
             config.set_timing_cache(self.timing_cache, ignore_mismatch=False)
         return config
 
@@ -284,6 +299,7 @@ class _Builder:
         monitor = progress_monitor(trt, bar, component) if bar else None
         if monitor is not None:
             config.progress_monitor = monitor
+        self.logger.clear()
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:
             raise UserError(f"{self.options.backend} could not build {component}: {self.logger.last_error()}")

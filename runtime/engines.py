@@ -1,7 +1,7 @@
 """TensorRT / TensorRT-RTX engines in an engine directory: names, cache keys, manifest records and checks.
 
     engines/<backend>/<component>.<precision>.<target>.<key>.engine
-    engines/<backend>/<target>.timing-cache          TensorRT's timing cache (builds)
+    engines/tensorrt/<sm>-<gpu>.timing-cache          TensorRT's timing cache (builds)
     engines/<backend>/runtime-cache.<sm>.bin         TensorRT-RTX's cache of kernels compiled on load
 
 <target> is the GPU's `sm86` for TensorRT and `rtx` for TensorRT-RTX (one engine for all the GPUs it supports);
@@ -44,6 +44,11 @@ def engine_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+def same_target(a: dict, b: dict) -> bool:
+    """Engines for the same GPU (TensorRT: model and compute capability) or, for TensorRT-RTX, the same list."""
+    return a["label"] == b["label"] and a.get("gpu") == b.get("gpu")
+
+
 def engine_path(backend: str, component: str, precision: str, target_label: str, key: str) -> str:
     return f"{ENGINES}/{backend}/{component}.{precision}.{target_label}.{key[:12]}.engine"
 
@@ -59,8 +64,9 @@ def find_engine(manifest: Manifest, backend: str, component: str, device: tensor
     if not candidates:
         raise UserError(f"{manifest.root}: no {backend} engine for {component}; {build_hint(manifest, backend)}")
     if backend == "tensorrt" and device is not None:
+        here = {"label": device.sm, "gpu": device.name}
         for path, record in candidates:
-            if record["target"]["label"] == device.sm and record["target"]["gpu"] == device.name:
+            if same_target(record["target"], here):
                 return path, record
     return candidates[0]
 
@@ -88,23 +94,26 @@ def engine_problem(manifest: Manifest, path: str, record: dict, device: tensorrt
         return f"{backend} is not installed (pip install '{tensorrt_api.EXTRAS[backend]}')"
     if installed != record["backend_version"]:
         return f"built with {backend} {record['backend_version']}, this machine has {installed}"
-    if device is not None:  # said first: clearer than the header check's "unsupported cc"
-        problem = tensorrt_api.target_problem(record["target"], backend, device)
-        if problem:
-            return problem
+    problem = tensorrt_api.target_problem(record["target"], backend, device)
+    if device is None or problem:  # said first: clearer than the header check's "unsupported cc"
+        return problem
     with open(file, "rb") as f:
         header = f.read(4096)
     trt = tensorrt_api.import_trt(backend)
     problem = tensorrt_api.header_problem(trt, tensorrt_api.Logger(trt), header)
     if problem:
         return f"{file}: {backend} rejects the engine header ({problem})"
-    return tensorrt_api.target_problem(record["target"], backend, device)  # without a GPU: says so
+    return None
 
 
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """One build at a time per engine directory (builds rewrite the manifest)."""
-    with open(root / LOCK, "a+") as f:
+    try:
+        f = open(root / LOCK, "a+")
+    except OSError as e:
+        raise UserError(f"{root}: cannot build here ({e.strerror}); the engine directory must be writable") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import UserError
+from .validate import VAE_FACTOR
+from .validate import parse_size
 
 BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
            (1536, 640), (640, 1536))
@@ -27,7 +29,6 @@ DYNAMIC = "dynamic"
 ANY_SIZE = "any size"  # the one profile of a model without an image-size input
 DYNAMIC_PIXELS = (512, 1536)  # default range of the dynamic profile, in pixels along each side
 DYNAMIC_STEP = 64
-LATENT_FACTOR = 8
 TOKENS = 77
 GUIDED = ("unet", "unet_refiner")  # contracts whose batch doubles under classifier-free guidance
 TEXT = ("clip_l", "clip_g")
@@ -71,12 +72,12 @@ class Profile:
     def dims(self, contract: str) -> dict[str, tuple[int, int, int]]:
         """Each symbolic dimension's (min, opt, max) for a component."""
         (w0, h0), (w1, h1), (w2, h2) = self.min, self.opt, self.max
-        f = LATENT_FACTOR
+        f = VAE_FACTOR
         return {"B": self.batch(contract), "S": tuple(TOKENS * k for k in self.windows),
                 "H": (h0, h1, h2), "W": (w0, w1, w2), "h": (h0 // f, h1 // f, h2 // f), "w": (w0 // f, w1 // f, w2 // f)}
 
     def steps(self) -> dict[str, int]:
-        return {"H": self.step, "W": self.step, "h": self.step // LATENT_FACTOR, "w": self.step // LATENT_FACTOR}
+        return {"H": self.step, "W": self.step, "h": self.step // VAE_FACTOR, "w": self.step // VAE_FACTOR}
 
     def to_json(self) -> dict:
         return {"name": self.name, "label": self.label, "pixels": {"min": list(self.min), "opt": list(self.opt),
@@ -85,23 +86,13 @@ class Profile:
 
 
 def bucket(width: int, height: int, max_batch: int, max_windows: int) -> Profile:
-    return Profile(f"{width}x{height}", (width, height), (width, height), (width, height), LATENT_FACTOR,
+    return Profile(f"{width}x{height}", (width, height), (width, height), (width, height), VAE_FACTOR,
                    (1, 1, max_batch), (1, 1, max_windows))
 
 
 def dynamic(lo: int, hi: int, max_batch: int, max_windows: int) -> Profile:
     opt = min(max(1024, lo), hi)
     return Profile(DYNAMIC, (lo, lo), (opt, opt), (hi, hi), DYNAMIC_STEP, (1, 1, max_batch), (1, 1, max_windows))
-
-
-def parse_size(text: str, what: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not m:
-        raise UserError(f"{what} {text!r}: expected WxH in pixels, e.g. 1216x832")
-    width, height = int(m[1]), int(m[2])
-    if width % LATENT_FACTOR or height % LATENT_FACTOR or not width or not height:
-        raise UserError(f"{what} {text!r}: width and height must be positive multiples of {LATENT_FACTOR}")
-    return width, height
 
 
 def parse_profiles(spec: str | None, static: str | None, max_batch: int, max_windows: int,
@@ -122,7 +113,7 @@ def parse_profiles(spec: str | None, static: str | None, max_batch: int, max_win
             raise UserError("--static and --profiles exclude each other: --static builds one exact shape")
         width, height = parse_size(static, "--static")
         in_bounds(width, height, "--static")
-        return [Profile(f"{width}x{height}", (width, height), (width, height), (width, height), LATENT_FACTOR,
+        return [Profile(f"{width}x{height}", (width, height), (width, height), (width, height), VAE_FACTOR,
                         (max_batch,) * 3, (1, 1, 1), exact=True)]
     if spec is None:
         return [bucket(w, h, max_batch, max_windows) for w, h in BUCKETS] + [dynamic(*DYNAMIC_PIXELS, max_batch,

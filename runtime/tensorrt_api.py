@@ -135,6 +135,10 @@ class Logger:
                 if int(severity) <= int(self.min_severity):
                     self.messages.append((severity, msg))
 
+            def clear(self) -> None:
+                """Forget earlier messages, so that an error reported next is the one the next call logged."""
+                self.messages.clear()
+
             def errors(self) -> list[str]:
                 return [m for s, m in self.messages if int(s) <= int(trt.ILogger.Severity.ERROR)]
 
@@ -148,7 +152,10 @@ class Logger:
 def header_problem(trt, logger, data: bytes) -> str | None:
     """TensorRT's own check of an engine's header (magic number, version, compute capability): what is wrong, or
     None when it is valid or cannot be told (TensorRT needs a GPU driver to judge the compute capability)."""
-    runtime = trt.Runtime(logger)
+    try:
+        runtime = trt.Runtime(logger)
+    except (TypeError, RuntimeError):  # full TensorRT cannot create a runtime without a working CUDA driver
+        return None
     if not hasattr(runtime, "get_engine_validity"):  # TensorRT releases before the check existed
         return None
     validity, diagnostics = runtime.get_engine_validity(data[: runtime.engine_header_size])

@@ -3,9 +3,11 @@
 Per component: the engine is checked against its manifest record (size, sha256, ONNX it was built from, library
 version, TensorRT's own header check, GPU) before it is deserialized; weight-stripped engines are refitted from
 their ONNX file. One execution context per optimization profile, created when a shape first needs it; the
-profile is the first whose ranges hold the request (an error names the built ones otherwise). Device buffers are
-sized for the profile's largest shapes when the profile is first used and bound to the context by tensor name,
-so that after warm-up a call allocates nothing and can be captured in a CUDA graph (`enqueue` on the stream).
+profile is the first whose ranges hold the request (an error names the built ones otherwise). The contexts share
+one scratch allocation (they run one after another on the backend's stream). Device buffers are sized for the
+profile's largest shapes when the profile is first used and bound to the context by tensor name, so that after
+warm-up a call allocates nothing and can be captured in a CUDA graph (`enqueue` on the backend's stream, which
+the caller may supply).
 
 TensorRT-RTX compiles kernels on first load; they are kept in `engines/tensorrt-rtx/runtime-cache.<sm>.bin` and
 reused by later processes.
@@ -13,8 +15,8 @@ reused by later processes.
 
 from __future__ import annotations
 
-import atexit
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,35 @@ log = logging.getLogger(__name__)
 NUMPY = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
 
+class RuntimeCache:
+    """TensorRT-RTX's cache of kernels it compiles on load, shared by every context and kept on disk."""
+
+    def __init__(self, trt, path: Path):
+        self.trt, self.path, self.cache = trt, path, None
+
+    def config(self, engine):
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.cache is None:
+            self.cache = config.create_runtime_cache()
+            if self.path.is_file() and not self.cache.deserialize(self.path.read_bytes()):
+                log.info("%s was written for another GPU, driver or version: kernels are compiled again", self.path)
+        config.set_runtime_cache(self.cache)
+        return config
+
+    def save(self) -> None:
+        if self.cache is None:
+            return
+        try:
+            with atomic_file(self.path) as tmp:
+                tmp.write_bytes(bytes(self.cache.serialize()))
+        except OSError as e:  # a read-only engine directory: the next process compiles again
+            log.warning("could not save the TensorRT-RTX runtime cache to %s (%s)", self.path, e)
+
+
 class TensorRTBackend:
-    def __init__(self, manifest: Manifest, name: str, check_hashes: bool = True):
+    def __init__(self, manifest: Manifest, name: str, check_hashes: bool = True, stream: Stream | None = None):
+        """`stream`: the CUDA stream every copy, profile switch and run is queued on (default: a new one)."""
         self.manifest, self.name, self.check_hashes = manifest, name, check_hashes
         self.trt = tensorrt_api.import_trt(name)
         self.device = tensorrt_api.gpu()
@@ -41,77 +70,71 @@ class TensorRTBackend:
                             "pip install 'sdxl-trt[gpu]'); ort-cpu runs without one")
         self.logger = tensorrt_api.Logger(self.trt)
         self.runtime = self.trt.Runtime(self.logger)
-        self.stream = Stream()
-        self._sessions: dict[str, TrtEngine] = {}
+        self.stream = stream or Stream()
         self.runtime_cache = None
-        self.runtime_cache_path = None
         if name == "tensorrt-rtx":
-            self.runtime_cache_path = manifest.root / eng.ENGINES / name / f"runtime-cache.{self.device.sm}.bin"
-        atexit.register(self.close)
+            cache_file = manifest.root / eng.ENGINES / name / f"runtime-cache.{self.device.sm}.bin"
+            self.runtime_cache = RuntimeCache(self.trt, cache_file)
+        self._sessions: dict[str, TrtEngine] = {}
+        # engines hold no reference to the backend, so it can be collected; then (or at exit) this releases them
+        self._finalizer = weakref.finalize(self, _release, self.runtime_cache, self._sessions,
+                                           None if stream else self.stream)
 
     def session(self, component: str) -> TrtEngine:
         if component not in self._sessions:
             self._sessions[component] = TrtEngine(self, component)
         return self._sessions[component]
 
-    def runtime_config(self, engine):
-        """TensorRT-RTX: contexts share one runtime cache of JIT-compiled kernels, loaded from disk."""
-        config = engine.create_runtime_config()
-        if self.runtime_cache is None:
-            self.runtime_cache = config.create_runtime_cache()
-            if self.runtime_cache_path.is_file():
-                self.runtime_cache.deserialize(self.runtime_cache_path.read_bytes())
-        config.set_runtime_cache(self.runtime_cache)
-        return config
-
-    def save_runtime_cache(self) -> None:
-        if self.runtime_cache is None or self.runtime_cache_path is None:
-            return
-        try:
-            with atomic_file(self.runtime_cache_path) as tmp:
-                tmp.write_bytes(bytes(self.runtime_cache.serialize()))
-        except OSError as e:  # a read-only engine directory: the next process compiles again
-            log.warning("could not save the TensorRT-RTX runtime cache to %s (%s)", self.runtime_cache_path, e)
-
     def close(self) -> None:
-        self.save_runtime_cache()
-        for session in self._sessions.values():
-            session.close()
-        self._sessions.clear()
-        if self.stream.handle is not None:
-            self.stream.close()
+        """Save the runtime cache and free every engine's device memory."""
+        self._finalizer()
+
+
+def _release(runtime_cache: RuntimeCache | None, sessions: dict, own_stream: Stream | None) -> None:
+    if runtime_cache is not None:
+        runtime_cache.save()
+    for session in sessions.values():
+        session.close()
+    sessions.clear()
+    if own_stream is not None and own_stream.handle is not None:
+        own_stream.close()
 
 
 class TrtEngine:
     """One component's engine: `set_shapes` + `enqueue` for device-resident loops, `run` for numpy in and out."""
 
     def __init__(self, backend: TensorRTBackend, component: str):
-        self.backend, self.name = backend, component
+        self.name, self.backend_name = component, backend.name
+        self.trt, self.logger, self.stream = backend.trt, backend.logger, backend.stream
+        self.runtime_cache = backend.runtime_cache
         manifest = backend.manifest
+        hint = eng.build_hint(manifest, backend.name)
         path, self.record = eng.find_engine(manifest, backend.name, component, backend.device)
         problem = eng.engine_problem(manifest, path, self.record, backend.device, check_hash=backend.check_hashes)
         if problem:
-            raise UserError(f"{component}: cannot load {path}: {problem}; {eng.build_hint(manifest, backend.name)}")
+            raise UserError(f"{component}: cannot load {path}: {problem}; {hint}")
+        self.logger.clear()
         self.engine = backend.runtime.deserialize_cuda_engine(manifest.path(path).read_bytes())
         if self.engine is None:
-            raise UserError(f"{component}: {backend.name} could not load {path}: {backend.logger.last_error()}; "
-                            f"{eng.build_hint(manifest, backend.name)}")
+            raise UserError(f"{component}: {backend.name} could not load {path}: {self.logger.last_error()}; {hint}")
         if self.record["options"].get("strip_weights"):
             self._refit(manifest.path(self.record["onnx"]))
         if self.engine.num_optimization_profiles != len(self.record["profiles"]):
             raise UserError(f"{component}: {path} holds {self.engine.num_optimization_profiles} profiles, its manifest "
-                            f"record {len(self.record['profiles'])}; {eng.build_hint(manifest, backend.name)}")
+                            f"record {len(self.record['profiles'])}; {hint}")
         self.io = {t["name"]: t for t in self.record["io"]}
         self.inputs = [n for n, t in self.io.items() if t["mode"] == "input"]
         self.outputs = [n for n, t in self.io.items() if t["mode"] == "output"]
         self.contexts: dict[int, object] = {}
         self.bound: dict[int, dict[str, int]] = {}  # profile → tensor → address bound in its context
         self.buffers = {name: DeviceBuffer(0) for name in self.io}
+        self.scratch = DeviceBuffer(self.engine.device_memory_size_v2)  # the largest profile's activations
         self.profile: int | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def _refit(self, onnx_path: Path) -> None:
-        trt, logger = self.backend.trt, self.backend.logger
+        trt, logger = self.trt, self.logger
+        logger.clear()
         refitter = trt.Refitter(self.engine, logger)
         parser = trt.OnnxParserRefitter(refitter, logger)
         if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
@@ -120,14 +143,17 @@ class TrtEngine:
 
     def _context(self, profile: int):
         if profile not in self.contexts:
-            if self.backend.name == "tensorrt-rtx":
-                context = self.engine.create_execution_context(self.backend.runtime_config(self.engine))
+            self.logger.clear()
+            if self.runtime_cache is not None:
+                context = self.engine.create_execution_context(self.runtime_cache.config(self.engine))
             else:
-                context = self.engine.create_execution_context()
+                context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
-                raise UserError(f"{self.name}: could not create an execution context "
-                                f"({self.backend.logger.last_error()})")
-            context.set_optimization_profile_async(profile, self.backend.stream.ptr)
+                raise UserError(f"{self.name}: could not create an execution context ({self.logger.last_error()})")
+            context.set_device_memory(self.scratch.ptr, self.scratch.nbytes)
+            if not context.set_optimization_profile_async(profile, self.stream.ptr):
+                raise UserError(f"{self.name}: could not select optimization profile {profile} "
+                                f"({self.logger.last_error()})")
             self._reserve(context, profile)
             self.contexts[profile] = context
             self.bound[profile] = {}
@@ -144,15 +170,15 @@ class TrtEngine:
 
     def set_shapes(self, **shapes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Pick the profile for these input shapes, set them, bind the buffers; returns every tensor's shape."""
-        missing = set(self.inputs) - set(shapes)
-        if missing:
-            raise UserError(f"{self.name}: missing inputs {sorted(missing)}")
+        if set(shapes) != set(self.inputs):
+            raise UserError(f"{self.name}: takes inputs {self.inputs}, was given {sorted(shapes)}")
         profile = select_profile(self.record["profiles"], {n: tuple(s) for n, s in shapes.items()})
         context = self._context(profile)
+        self.logger.clear()
         for name, shape in shapes.items():
             if not context.set_input_shape(name, tuple(shape)):
-                raise UserError(f"{self.name}: {self.backend.name} rejected {name} {list(shape)}: "
-                                f"{self.backend.logger.last_error()}")
+                raise UserError(f"{self.name}: {self.backend_name} rejected {name} {list(shape)}: "
+                                f"{self.logger.last_error()}")
         bound = self.bound[profile]
         for name, buffer in self.buffers.items():
             if bound.get(name) != buffer.ptr:
@@ -162,27 +188,27 @@ class TrtEngine:
         self.shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.io}
         return self.shapes
 
-    def enqueue(self, stream: Stream | None = None) -> None:
-        """Run on `stream` (the backend's by default) with the shapes last set; no host synchronisation."""
-        stream = stream or self.backend.stream
-        if self.profile is None or not self.contexts[self.profile].execute_async_v3(stream.ptr):
-            raise UserError(f"{self.name}: {self.backend.name} failed to run: {self.backend.logger.last_error()}")
+    def enqueue(self) -> None:
+        """Run on the backend's stream with the shapes last set; no host synchronisation, no allocation."""
+        self.logger.clear()
+        if self.profile is None or not self.contexts[self.profile].execute_async_v3(self.stream.ptr):
+            raise UserError(f"{self.name}: {self.backend_name} failed to run: {self.logger.last_error()}")
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        if set(feeds) != set(self.inputs):
+            raise UserError(f"{self.name}: takes inputs {self.inputs}, was given {sorted(feeds)}")
         arrays = {n: np.ascontiguousarray(v, dtype=NUMPY[self.io[n]["dtype"]]) for n, v in feeds.items()}
         shapes = self.set_shapes(**{n: a.shape for n, a in arrays.items()})
-        stream = self.backend.stream
         for name, array in arrays.items():
-            self.buffers[name].upload(array, stream)
-        self.enqueue(stream)
+            self.buffers[name].upload(array, self.stream)
+        self.enqueue()
         out = {n: np.empty(shapes[n], dtype=NUMPY[self.io[n]["dtype"]]) for n in self.outputs}
         for name, array in out.items():
-            self.buffers[name].download(array, stream)
-        stream.synchronize()
+            self.buffers[name].download(array, self.stream)
+        self.stream.synchronize()
         return out
 
     def close(self) -> None:
         self.contexts.clear()
-        for buffer in self.buffers.values():
+        for buffer in (*self.buffers.values(), self.scratch):
             buffer.free()
-

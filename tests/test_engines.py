@@ -367,7 +367,7 @@ def test_the_tensorrt_branch_builds_for_this_gpu_with_a_timing_cache(built, tmp_
     manifest = load_manifest(root)
     path, record = next((p, r) for p, r in manifest.engines.items() if r["backend"] == "tensorrt")
     assert path.startswith("engines/tensorrt/vae_decoder.fp32.sm89.") and record["target"]["gpu"] == "NVIDIA L40S"
-    assert (root / "engines/tensorrt/sm89.timing-cache").is_file()
+    assert (root / "engines/tensorrt/sm89-nvidia-l40s.timing-cache").is_file()
     assert eng.engine_problem(manifest, path, record, L40S) is None
     assert "TensorRT engines run only on the GPU model they were built on" in \
         eng.engine_problem(manifest, path, record, H100)
@@ -413,3 +413,25 @@ def test_static_build_has_one_exact_profile(built, tmp_path):
     _, record = _record(root, "vae_decoder")
     (profile,) = record["profiles"]
     assert profile["shapes"]["latent"] == [[2, 4, 104, 152]] * 3 and profile["exact"]
+
+
+@pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")
+def test_tensorrt_engines_for_two_gpu_models_of_one_sm_live_side_by_side(built, tmp_path, monkeypatch):
+    root = _copy(built, tmp_path)
+    monkeypatch.setitem(tensorrt_api.MODULES, "tensorrt", "tensorrt_rtx")
+    a10, rtx3090 = tensorrt_api.Gpu("NVIDIA A10", "8.6"), tensorrt_api.Gpu("NVIDIA GeForce RTX 3090", "8.6")
+    for device in (a10, rtx3090):
+        monkeypatch.setattr(tensorrt_api, "gpu", lambda device=device: device)
+        options = BuildOptions("tensorrt", parse_profiles("1024x1024", None, 1, 4))
+        build_engines(root, options, components=["clip_l"], progress=False)
+    manifest = load_manifest(root)
+    paths = {r["target"]["gpu"]: p for p, r in eng.records(manifest, "tensorrt").items()}
+    assert sorted(paths) == ["NVIDIA A10", "NVIDIA GeForce RTX 3090"] and all((root / p).is_file() for p in paths.values())
+    assert eng.find_engine(manifest, "tensorrt", "clip_l", rtx3090)[0] == paths["NVIDIA GeForce RTX 3090"]
+
+
+def test_text_encoder_engines_do_not_depend_on_the_size_profiles(built, tmp_path):
+    root = _copy(built, tmp_path)
+    report = build_engines(root, BuildOptions("tensorrt-rtx", parse_profiles("dynamic", None, MAX_BATCH, 4)),
+                           components=["clip_l", "clip_g"], progress=False)
+    assert [r[5] for r in report.rows] == ["cached", "cached"]
