@@ -435,3 +435,57 @@ def test_text_encoder_engines_do_not_depend_on_the_size_profiles(built, tmp_path
     report = build_engines(root, BuildOptions("tensorrt-rtx", parse_profiles("dynamic", None, MAX_BATCH, 4)),
                            components=["clip_l", "clip_g"], progress=False)
     assert [r[5] for r in report.rows] == ["cached", "cached"]
+
+
+# --- the backend's own code on a stand-in GPU (tests/fake_gpu.py) ---------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(built, tmp_path, monkeypatch):
+    from sdxl_trt.runtime import cuda
+
+    from fake_gpu import FakeCudart, fake_trt
+
+    root = _copy(built, tmp_path)
+    cudart = FakeCudart()
+    monkeypatch.setattr(cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(tensorrt_api, "gpu", lambda: L40S)
+    module = fake_trt(trt, root)
+    monkeypatch.setattr(tensorrt_api, "import_trt", lambda backend: module)
+    return root, cudart
+
+
+def test_backend_runs_the_pipeline_like_onnx_runtime_on_a_stand_in_gpu(fake_gpu):
+    from sdxl_trt.runtime import Pipeline
+
+    root, cudart = fake_gpu
+    engine = Pipeline.load(root, backend="tensorrt-rtx")
+    reference = Pipeline.load(root, backend="ort-cpu")
+    kw = dict(num_inference_steps=2, seed=3, output_type="np", progress=False)
+    for width, height in ((512, 512), (1152, 896)):  # the dynamic range, then a bucket of its own
+        got = engine("a red bicycle", width=width, height=height, **kw).array
+        expected = reference("a red bicycle", width=width, height=height, **kw).array
+        assert got.shape == (1, height, width, 3) and np.abs(got - expected).max() < 0.02  # fp16 vs fp32 files
+    unet = engine.backend.session("unet")
+    assert sorted(unet.contexts) == [1, 3]  # one context per profile used: 1152x896, dynamic
+    warm = cudart.mallocs
+    engine("a red bicycle", width=640, height=768, **kw)  # another size in the dynamic range: nothing allocated
+    assert cudart.mallocs == warm
+    with pytest.raises(UserError, match="no optimization profile of this engine takes"):
+        engine("a red bicycle", width=256, height=256, **kw)
+    engine.backend.close()
+    assert (root / "engines/tensorrt-rtx/runtime-cache.sm89.bin").read_bytes() == b"kernels"
+    assert not cudart.memory  # every buffer freed
+
+
+def test_backend_refuses_a_changed_engine_before_loading_it(fake_gpu, capsys):
+    root, _ = fake_gpu
+    path, _ = _record(root, "clip_l")
+    data = bytearray((root / path).read_bytes())
+    data[-1] ^= 1
+    (root / path).write_bytes(bytes(data))
+    assert main(["generate", str(root), "a cat", "--backend", "tensorrt-rtx", "--steps", "2", "--size", "512x512",
+                 "--out", str(root / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match its sha256" in err and "sdxl-trt build" in err
+    assert not (root / "x.png").exists()

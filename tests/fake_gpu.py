@@ -1,0 +1,158 @@
+"""A stand-in GPU for running the TensorRT backend's own code on the CPU (tests only).
+
+Neither TensorRT nor TensorRT-RTX can execute an engine on the machines here, yet most of trt_backend.py is plain
+Python around their API: checks, profile selection, contexts, buffer sizing and binding, copies, the runtime
+cache. These fakes let that code run for real against:
+  - `FakeCudart`: cuda-python's runtime API over host memory (a "device pointer" is a host address), counting
+    allocations;
+  - `fake_trt(real)`: the real `tensorrt_rtx` module (header checks, enums, version) except for deserializing:
+    an "engine" is its manifest record, and its contexts execute the engine's ONNX file on ONNX Runtime CPU,
+    reading and writing the bound addresses, after checking shapes against the selected profile as TensorRT does.
+What this cannot show is whether TensorRT itself computes the right thing: that is the `gpu` tests' job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+
+from sdxl_trt.runtime.manifest import load_manifest, sha256_file
+
+NUMPY = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32}
+
+
+class FakeCudart:
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaStreamNonBlocking = 1
+
+    def __init__(self):
+        self.memory: dict[int, ctypes.Array] = {}
+        self.mallocs = 0
+
+    def cudaMalloc(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.memory[ctypes.addressof(block)] = block
+        self.mallocs += 1
+        return 0, ctypes.addressof(block)
+
+    def cudaFree(self, ptr):
+        del self.memory[ptr]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return 0, 1
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):
+        return (0,)
+
+
+def view(ptr: int, shape, dtype) -> np.ndarray:
+    count = int(np.prod(shape))
+    raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.profile, self.scratch = engine, {}, {}, None, None
+
+    def set_device_memory(self, ptr, nbytes):
+        assert nbytes >= self.engine.device_memory_size_v2
+        self.scratch = ptr
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = self.engine.record["profiles"][index]
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.profile["shapes"][name]
+        if not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            return False  # TensorRT refuses a shape outside the context's profile
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        if name in self.shapes:
+            return self.shapes[name]
+        symbols = {}
+        for spec in self.engine.contract["inputs"]:
+            for dim, value in zip(spec["shape"], self.shapes[spec["name"]]):
+                if isinstance(dim, str):
+                    symbols[dim] = value
+        symbols.setdefault("H", symbols.get("h", 0) * 8)
+        symbols.setdefault("W", symbols.get("w", 0) * 8)
+        symbols.setdefault("h", symbols["H"] // 8)
+        symbols.setdefault("w", symbols["W"] // 8)
+        spec = next(s for s in self.engine.contract["outputs"] if s["name"] == name)
+        return tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"])
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream):
+        io = {t["name"]: t for t in self.engine.record["io"]}
+        feeds = {n: view(self.addresses[n], self.shapes[n], NUMPY[io[n]["dtype"]]).copy()
+                 for n, t in io.items() if t["mode"] == "input"}
+        outputs = [n for n, t in io.items() if t["mode"] == "output"]
+        for name, value in zip(outputs, self.engine.session.run(outputs, feeds)):
+            view(self.addresses[name], value.shape, NUMPY[io[name]["dtype"]])[...] = value
+        return True
+
+
+class FakeEngine:
+    device_memory_size_v2 = 4096
+
+    def __init__(self, root, record):
+        import onnxruntime as ort
+
+        manifest = load_manifest(root)
+        self.record, self.contract = record, manifest.components[record["component"]]
+        self.session = ort.InferenceSession(str(manifest.path(record["onnx"])), providers=["CPUExecutionProvider"])
+        self.num_optimization_profiles = len(record["profiles"])
+        self.contexts = 0
+
+    def create_runtime_config(self):
+        cache = types.SimpleNamespace(serialize=lambda: b"kernels", deserialize=lambda blob: blob == b"kernels")
+        return types.SimpleNamespace(set_execution_context_allocation_strategy=lambda s: None,
+                                     create_runtime_cache=lambda: cache, set_runtime_cache=lambda c: True)
+
+    def create_execution_context(self, config_or_strategy):
+        self.contexts += 1
+        return FakeContext(self)
+
+
+def fake_trt(real, root):
+    """`real` (tensorrt_rtx) whose Runtime deserializes an engine file into a FakeEngine for its manifest record."""
+
+    class Runtime:
+        def __init__(self, logger):
+            self._real = real.Runtime(logger)
+            self.engine_header_size = self._real.engine_header_size
+            self.engines: list[FakeEngine] = []
+
+        def get_engine_validity(self, header):
+            return self._real.get_engine_validity(header)
+
+        def deserialize_cuda_engine(self, data):
+            import hashlib
+
+            digest = hashlib.sha256(data).hexdigest()
+            manifest = load_manifest(root)
+            record = next(r for p, r in manifest.engines.items() if r["sha256"] == digest == sha256_file(manifest.path(p)))
+            self.engines.append(FakeEngine(root, record))
+            return self.engines[-1]
+
+    module = types.ModuleType(real.__name__)
+    module.__dict__.update({k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    module.__version__ = real.__version__
+    module.Runtime = Runtime
+    return module
