@@ -64,7 +64,7 @@ def test_regular_wheel_install(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for expected in ("sdxl_trt/runtime/cli.py", "sdxl_trt/export/sources.py", "sdxl_trt/kernels/__init__.py",
+    for expected in ("sdxl_trt/runtime/cli.py", "sdxl_trt/export/sources.py", "sdxl_trt/kernels/step.cu",
                      "sdxl_trt/export/configs/sdxl-base/unet/config.json",
                      "sdxl_trt/export/configs/tiny-refiner/tokenizer_2/tokenizer_config.json"):
         assert expected in names

@@ -1,0 +1,147 @@
+"""The NVRTC step kernels: compiled here for every supported architecture (no GPU needed), and on a GPU compared
+with their numpy twins, the runtime's own code (samplers.py, the pipeline's guidance and decode, images.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if os.environ.get("CI"):
+    import cuda.core  # noqa: F401  (CI installs sdxl-trt[test], which brings NVRTC: compiling must be tested there)
+else:
+    pytest.importorskip("cuda.core")
+    pytest.importorskip("cuda.bindings.nvrtc")
+
+from sdxl_trt.kernels import nvrtc  # noqa: E402
+from sdxl_trt.runtime import images  # noqa: E402
+from sdxl_trt.runtime.samplers import make_sampler  # noqa: E402
+
+CONFIG = json.loads((Path(__file__).resolve().parents[1] / "export/configs/sdxl-base/scheduler/scheduler_config.json")
+                    .read_text())
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"])
+def test_kernels_compile_for_every_supported_architecture(arch):
+    cubin = nvrtc.compile_cubin(arch, cache=False)
+    assert cubin[:4] == b"\x7fELF"
+    for name in nvrtc.KERNELS:
+        assert name.encode() in cubin
+
+
+def test_compiled_kernels_are_cached_by_source_and_architecture(monkeypatch):
+    first = nvrtc.compile_cubin("sm_89")
+    cached = list((Path(os.environ["SDXL_TRT_CACHE"]) / "nvrtc").glob("*.cubin"))
+    assert cached and any(p.read_bytes() == first for p in cached)
+
+    class NoCompiler:
+        def __init__(self, *a, **k):
+            raise AssertionError("compiled again")
+
+    import cuda.core
+
+    monkeypatch.setattr(cuda.core, "Program", NoCompiler)
+    assert nvrtc.compile_cubin("sm_89") == first  # from the cache
+    with pytest.raises(AssertionError):
+        nvrtc.compile_cubin("sm_86")  # another architecture: its own entry
+
+
+# --- on the GPU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from sdxl_trt.runtime.cuda import DeviceBuffer, Stream
+
+    kernels = nvrtc.StepKernels.load()
+    copy_stream = Stream()
+    buffers = []
+
+    def to_device(array):
+        array = np.ascontiguousarray(array)
+        buffer = DeviceBuffer(array.nbytes)
+        buffer.upload(array, copy_stream)
+        copy_stream.synchronize()
+        buffers.append(buffer)
+        return buffer
+
+    def empty(shape, dtype):
+        buffers.append(DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize))
+        return buffers[-1]
+
+    def to_host(buffer, shape, dtype):
+        kernels.stream.sync()
+        out = buffer.download(np.empty(shape, dtype), copy_stream)
+        copy_stream.synchronize()
+        return out
+
+    yield kernels, to_device, empty, to_host
+    for buffer in buffers:
+        buffer.free()
+
+
+SHAPE = (2, 4, 64, 48)  # two images' latents
+GUIDED = (4, 4, 64, 48)  # the UNet's batch under guidance: negatives, then positives
+rng = np.random.default_rng(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_scale_input_matches_the_sampler(gpu, dtype):
+    kernels, to_device, empty, to_host = gpu
+    sampler = make_sampler("euler", CONFIG, 30)
+    x = rng.standard_normal(SHAPE).astype(np.float32) * 14
+    sigmas, n = to_device(sampler.sigmas.astype(np.float32)), x.size
+    for i in (0, 7, 29):
+        out = empty(GUIDED, dtype)
+        kernels.scale_input(to_device(x), out, dtype, sigmas, to_device(np.int32([i])), n, copies=2)
+        expected = sampler.scale_model_input(np.concatenate([x, x]), i).astype(dtype)  # cast as the session does
+        np.testing.assert_array_equal(to_host(out, GUIDED, dtype), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_cfg_combine_matches_the_pipeline(gpu, dtype):
+    kernels, to_device, empty, to_host = gpu
+    pred = rng.standard_normal(GUIDED).astype(dtype)
+    out = empty(SHAPE, np.float32)
+    kernels.cfg_combine(to_device(pred), dtype, out, 5.0, int(np.prod(SHAPE)))
+    uncond, text = np.split(pred.astype(np.float32), 2)
+    np.testing.assert_array_equal(to_host(out, SHAPE, np.float32), uncond + 5.0 * (text - uncond))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_euler_steps_match_the_sampler_through_a_whole_schedule(gpu, prediction):
+    """30 steps with the counter on the device: each step's latents equal the numpy sampler's to 2 ulp."""
+    kernels, to_device, empty, to_host = gpu
+    sampler = make_sampler("euler", CONFIG, 30, prediction_type=prediction)
+    x = (rng.standard_normal(SHAPE) * sampler.init_noise_sigma).astype(np.float32)
+    device_x, sigmas, step = to_device(x), to_device(sampler.sigmas.astype(np.float32)), to_device(np.int32([0]))
+    for i in range(30):
+        model_output = rng.standard_normal(SHAPE).astype(np.float32)
+        kernels.euler_step(device_x, to_device(model_output), sigmas, step, prediction, x.size)
+        kernels.advance_step(step)
+        x = sampler.step(model_output, i, x)
+        np.testing.assert_array_max_ulp(to_host(device_x, SHAPE, np.float32), x, maxulp=2)
+    assert to_host(step, (1,), np.int32)[0] == 30
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_decode_kernels_match_the_pipeline(gpu, dtype):
+    kernels, to_device, empty, to_host = gpu
+    latents = rng.standard_normal((1, 4, 32, 24)).astype(np.float32)
+    out = empty(latents.shape, dtype)
+    kernels.unscale_latents(to_device(latents), out, dtype, 0.13025, 0.0, latents.size)
+    np.testing.assert_array_equal(to_host(out, latents.shape, dtype), (latents / np.float32(0.13025)).astype(dtype))
+
+    image = (rng.standard_normal((2, 3, 40, 24)) * 0.7).astype(dtype)
+    pixels = to_device(image)
+    out = empty((2, 40, 24, 3), np.uint8)
+    kernels.to_uint8(pixels, dtype, out, 3, 40 * 24, image.size)
+    expected = images.to_uint8(np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(to_host(out, (2, 40, 24, 3), np.uint8), expected)
