@@ -15,9 +15,10 @@ import numpy as np
 
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, cache_dir
+from ..runtime.samplers import KERNEL_KINDS
 
 SOURCE = Path(__file__).with_name("step.cu")
-KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "euler_step", "advance_step",
+KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "step_kernel", "advance_step",
            "unscale_latents_f16", "unscale_latents_f32", "to_uint8_f16", "to_uint8_f32")
 # numpy's arithmetic: no fused multiply-add, IEEE division and square root, no flush to zero
 OPTIONS = dict(std="c++17", fma=False, prec_div=True, prec_sqrt=True, ftz=False)
@@ -97,16 +98,19 @@ class StepKernels:
     def _suffix(dtype) -> str:
         return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}[np.dtype(dtype)]
 
-    def scale_input(self, x, out, out_dtype, sigmas, step, n: int, copies: int) -> None:
-        self._launch(f"scale_input_{self._suffix(out_dtype)}", n, ptr(x), ptr(out), ptr(sigmas), ptr(step),
+    def scale_input(self, x, out, out_dtype, coefficients, step, n: int, copies: int) -> None:
+        self._launch(f"scale_input_{self._suffix(out_dtype)}", n, ptr(x), ptr(out), ptr(coefficients), ptr(step),
                      np.uint64(n), np.int32(copies))
 
     def cfg_combine(self, pred, pred_dtype, out, guidance: float, n: int) -> None:
         self._launch(f"cfg_combine_{self._suffix(pred_dtype)}", n, ptr(pred), ptr(out), np.float32(guidance), np.uint64(n))
 
-    def euler_step(self, x, model_output, sigmas, step, prediction_type: str, n: int) -> None:
-        self._launch("euler_step", n, ptr(x), ptr(model_output), ptr(sigmas), ptr(step),
-                     np.int32(PREDICTIONS[prediction_type]), np.uint64(n))
+    def sampler_step(self, sampler: str, x, model_output, coefficients, step, prediction_type: str, n: int,
+                     prev=0, noise=0) -> None:
+        """One step of `sampler` in place on x (fp32 [n]); coefficients: samplers.coefficient_table on the device;
+        prev: dpmpp_2m's state (fp32 [n]); noise: [steps, n] fp32 for samplers that draw noise."""
+        self._launch("step_kernel", n, np.int32(KERNEL_KINDS[sampler]), ptr(x), ptr(model_output), ptr(prev), ptr(noise),
+                     ptr(coefficients), ptr(step), np.int32(PREDICTIONS[prediction_type]), np.uint64(n))
 
     def advance_step(self, step) -> None:
         self._launch("advance_step", 1, ptr(step))

@@ -3,8 +3,9 @@
 // Each kernel mirrors a numpy function of sdxl_trt.runtime (its "twin", named above it) operation by operation,
 // in fp32 with the same rounding points: the GPU tests compare them bit for bit or within a few ulp. It is
 // compiled without FMA contraction and with IEEE division and square roots, as numpy computes.
-// Schedules (sigmas) and the step counter live in device memory, so that a CUDA graph of the loop replays
-// without host updates: `advance_step` moves the counter on.
+// Every step's scalars (a coefficient table computed by samplers.coefficient_table, rounded to fp32 as numpy
+// rounds a Python float meeting a float32 array) and the step counter live in device memory, so that a CUDA graph
+// of the loop replays without host updates: `advance_step` moves the counter on.
 // fp16 tensors are raw 16-bit values converted with PTX cvt instructions (no CUDA headers needed).
 
 typedef unsigned short half_t;
@@ -19,15 +20,13 @@ __device__ __forceinline__ void store(half_t* p, size64 i, float v) { p[i] = f2h
 
 #define FOR_EACH(i, n) for (size64 i = blockIdx.x * (size64)blockDim.x + threadIdx.x; i < (n); i += (size64)blockDim.x * gridDim.x)
 
-// numpy's `array_f32 <op> python_float` rounds the Python float (a double) to fp32 first (NEP 50).
-__device__ __forceinline__ float as_f32(double v) { return (float)v; }
+#define NCOEF 10  // samplers.KERNEL_COEFFICIENTS
 
-// Twin: samplers._KDiffusion.scale_model_input, with the pipeline's np.concatenate([x] * copies) (CFG halves):
-// x / sqrt(sigma² + 1), the square root taken in double as Python's math.sqrt does.
+// Twin: Sampler.scale_model_input, with the pipeline's np.concatenate([x] * copies) (the CFG halves):
+// x / coef[0] (k-diffusion samplers: sqrt(sigma² + 1); the others: 1, which leaves x as it is).
 template <typename T>
-__device__ void scale_input(const float* x, T* out, const float* sigmas, const int* step, size64 n, int copies) {
-    const double sigma = sigmas[*step];
-    const float scale = as_f32(sqrt(sigma * sigma + 1.0));
+__device__ void scale_input(const float* x, T* out, const float* coef, const int* step, size64 n, int copies) {
+    const float scale = coef[*step * NCOEF];
     FOR_EACH(i, n) {
         const float v = x[i] / scale;
         for (int c = 0; c < copies; ++c) store(out, c * n + i, v);
@@ -44,17 +43,54 @@ __device__ void cfg_combine(const T* pred, float* out, float guidance, size64 n)
     }
 }
 
-// Twin: samplers._KDiffusion._update for "euler": d = (x - x0) / sigma with x0 from _ve_denoised, then
-// x + d * (sigma_next - sigma). prediction: 0 epsilon, 1 v_prediction. In place on x.
-__device__ void euler(float* x, const float* out, const float* sigmas, const int* step, int prediction, size64 n) {
-    const double sigma = sigmas[*step], sigma_next = sigmas[*step + 1];
-    const float s = as_f32(sigma), dt = as_f32(sigma_next - sigma);
-    const float v_scale = as_f32(sigma * sigma + 1.0), v_mix = as_f32(sigma / sqrt(sigma * sigma + 1.0));
+// Twin: samplers._vp_denoised (x = alpha * x0 + sigma * eps): (x0, eps) from the model output.
+__device__ __forceinline__ void vp_denoised(float o, float x, float alpha, float sigma, int prediction, float* x0, float* eps) {
+    if (prediction == 0) { *x0 = (x - sigma * o) / alpha; *eps = o; }
+    else { *x0 = alpha * x - sigma * o; *eps = alpha * o + sigma * x; }
+}
+
+// Twin: each sampler's Sampler._update (samplers.py), the scalars of step *step taken from the coefficient table
+// that samplers.coefficient_table computes (NCOEF per step, laid out as each kernel_coefficients says).
+// x is updated in place; `prev` is dpmpp_2m's previous x0 (state); `noise` is [steps, n] drawn in advance by the
+// host from each image's own generator (the streams the CPU runtime draws), or null where the sampler needs none.
+__device__ void sampler_step(int kind, float* x, const float* out, float* prev, const float* noise, const float* coef_all,
+                             const int* step_ptr, int prediction, size64 n) {
+    const int step = *step_ptr;
+    const float* c = coef_all + step * NCOEF;
+    const float* z = noise ? noise + step * n : 0;
     FOR_EACH(i, n) {
         const float xi = x[i], o = out[i];
-        const float x0 = prediction == 0 ? xi - s * o : xi / v_scale - o * v_mix;
-        const float d = (xi - x0) / s;
-        x[i] = xi + d * dt;
+        float x0, eps, r;
+        switch (kind) {
+        case 0: case 1: {  // euler, euler_a: d = (x - x0) / sigma, x + d * step (+ noise * sigma_up)
+            x0 = prediction == 0 ? xi - c[1] * o : xi / c[2] - o * c[3];
+            const float d = (xi - x0) / c[1];
+            r = xi + d * c[4];
+            if (kind == 1) r = r + z[i] * c[5];
+            break;
+        }
+        case 2: {  // dpmpp_2m: second order from the run's second step, scale * x + alpha_next * (1 - e) * d
+            vp_denoised(o, xi, c[1], c[2], prediction, &x0, &eps);
+            const float d = c[4] != 0.0f ? x0 + (x0 - prev[i]) / c[3] : x0;
+            prev[i] = x0;
+            r = c[5] * xi + c[6] * d;
+            break;
+        }
+        case 3: {  // ddim: sqrt(a_prev) * x0 + sqrt(1 - a_prev - std²) * eps (+ std * noise)
+            vp_denoised(o, xi, c[1], c[2], prediction, &x0, &eps);
+            if (c[3] != 0.0f) x0 = fminf(fmaxf(x0, -c[4]), c[4]);
+            r = c[5] * x0 + c[6] * eps;
+            if (z) r = r + c[7] * z[i];
+            break;
+        }
+        default: {  // lcm: c_out * x0 + c_skip * x, re-noised to the next timestep unless it is the last
+            vp_denoised(o, xi, c[1], c[2], prediction, &x0, &eps);
+            if (c[3] != 0.0f) x0 = fminf(fmaxf(x0, -c[4]), c[4]);
+            r = c[5] * x0 + c[6] * xi;
+            if (c[9] == 0.0f) r = c[7] * r + c[8] * z[i];
+        }
+        }
+        x[i] = r;
     }
 }
 
@@ -77,11 +113,11 @@ __device__ void to_uint8(const T* image, unsigned char* out, int channels, size6
 }
 
 extern "C" {
-__global__ void scale_input_f16(const float* x, half_t* out, const float* sigmas, const int* step, size64 n, int copies) { scale_input(x, out, sigmas, step, n, copies); }
-__global__ void scale_input_f32(const float* x, float* out, const float* sigmas, const int* step, size64 n, int copies) { scale_input(x, out, sigmas, step, n, copies); }
+__global__ void scale_input_f16(const float* x, half_t* out, const float* coef, const int* step, size64 n, int copies) { scale_input(x, out, coef, step, n, copies); }
+__global__ void scale_input_f32(const float* x, float* out, const float* coef, const int* step, size64 n, int copies) { scale_input(x, out, coef, step, n, copies); }
 __global__ void cfg_combine_f16(const half_t* pred, float* out, float guidance, size64 n) { cfg_combine(pred, out, guidance, n); }
 __global__ void cfg_combine_f32(const float* pred, float* out, float guidance, size64 n) { cfg_combine(pred, out, guidance, n); }
-__global__ void euler_step(float* x, const float* out, const float* sigmas, const int* step, int prediction, size64 n) { euler(x, out, sigmas, step, prediction, n); }
+__global__ void step_kernel(int kind, float* x, const float* out, float* prev, const float* noise, const float* coef, const int* step, int prediction, size64 n) { sampler_step(kind, x, out, prev, noise, coef, step, prediction, n); }
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }

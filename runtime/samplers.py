@@ -202,6 +202,11 @@ class Sampler:
         a, s = self._noise_scales(i)
         return (a * np.asarray(original, np.float32) + s * np.asarray(noise, np.float32)).astype(np.float32, copy=False)
 
+    def kernel_coefficients(self, i: int, begin: int = 0) -> list[float]:
+        """The scalars of step i (of a run started at `begin`) as the GPU step kernel takes them (kernels/step.cu,
+        `sampler_step`): the Python floats _update computes, in the order its expressions use them."""
+        raise NotImplementedError(f"sampler {self.name} has no GPU step kernel yet")
+
     def _update(self, out, i, x, noise):
         raise NotImplementedError
 
@@ -231,6 +236,17 @@ class _KDiffusion(Sampler):
 
     def _noise_scales(self, i):
         return 1.0, float(self.sigmas[i])
+
+    def kernel_coefficients(self, i, begin=0):
+        if self.name == "heun":
+            return super().kernel_coefficients(i, begin)
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        step, sigma_up = sigma_next - sigma, 0.0
+        if self.name == "euler_a":
+            sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+            step = math.sqrt(sigma_next**2 - sigma_up**2) - sigma
+        # input scale; _ve_denoised's sigma, v-prediction divisor and mix; the step; the fresh noise's std
+        return [math.sqrt(sigma**2 + 1), sigma, sigma**2 + 1, sigma / math.sqrt(sigma**2 + 1), step, sigma_up]
 
     def _reset(self):
         self._half = None  # heun: (x, derivative, dt) of the first half of the current step
@@ -290,6 +306,18 @@ class _DPMSolverPP(Sampler):
     def _reset(self):
         self._x0_prev = None  # the previous evaluation's x0 prediction
 
+    def kernel_coefficients(self, i, begin=0):
+        if self.needs_noise:
+            return super().kernel_coefficients(i, begin)
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)
+        second = begin < i < len(self.timesteps) - 1
+        two_r = 2 * (math.log(float(self.sigmas[i - 1]) / sigma) / math.log(sigma / sigma_next)) if second else 1.0
+        e = sigma_next / sigma
+        scale = (sigma_next * alpha_next) / (sigma * alpha)
+        # input scale; _vp_denoised's alpha and sigma; 2r and whether the step is second order; the update's factors
+        return [1.0, alpha, sigma * alpha, two_r, float(second), scale, alpha_next * (1 - e)]
+
     def _update(self, out, i, x, noise):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)
@@ -323,6 +351,26 @@ class _DiscreteTime(Sampler):
     def _noise_scales(self, i):
         a = float(self._acp[int(self.timesteps[i])])
         return math.sqrt(a), math.sqrt(1 - a)
+
+    def kernel_coefficients(self, i, begin=0):
+        if self.name == "tcd":
+            return super().kernel_coefficients(i, begin)
+        t = int(self.timesteps[i])
+        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else None
+        a = float(self._acp[t])
+        clip = [0.0, 0.0] if self._clip is None else [1.0, self._clip]
+        if self.name == "ddim":
+            t_prev = t - self._train_steps // self.steps
+            a_prev = float(self._acp[t_prev]) if t_prev >= 0 else self._final_acp
+            std = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+            tail = [math.sqrt(a_prev), math.sqrt(max(1 - a_prev - std**2, 0.0)), std]
+        else:  # lcm
+            ts = t * self._scaling
+            a_next = float(self._acp[t_next]) if t_next is not None else 0.0
+            tail = [ts / math.sqrt(ts**2 + 0.25), 0.25 / (ts**2 + 0.25), math.sqrt(a_next), math.sqrt(1 - a_next),
+                    float(t_next is None)]
+        # input scale; _vp_denoised's alpha and sigma; clipping of x0 (on, range); the update's factors
+        return [1.0, math.sqrt(a), math.sqrt(1 - a), *clip, *tail]
 
     def _prediction(self, out, x, a):
         x0, eps = _vp_denoised(out, x, math.sqrt(a), math.sqrt(1 - a), self.prediction_type)
@@ -367,6 +415,22 @@ class _DiscreteTime(Sampler):
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+
+KERNEL_COEFFICIENTS = 10  # scalars per step in a coefficient table
+KERNEL_KINDS = {"euler": 0, "euler_a": 1, "dpmpp_2m": 2, "dpmpp_2m_karras": 2, "ddim": 3, "lcm": 4}  # sampler_step's
+
+
+def coefficient_table(sampler: Sampler, begin: int = 0) -> np.ndarray:
+    """[n_evals, KERNEL_COEFFICIENTS] float32: every step's scalars for the GPU step kernel, rounded to fp32 as
+    numpy rounds a Python float that meets a float32 array. Rows before `begin` are zero."""
+    if sampler.name not in KERNEL_KINDS:
+        raise NotImplementedError(f"sampler {sampler.name} has no GPU step kernel yet")
+    table = np.zeros((len(sampler.timesteps), KERNEL_COEFFICIENTS), np.float32)
+    for i in range(begin, len(sampler.timesteps)):
+        row = sampler.kernel_coefficients(i, begin)
+        table[i, : len(row)] = row
+    return table
 
 
 def _check_choice(what: str, value, accepted) -> None:

@@ -18,7 +18,7 @@ else:
 
 from sdxl_trt.kernels import nvrtc  # noqa: E402
 from sdxl_trt.runtime import images  # noqa: E402
-from sdxl_trt.runtime.samplers import make_sampler  # noqa: E402
+from sdxl_trt.runtime.samplers import KERNEL_KINDS, coefficient_table, make_sampler  # noqa: E402
 
 CONFIG = json.loads((Path(__file__).resolve().parents[1] / "export/configs/sdxl-base/scheduler/scheduler_config.json")
                     .read_text())
@@ -90,14 +90,15 @@ rng = np.random.default_rng(0)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_scale_input_matches_the_sampler(gpu, dtype):
+@pytest.mark.parametrize("name", ["euler", "ddim"])
+def test_scale_input_matches_the_sampler(gpu, dtype, name):
     kernels, to_device, empty, to_host = gpu
-    sampler = make_sampler("euler", CONFIG, 30)
+    sampler = make_sampler(name, CONFIG, 30)
     x = rng.standard_normal(SHAPE).astype(np.float32) * 14
-    sigmas, n = to_device(sampler.sigmas.astype(np.float32)), x.size
+    coefficients, n = to_device(coefficient_table(sampler)), x.size
     for i in (0, 7, 29):
         out = empty(GUIDED, dtype)
-        kernels.scale_input(to_device(x), out, dtype, sigmas, to_device(np.int32([i])), n, copies=2)
+        kernels.scale_input(to_device(x), out, dtype, coefficients, to_device(np.int32([i])), n, copies=2)
         expected = sampler.scale_model_input(np.concatenate([x, x]), i).astype(dtype)  # cast as the session does
         np.testing.assert_array_equal(to_host(out, GUIDED, dtype), expected)
 
@@ -115,19 +116,38 @@ def test_cfg_combine_matches_the_pipeline(gpu, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_euler_steps_match_the_sampler_through_a_whole_schedule(gpu, prediction):
-    """30 steps with the counter on the device: each step's latents equal the numpy sampler's to 2 ulp."""
+@pytest.mark.parametrize("name, steps, begin", [("euler", 30, 0), ("euler_a", 30, 0), ("dpmpp_2m", 30, 0),
+                                                ("dpmpp_2m_karras", 25, 0), ("dpmpp_2m", 30, 12), ("ddim", 30, 0),
+                                                ("lcm", 8, 0)])
+def test_sampler_steps_match_numpy_through_a_whole_schedule(gpu, name, steps, begin, prediction):
+    """Every step with the counter on the device (from `begin`, as img2img starts mid-schedule), fed the same model
+    outputs and pre-drawn noise as the numpy sampler: each step's latents equal numpy's bit for bit (H100)."""
     kernels, to_device, empty, to_host = gpu
-    sampler = make_sampler("euler", CONFIG, 30, prediction_type=prediction)
+    sampler = make_sampler(name, CONFIG, steps, prediction_type=prediction)
+    sampler.set_begin_index(begin)
+    n_evals = len(sampler.timesteps)
     x = (rng.standard_normal(SHAPE) * sampler.init_noise_sigma).astype(np.float32)
-    device_x, sigmas, step = to_device(x), to_device(sampler.sigmas.astype(np.float32)), to_device(np.int32([0]))
-    for i in range(30):
+    noise = rng.standard_normal((n_evals, *SHAPE)).astype(np.float32) if sampler.needs_noise else None
+    device_x, step = to_device(x), to_device(np.int32([begin]))
+    coefficients = to_device(coefficient_table(sampler, begin))
+    prev = empty(SHAPE, np.float32)
+    device_noise = to_device(noise) if noise is not None else 0
+    for i in range(begin, n_evals):
         model_output = rng.standard_normal(SHAPE).astype(np.float32)
-        kernels.euler_step(device_x, to_device(model_output), sigmas, step, prediction, x.size)
+        kernels.sampler_step(name, device_x, to_device(model_output), coefficients, step, prediction, x.size, prev=prev,
+                             noise=device_noise)
         kernels.advance_step(step)
-        x = sampler.step(model_output, i, x)
-        np.testing.assert_array_max_ulp(to_host(device_x, SHAPE, np.float32), x, maxulp=2)
-    assert to_host(step, (1,), np.int32)[0] == 30
+        x = sampler.step(model_output, i, x, noise=None if noise is None else noise[i])
+        np.testing.assert_array_equal(to_host(device_x, SHAPE, np.float32), x)
+    assert to_host(step, (1,), np.int32)[0] == n_evals
+
+
+def test_every_kernel_sampler_has_coefficients():
+    for name in KERNEL_KINDS:
+        table = coefficient_table(make_sampler(name, CONFIG, 8))
+        assert table.shape == (8, 10) and np.isfinite(table).all() and table[:, 0].min() >= 1.0
+    with pytest.raises(NotImplementedError, match="heun has no GPU step kernel"):
+        coefficient_table(make_sampler("heun", CONFIG, 8))
 
 
 @pytest.mark.gpu
