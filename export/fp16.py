@@ -44,6 +44,7 @@ def convert_to_fp16(fp32_path: Path, dest: Path, component: Component) -> Path:
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
         model = float16.convert_float_to_float16(model, keep_io_types=component.fp32_inputs(), op_block_list=OP_BLOCK,
                                                  node_block_list=blocked, disable_shape_infer=True)
+    share_duplicate_casts(model)
     toposort_nodes(model)
 
     def to_fp16(tensor: onnx.TensorProto, data: bytes) -> bytes:
@@ -53,3 +54,29 @@ def convert_to_fp16(fp32_path: Path, dest: Path, component: Component) -> Path:
 
     write_model(model, dest, fp32_path.parent, stubs=stubs, transform=to_fp16)
     return dest
+
+
+def share_duplicate_casts(model: onnx.ModelProto) -> None:
+    """ONNX Runtime ≤ 1.31's converter casts a tensor once per blocked consumer, every Cast writing the same output
+    name, which breaks single assignment (1.32 shares one Cast). Keep the first of identical Casts."""
+    first: dict[str, onnx.NodeProto] = {}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and len(node.output) == 1 and node.output[0] in first:
+            other = first[node.output[0]]
+            if other.op_type == "Cast" and list(other.input) == list(node.input) and other.attribute == node.attribute:
+                continue
+            raise ValueError(f"fp16 conversion wrote {node.output[0]!r} twice with different nodes")
+        for name in node.output:
+            first.setdefault(name, node)
+        nodes.append(node)
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        seen, infos = set(), []
+        for info in model.graph.value_info:
+            if info.name not in seen:
+                seen.add(info.name)
+                infos.append(info)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(infos)

@@ -1,7 +1,8 @@
 """Inference backends, chosen by name. Each runs an engine directory's components by their contract names.
 
 `ort-cpu`: ONNX Runtime's CPU execution provider on the fp32 files, numpy in and out; the reference path that every
-faster backend is held to. `tensorrt` and `tensorrt-rtx`: engines built by `sdxl-trt build` (trt_backend.py).
+faster backend is held to. `ort-cuda`: ONNX Runtime's CUDA execution provider on the fp16 files, through
+device buffers (ort_cuda.py). `tensorrt` and `tensorrt-rtx`: engines built by `sdxl-trt build` (trt_backend.py).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from importlib import metadata
 
 import numpy as np
 
-from .errors import NotBuiltYet, UserError
+from .errors import UserError
 from .manifest import Manifest
 
-BACKENDS = {"ort-cpu": None, "ort-cuda": 7, "tensorrt": None, "tensorrt-rtx": None}  # name → issue that builds it, if not built
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 DTYPES = {"float": {"fp32": np.float32, "fp16": np.float16}, "float32": np.float32, "int32": np.int32}
 
 
@@ -33,6 +34,22 @@ def check_onnxruntime_install() -> None:
         raise UserError("ONNX Runtime is not installed: install sdxl-trt[cpu] (or sdxl-trt[gpu] on a GPU machine)")
 
 
+def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A component's output shapes from its input shapes, through the contract's symbolic dimensions
+    (B, S, h, w, H, W; pixels = 8 × latent)."""
+    symbols: dict[str, int] = {}
+    for spec in entry["inputs"]:
+        for dim, value in zip(spec["shape"], input_shapes[spec["name"]]):
+            if isinstance(dim, str):
+                symbols[dim] = int(value)
+    for big, small in (("H", "h"), ("W", "w")):
+        if small in symbols:
+            symbols.setdefault(big, symbols[small] * 8)
+        if big in symbols:
+            symbols.setdefault(small, symbols[big] // 8)
+    return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}
+
+
 class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
@@ -46,7 +63,7 @@ class OrtSession:
         if precision not in entry["precisions"]:
             raise UserError(f"{manifest.root}: {component} has no {precision} file "
                             f"(it has {', '.join(entry['precisions'])})")
-        self.name, self.precision = component, precision
+        self.name, self.precision, self.entry = component, precision, entry
         self.inputs = {t["name"]: t for t in entry["inputs"]}
         self.output_names = [t["name"] for t in entry["outputs"]]
         options = ort.SessionOptions()
@@ -81,8 +98,10 @@ class OrtCpuBackend:
 def load_backend(name: str, manifest: Manifest, check_hashes: bool = True):
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
-    if BACKENDS[name] is not None:
-        raise NotBuiltYet(f"backend {name} is not built yet (planned in issue {BACKENDS[name]}); use ort-cpu")
+    if name == "ort-cuda":
+        from .ort_cuda import OrtCudaBackend
+
+        return OrtCudaBackend(manifest)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .trt_backend import TensorRTBackend
 

@@ -81,19 +81,9 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
-        if name in self.shapes:
-            return self.shapes[name]
-        symbols = {}
-        for spec in self.engine.contract["inputs"]:
-            for dim, value in zip(spec["shape"], self.shapes[spec["name"]]):
-                if isinstance(dim, str):
-                    symbols[dim] = value
-        symbols.setdefault("H", symbols.get("h", 0) * 8)
-        symbols.setdefault("W", symbols.get("w", 0) * 8)
-        symbols.setdefault("h", symbols["H"] // 8)
-        symbols.setdefault("w", symbols["W"] // 8)
-        spec = next(s for s in self.engine.contract["outputs"] if s["name"] == name)
-        return tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"])
+        from sdxl_trt.runtime.backends import output_shapes
+
+        return self.shapes[name] if name in self.shapes else output_shapes(self.engine.contract, self.shapes)[name]
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr

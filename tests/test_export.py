@@ -264,3 +264,26 @@ def test_large_model_path_external_data(tmp_path, monkeypatch):
         graph, weights = ((out / f).stat().st_size for f in files["fp32"])
         assert graph < weights / 4  # the graph and small constants; the weights are in .data
     manifest.check_files()
+
+
+def test_duplicate_casts_of_older_onnxruntime_converters_are_shared():
+    """onnxruntime ≤ 1.31's float16 converter writes one Cast per blocked consumer under one output name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sdxl_trt.export.fp16 import share_duplicate_casts
+
+    cast = dict(to=TensorProto.FLOAT)
+    nodes = [helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], name="c1", **cast),
+             helper.make_node("Sin", ["x_cast_to_fp32"], ["s"]),
+             helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], name="c2", **cast),
+             helper.make_node("Cos", ["x_cast_to_fp32"], ["c"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError, match="single static assignment"):
+        onnx.checker.check_model(model)
+    share_duplicate_casts(model)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Sin", "Cos"]
