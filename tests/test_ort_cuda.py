@@ -47,8 +47,12 @@ def test_ort_cuda_unet_step_and_decode(pipelines):
                  time_ids=np.array([[256, 192, 0, 0, 256, 192]] * 2, np.float32))
     got = cuda.backend.session("unet").run(**feeds)["noise_pred"]
     assert got.dtype == np.float16 and got.shape == (2, 4, 32, 24)
-    assert rel_l2(got.astype(np.float32), cpu.backend.session("unet").run(**feeds)["noise_pred"]) < 5e-3
-    image = cuda.decode(feeds["sample"][:1])
-    np.testing.assert_allclose(image, cpu.decode(feeds["sample"][:1]), atol=2e-4)  # the VAE runs in fp32 on both
+    error = rel_l2(got.astype(np.float32), cpu.backend.session("unet").run(**feeds)["noise_pred"])
+    print(f"unet step: rel-L2 {error:.2e} (fp16 on CUDA vs fp32 on CPU)")
+    assert error < 5e-3
+    image, reference = cuda.decode(feeds["sample"][:1]), cpu.decode(feeds["sample"][:1])
+    # the VAE runs in fp32 on both; the CUDA EP computes fp32 convolutions in TF32 (its default): 2e-3 measured
+    print(f"decode: max abs difference {np.abs(image - reference).max():.2e} (images in [0, 1])")
+    np.testing.assert_allclose(image, reference, atol=4e-3)
     with pytest.raises(UserError, match="takes inputs"):
         cuda.backend.session("unet").run(sample=feeds["sample"])
