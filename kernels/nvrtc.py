@@ -19,6 +19,7 @@ from ..runtime.samplers import KERNEL_KINDS
 
 SOURCE = Path(__file__).with_name("step.cu")
 KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "step_kernel", "advance_step",
+           "widen_f16", "widen_f32",
            "unscale_latents_f16", "unscale_latents_f32", "to_uint8_f16", "to_uint8_f32")
 # numpy's arithmetic: no fused multiply-add, IEEE division and square root, no flush to zero
 OPTIONS = dict(std="c++17", fma=False, prec_div=True, prec_sqrt=True, ftz=False)
@@ -111,6 +112,9 @@ class StepKernels:
         prev: dpmpp_2m's state (fp32 [n]); noise: [steps, n] fp32 for samplers that draw noise."""
         self._launch("step_kernel", n, np.int32(KERNEL_KINDS[sampler]), ptr(x), ptr(model_output), ptr(prev), ptr(noise),
                      ptr(coefficients), ptr(step), np.int32(PREDICTIONS[prediction_type]), np.uint64(n))
+
+    def widen(self, pred, pred_dtype, out, n: int) -> None:
+        self._launch(f"widen_{self._suffix(pred_dtype)}", n, ptr(pred), ptr(out), np.uint64(n))
 
     def advance_step(self, step) -> None:
         self._launch("advance_step", 1, ptr(step))

@@ -43,6 +43,8 @@ __device__ void cfg_combine(const T* pred, float* out, float guidance, size64 n)
     }
 }
 
+// widen_f16 / widen_f32 (below): the model output as fp32 without guidance. Twin: `.astype(np.float32)`.
+
 // Twin: samplers._vp_denoised (x = alpha * x0 + sigma * eps): (x0, eps) from the model output.
 __device__ __forceinline__ void vp_denoised(float o, float x, float alpha, float sigma, int prediction, float* x0, float* eps) {
     if (prediction == 0) { *x0 = (x - sigma * o) / alpha; *eps = o; }
@@ -118,6 +120,8 @@ __global__ void scale_input_f32(const float* x, float* out, const float* coef, c
 __global__ void cfg_combine_f16(const half_t* pred, float* out, float guidance, size64 n) { cfg_combine(pred, out, guidance, n); }
 __global__ void cfg_combine_f32(const float* pred, float* out, float guidance, size64 n) { cfg_combine(pred, out, guidance, n); }
 __global__ void step_kernel(int kind, float* x, const float* out, float* prev, const float* noise, const float* coef, const int* step, int prediction, size64 n) { sampler_step(kind, x, out, prev, noise, coef, step, prediction, n); }
+__global__ void widen_f16(const half_t* in, float* out, size64 n) { FOR_EACH(i, n) out[i] = load(in, i); }
+__global__ void widen_f32(const float* in, float* out, size64 n) { FOR_EACH(i, n) out[i] = in[i]; }
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }

@@ -34,6 +34,16 @@ class OrtCudaBackend:
         self.manifest = manifest
         self.stream = stream or Stream()
         self._sessions: dict[str, OrtCudaSession] = {}
+        self._loop = None
+
+    @property
+    def device_loop(self):
+        """The denoising loop on the device (device_loop.py), created on first use."""
+        if self._loop is None:
+            from .device_loop import DeviceLoop
+
+            self._loop = DeviceLoop(self)
+        return self._loop
 
     def session(self, component: str) -> OrtCudaSession:
         if component not in self._sessions:
@@ -51,6 +61,10 @@ class OrtCudaSession(OrtSession):
         self.stream = stream
         self.buffers: dict[str, DeviceBuffer] = {}
         self.binding = self._session.io_binding()
+        import onnxruntime as ort
+
+        self.async_run = ort.RunOptions()  # leave the stream running: the caller synchronises when it needs to
+        self.async_run.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.output_dtypes = {t["name"]: self._dtype_of(t) for t in entry["outputs"]}
 
     def _dtype_of(self, spec: dict):
@@ -63,6 +77,16 @@ class OrtCudaSession(OrtSession):
         buffer = self.buffers.setdefault(name, DeviceBuffer(0))
         buffer.reserve(nbytes)  # grows only: after the largest shape has been seen, nothing is allocated
         return buffer
+
+    def run_device(self, inputs: dict[str, tuple[int, tuple, object]], outputs: dict[str, tuple[int, tuple, object]]):
+        """Queue one run on the stream over device memory: {name: (address, shape, dtype)}; no host synchronisation."""
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        for name, (address, shape, dtype) in inputs.items():
+            self.binding.bind_input(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+        for name, (address, shape, dtype) in outputs.items():
+            self.binding.bind_output(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+        self._session.run_with_iobinding(self.binding, self.async_run)
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import device_loop
 from .backends import load_backend
 from .errors import UserError
 from .images import default_size, mask_to_array, to_model_input, to_pil
@@ -69,6 +70,8 @@ def image_seeds(seed: int | None, n: int) -> list[int]:
 
 
 class Pipeline:
+    device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
+
     def __init__(self, manifest, backend):
         self.manifest = manifest
         self.backend = backend
@@ -158,6 +161,15 @@ class Pipeline:
 
         embeds, pooled, time_ids = cond
         guidance = guidance_scale > 1.0
+        if self.device_loop and hasattr(self.backend, "device_loop") and \
+                device_loop.supported(sampler, guidance_rescale, inpaint is not None):
+            noise = None
+            if sampler.needs_noise:  # drawn now, in the order the numpy loop below draws it
+                noise = np.zeros((len(sampler.timesteps), *latents.shape), np.float32)
+                for i in evals:
+                    noise[i] = draw(rngs, latents.shape[1:])
+            return self.backend.device_loop.denoise(self.roles[role]["components"]["unet"], latents, sampler, evals,
+                                                    cond, guidance_scale, noise)
         unet = self.backend.session(self.roles[role]["components"]["unet"])
         for i in tqdm(evals, desc=role, disable=not progress, leave=False):
             x = np.concatenate([latents, latents]) if guidance else latents
