@@ -72,7 +72,11 @@ class OrtSession:
         self._session = ort.InferenceSession(str(path), options, providers=providers)
 
     def dtype(self, input_name: str):
-        kind = DTYPES[self.inputs[input_name]["dtype"]]
+        return self.spec_dtype(self.inputs[input_name])
+
+    def spec_dtype(self, spec: dict):
+        """The numpy dtype of a contract tensor in this file's precision."""
+        kind = DTYPES[spec["dtype"]]
         return kind[self.precision] if isinstance(kind, dict) else kind
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:

@@ -78,3 +78,20 @@ class DeviceBuffer:
         if self.ptr:
             check(cudart().cudaFree(self.ptr))
             self.ptr, self.nbytes = 0, 0
+
+
+class BufferPool(dict):
+    """Device buffers by name, each grown to the largest size asked of it and then reused: after the largest shape
+    has been seen, nothing is allocated."""
+
+    def reserve(self, name: str, nbytes: int) -> DeviceBuffer:
+        buffer = self.setdefault(name, DeviceBuffer(0))
+        buffer.reserve(nbytes)
+        return buffer
+
+    def put(self, name: str, array: np.ndarray, stream: Stream) -> int:
+        """Upload `array` into the buffer `name` on `stream`; returns its device address."""
+        array = np.ascontiguousarray(array)
+        buffer = self.reserve(name, array.nbytes)
+        buffer.upload(array, stream)
+        return buffer.ptr

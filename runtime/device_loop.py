@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cuda import DeviceBuffer
+from .cuda import BufferPool
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
 
 
@@ -29,18 +29,13 @@ class DeviceLoop:
 
         self.backend = backend
         self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr))
-        self.buffers: dict[str, DeviceBuffer] = {}
+        self.buffers = BufferPool()
 
     def _put(self, name: str, array: np.ndarray) -> int:
-        array = np.ascontiguousarray(array)
-        buffer = self._empty(name, array.nbytes)
-        buffer.upload(array, self.backend.stream)
-        return buffer.ptr
+        return self.buffers.put(name, array, self.backend.stream)
 
-    def _empty(self, name: str, nbytes: int) -> DeviceBuffer:
-        buffer = self.buffers.setdefault(name, DeviceBuffer(0))
-        buffer.reserve(nbytes)  # grows only
-        return buffer
+    def _empty(self, name: str, nbytes: int) -> int:
+        return self.buffers.reserve(name, nbytes).ptr
 
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
                 noise: np.ndarray | None = None) -> np.ndarray:
@@ -65,10 +60,10 @@ class DeviceLoop:
                  "text_embeds": (self._put("pooled", pooled.astype(session.dtype("text_embeds"))), pooled.shape,
                                  session.dtype("text_embeds")),
                  "time_ids": (self._put("time_ids", time_ids.astype(np.float32)), time_ids.shape, np.float32)}
-        sample = self._empty("sample", int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize).ptr
-        pred = self._empty("pred", int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize).ptr
-        eps = self._empty("eps", n * 4).ptr
-        prev = self._empty("prev", n * 4).ptr
+        sample = self._empty("sample", int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize)
+        pred = self._empty("pred", int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize)
+        eps = self._empty("eps", n * 4)
+        prev = self._empty("prev", n * 4)
         noise_ptr = self._put("noise", noise.astype(np.float32)) if noise is not None else 0
         k = self.kernels
         for i in evals:

@@ -25,7 +25,7 @@ from . import profiles as prof
 from . import tensorrt_api
 from .errors import UserError, VerificationError
 from .fileio import atomic_file
-from .manifest import Manifest, load_manifest, sha256_file
+from .manifest import Manifest, file_problem, load_manifest, sha256_file
 
 VAE = ("vae_decoder", "vae_encoder")
 VAE_PRECISIONS = ("auto", "fp16", "fp32", "bf16")
@@ -156,7 +156,7 @@ def _build_engines(engine_dir, options: BuildOptions, components, progress: bool
             key = eng.engine_key(key_inputs)
             path = eng.engine_path(options.backend, name, precision, target["label"], key)
             cached = manifest.engines.get(path)
-            if cached and cached["key"] == key and _intact(manifest, path, cached):
+            if cached and cached["key"] == key and file_problem(manifest.path(path), cached, True, "") is None:
                 report.rows.append((name, precision, len(profiles), cached["size"], 0.0, "cached"))
                 continue
             t = time.perf_counter()
@@ -195,11 +195,6 @@ def add_bf16_variant(root: Path, component: str) -> Manifest:
         data["components"][component]["bf16_from"] = source  # the fp32 file it was derived from
 
     return eng.update_manifest(root, change)
-
-
-def _intact(manifest: Manifest, path: str, record: dict) -> bool:
-    file = manifest.path(path)
-    return file.is_file() and file.stat().st_size == record["size"] and sha256_file(file) == record["sha256"]
 
 
 def _record_engine(root: Path, path: str, record: dict) -> None:

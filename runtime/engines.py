@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import tensorrt_api
 from .errors import UserError
-from .manifest import Manifest, load_manifest, sha256_file, write_manifest
+from .manifest import Manifest, file_problem, load_manifest, write_manifest
 
 ENGINES = "engines"
 LOCK = ".build.lock"
@@ -77,13 +77,9 @@ def engine_problem(manifest: Manifest, path: str, record: dict, device: tensorrt
     version), or None if it can."""
     backend = record["backend"]
     file = manifest.path(path)
-    if not file.is_file():
-        return f"{file} is missing"
-    size = file.stat().st_size
-    if size != record["size"]:
-        return f"{file} has {size} bytes, the manifest says {record['size']}: truncated or replaced"
-    if check_hash and sha256_file(file) != record["sha256"]:
-        return f"{file} does not match its sha256 in the manifest: changed since it was built"
+    problem = file_problem(file, record, check_hash, "changed since it was built")
+    if problem:
+        return problem
     entry = manifest.components.get(record["component"], {})
     if record["precision"] not in entry.get("files", {}):
         return f"stale: this directory no longer has a {record['precision']} {record['component']}"

@@ -44,6 +44,19 @@ def file_record(root: Path, path: Path) -> tuple[str, dict]:
     return path.relative_to(root).as_posix(), {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
+def file_problem(path: Path, record: dict, check_hash: bool, changed: str) -> str | None:
+    """Why `path` is not the file its manifest record ({"size", "sha256"}) describes, or None. `changed` says since
+    when, in the message for a wrong hash."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != record["size"]:
+        return f"{path} has {size} bytes, the manifest says {record['size']}: truncated or replaced"
+    if check_hash and sha256_file(path) != record["sha256"]:
+        return f"{path} does not match its sha256 in the manifest: {changed}"
+    return None
+
+
 def write_manifest(root: Path, data: dict) -> None:
     with atomic_file(root / MANIFEST) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -82,14 +95,9 @@ class Manifest:
         for relative, record in self.data["files"].items():
             if only is not None and relative not in only:
                 continue
-            path = self.path(relative)
-            if not path.is_file():
-                raise UserError(f"{path} is missing; {EXPORT_HINT}")
-            if path.stat().st_size != record["size"]:
-                raise UserError(f"{path} has {path.stat().st_size} bytes, the manifest says {record['size']}: "
-                                f"truncated or replaced; {EXPORT_HINT}")
-            if hashes and sha256_file(path) != record["sha256"]:
-                raise UserError(f"{path} does not match its sha256 in the manifest: changed since export; {EXPORT_HINT}")
+            problem = file_problem(self.path(relative), record, hashes, "changed since export")
+            if problem:
+                raise UserError(f"{problem}; {EXPORT_HINT}")
 
 
 def load_manifest(root: str | Path) -> Manifest:

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import tensorrt_api
 from .backends import OrtSession, check_onnxruntime_install, output_shapes
-from .cuda import DeviceBuffer, Stream
+from .cuda import BufferPool, Stream
 from .errors import UserError
 from .manifest import Manifest
 
@@ -59,24 +59,13 @@ class OrtCudaSession(OrtSession):
                 "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
         super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)])
         self.stream = stream
-        self.buffers: dict[str, DeviceBuffer] = {}
+        self.buffers = BufferPool()
         self.binding = self._session.io_binding()
         import onnxruntime as ort
 
         self.async_run = ort.RunOptions()  # leave the stream running: the caller synchronises when it needs to
         self.async_run.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.output_dtypes = {t["name"]: self._dtype_of(t) for t in entry["outputs"]}
-
-    def _dtype_of(self, spec: dict):
-        from .backends import DTYPES
-
-        kind = DTYPES[spec["dtype"]]
-        return kind[self.precision] if isinstance(kind, dict) else kind
-
-    def _buffer(self, name: str, nbytes: int) -> DeviceBuffer:
-        buffer = self.buffers.setdefault(name, DeviceBuffer(0))
-        buffer.reserve(nbytes)  # grows only: after the largest shape has been seen, nothing is allocated
-        return buffer
+        self.output_dtypes = {t["name"]: self.spec_dtype(t) for t in entry["outputs"]}
 
     def run_device(self, inputs: dict[str, tuple[int, tuple, object]], outputs: dict[str, tuple[int, tuple, object]]):
         """Queue one run on the stream over device memory: {name: (address, shape, dtype)}; no host synchronisation."""
@@ -96,13 +85,12 @@ class OrtCudaSession(OrtSession):
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         for name, array in arrays.items():
-            buffer = self._buffer(name, array.nbytes)
-            buffer.upload(array, self.stream)
-            self.binding.bind_input(name, "cuda", 0, array.dtype, list(array.shape), buffer.ptr)
+            address = self.buffers.put(name, array, self.stream)
+            self.binding.bind_input(name, "cuda", 0, array.dtype, list(array.shape), address)
         out = {}
         for name, shape in shapes.items():
             out[name] = np.empty(shape, dtype=self.output_dtypes[name])
-            buffer = self._buffer(name, out[name].nbytes)
+            buffer = self.buffers.reserve(name, out[name].nbytes)
             self.binding.bind_output(name, "cuda", 0, out[name].dtype, list(shape), buffer.ptr)
         self._session.run_with_iobinding(self.binding)
         for name, array in out.items():

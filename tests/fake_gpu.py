@@ -19,8 +19,7 @@ import types
 import numpy as np
 
 from sdxl_trt.runtime.manifest import load_manifest, sha256_file
-
-NUMPY = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32}
+from sdxl_trt.runtime.trt_backend import NUMPY
 
 
 class FakeCudart:
