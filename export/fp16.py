@@ -11,49 +11,88 @@ fp32 file's external data into the fp16 file's: a full-size UNet (10 GB of fp32 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .contract import Component
-from .onnx_export import initializers, external_info, toposort_nodes, write_model
+from .onnx_export import external_info, initializers, read_external, toposort_nodes, write_model
 
 OP_BLOCK = ["Resize", "RandomNormalLike", "RandomNormal", "RandomUniformLike"]
 FP32_SCOPES = ("/time_proj/", "/add_time_proj/")  # node-name scopes of diffusers' Timesteps modules
 
 
 def convert_to_fp16(fp32_path: Path, dest: Path, component: Component) -> Path:
+    from onnxruntime.transformers import float16
+
+    model, stubs = load_stubbed(fp32_path)
+    model = onnx.shape_inference.infer_shapes(model)
+    with stub_value_info():
+        model = float16.convert_float_to_float16(model, **fp16_options(model, component.fp32_inputs()),
+                                                 disable_shape_infer=True)
+    tidy_converted(model)
+    write_model(model, dest, fp32_path.parent, stubs=stubs, transform=stub_to_fp16)
+    return dest
+
+
+def load_stubbed(path: Path, load_below: int = 0) -> tuple[onnx.ModelProto, dict]:
+    """The model at `path` with its external weights as data-less stubs (dims and type only), and {name: where the
+    data is}; weights of fewer than `load_below` bytes are read in (fusions look at norms' and biases' values)."""
+    model = onnx.load(str(path), load_external_data=False)
+    stubs = {}
+    for tensor in initializers(model):
+        info = external_info(tensor)
+        if info is None:
+            continue
+        if int(info.get("length", load_below)) < load_below:
+            tensor.raw_data = read_external(info, path.parent)
+        else:
+            stubs[tensor.name] = info
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model, stubs
+
+
+@contextlib.contextmanager
+def stub_value_info():
+    """ONNX Runtime's converter reads an initializer's shape from its data; a stub has only its dims."""
     from unittest import mock
 
     from onnxruntime.transformers import float16
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path), load_external_data=False))
-    stubs = {}
-    for tensor in initializers(model):  # weights stay on disk: the converter sees data-less stubs of them
-        info = external_info(tensor)
-        if info is not None:
-            stubs[tensor.name] = info
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-    blocked = [n.name for n in model.graph.node if any(scope in n.name for scope in FP32_SCOPES)]
-    # The converter reads an initializer's shape from its data; a stub has only its dims.
     def value_info(tensor):
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
-    with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
-        model = float16.convert_float_to_float16(model, keep_io_types=component.fp32_inputs(), op_block_list=OP_BLOCK,
-                                                 node_block_list=blocked, disable_shape_infer=True)
+    # ONNX Runtime's optimizer imports the converter again as the top-level module `float16`: patch both
+    copies = [m for m in (float16, sys.modules.get("float16")) if m is not None]
+    with contextlib.ExitStack() as stack:
+        for module in copies:
+            stack.enter_context(mock.patch.object(module, "make_value_info_from_tensor", value_info))
+        yield
+
+
+def stub_to_fp16(tensor: onnx.TensorProto, data: bytes) -> bytes:
+    """A stub's fp32 bytes as the converter typed the tensor: fp16, or fp32 where it feeds a blocked node."""
+    from onnxruntime.transformers import float16
+
+    if tensor.data_type != onnx.TensorProto.FLOAT16:
+        return data
+    return float16.convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
+
+
+def fp16_options(model: onnx.ModelProto, keep_io_types: list[str]) -> dict:
+    """What ONNX Runtime's float16 converter keeps in fp32 (see the module doc)."""
+    blocked = [n.name for n in model.graph.node if any(scope in n.name for scope in FP32_SCOPES)]
+    return {"keep_io_types": keep_io_types, "op_block_list": OP_BLOCK, "node_block_list": blocked}
+
+
+def tidy_converted(model: onnx.ModelProto) -> None:
+    """What the converter leaves to fix: duplicate Casts (ORT ≤ 1.31), input casts appended after their consumers."""
     share_duplicate_casts(model)
     toposort_nodes(model)
-
-    def to_fp16(tensor: onnx.TensorProto, data: bytes) -> bytes:
-        if tensor.data_type != onnx.TensorProto.FLOAT16:  # kept in fp32 (feeds a blocked node)
-            return data
-        return float16.convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
-
-    write_model(model, dest, fp32_path.parent, stubs=stubs, transform=to_fp16)
-    return dest
 
 
 def share_duplicate_casts(model: onnx.ModelProto) -> None:
@@ -68,7 +107,8 @@ def share_duplicate_casts(model: onnx.ModelProto) -> None:
                 continue
             raise ValueError(f"fp16 conversion wrote {node.output[0]!r} twice with different nodes")
         for name in node.output:
-            first.setdefault(name, node)
+            if name:  # "": an omitted optional output
+                first.setdefault(name, node)
         nodes.append(node)
     if len(nodes) != len(model.graph.node):
         del model.graph.node[:]

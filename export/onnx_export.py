@@ -69,7 +69,7 @@ def toposort_nodes(model: onnx.ModelProto) -> None:
     """Order the graph's nodes so that each comes after the producers of its inputs (in place, weights untouched;
     ORT's fp16 converter appends its input casts at the end)."""
     nodes = list(model.graph.node)
-    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}  # "": an omitted optional output
     done, order = set(), []
 
     def visit(i: int) -> None:
@@ -113,10 +113,11 @@ def read_external(info: dict, src_dir: Path) -> bytes:
 
 
 def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict | None = None,
-                transform=None) -> None:
+                transform=None, data_path: Path | None = None) -> None:
     """Save with our IR version; the weights of a large model go, tensor by tensor, into one `<name>.data` file
     (never the whole model in memory twice).
 
+    `data_path` (default `<path>.data`) lets a caller write under a temporary name with the final data file name.
     `stubs` maps tensor names to the external location of their data in `src_dir` for tensors that carry no data
     in `model`; `transform(tensor, data)` may rewrite a stub's bytes on the way (the fp16 conversion does)."""
     stubs = stubs or {}
@@ -124,7 +125,7 @@ def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict |
     tensors = [t for t in initializers(model) if t.name in stubs or external_info(t) or t.raw_data]
     external = bool(stubs) or any(external_info(t) for t in tensors) or \
         sum(len(t.raw_data) for t in tensors) > EXTERNAL_ABOVE
-    data_path = path.with_name(path.name + ".data")
+    data_path = data_path or path.with_name(path.name + ".data")
     if external:
         offset = 0
         with open(data_path, "wb") as out:

@@ -19,6 +19,7 @@ from ..runtime.samplers import KERNEL_KINDS
 
 SOURCE = Path(__file__).with_name("step.cu")
 KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "step_kernel", "advance_step",
+           "select_timestep",
            "widen_f16", "widen_f32",
            "unscale_latents_f16", "unscale_latents_f32", "to_uint8_f16", "to_uint8_f32")
 # numpy's arithmetic: no fused multiply-add, IEEE division and square root, no flush to zero
@@ -115,6 +116,10 @@ class StepKernels:
 
     def widen(self, pred, pred_dtype, out, n: int) -> None:
         self._launch(f"widen_{self._suffix(pred_dtype)}", n, ptr(pred), ptr(out), np.uint64(n))
+
+    def select_timestep(self, table, out, step, batch: int) -> None:
+        """out[:batch] = table[step] of a [steps, batch] fp32 table (the UNet's `timestep` input at a fixed address)."""
+        self._launch("select_timestep", batch, ptr(table), ptr(out), ptr(step), np.int32(batch))
 
     def advance_step(self, step) -> None:
         self._launch("advance_step", 1, ptr(step))

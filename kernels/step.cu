@@ -122,6 +122,9 @@ __global__ void cfg_combine_f32(const float* pred, float* out, float guidance, s
 __global__ void step_kernel(int kind, float* x, const float* out, float* prev, const float* noise, const float* coef, const int* step, int prediction, size64 n) { sampler_step(kind, x, out, prev, noise, coef, step, prediction, n); }
 __global__ void widen_f16(const half_t* in, float* out, size64 n) { FOR_EACH(i, n) out[i] = load(in, i); }
 __global__ void widen_f32(const float* in, float* out, size64 n) { FOR_EACH(i, n) out[i] = in[i]; }
+// Twin: the numpy loop's `timestep` input, np.full(batch, sampler.timesteps[i]): row *step of a [steps, batch]
+// table, copied into the one buffer the UNet reads (a CUDA graph needs its input at a fixed address).
+__global__ void select_timestep(const float* table, float* out, const int* step, int batch) { FOR_EACH(i, (size64)batch) out[i] = table[(size64)*step * batch + i]; }
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }

@@ -53,14 +53,15 @@ def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
 class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
-    def __init__(self, manifest: Manifest, component: str, precision: str, providers: list[str]):
+    def __init__(self, manifest: Manifest, component: str, precision: str, providers: list, path: str | None = None):
+        """`path`: a file other than the component's `precision` file (an optimized one), in that precision."""
         import onnxruntime as ort
 
         entry = manifest.components.get(component)
         if entry is None:
             raise UserError(f"{manifest.root}: this engine directory has no {component!r} "
                             f"(it has {', '.join(manifest.components)}); export it with `sdxl-trt export`")
-        if precision not in entry["precisions"]:
+        if path is None and precision not in entry["precisions"]:
             raise UserError(f"{manifest.root}: {component} has no {precision} file "
                             f"(it has {', '.join(entry['precisions'])})")
         self.name, self.precision, self.entry = component, precision, entry
@@ -68,8 +69,8 @@ class OrtSession:
         self.output_names = [t["name"] for t in entry["outputs"]]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        path = manifest.path(entry["precisions"][precision])
-        self._session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path = manifest.path(path or entry["precisions"][precision])
+        self._session = ort.InferenceSession(str(self.path), options, providers=providers)
 
     def dtype(self, input_name: str):
         return self.spec_dtype(self.inputs[input_name])
@@ -99,13 +100,32 @@ class OrtCpuBackend:
         return self._sessions[component]
 
 
-def load_backend(name: str, manifest: Manifest, check_hashes: bool = True):
+def used_files(name: str, manifest: Manifest) -> list[str] | None:
+    """The exported files backend `name` reads (None: all of them), so that opening an engine directory hashes only
+    those: the fp32 files on ort-cpu; on ort-cuda each component's optimized file, else fp16, else fp32 (and a VAE
+    with an overflow check also its fp32 fallback)."""
+    if name not in ("ort-cpu", "ort-cuda"):
+        return None
+    files = [f for f in manifest.data["files"] if not f.startswith("onnx/")]  # tokenizers, scheduler
+    for entry in manifest.components.values():
+        if name == "ort-cpu":
+            files += entry["files"]["fp32"]
+            continue
+        optimized = entry.get("optimized", {}).get("cuda")
+        if optimized:
+            files += optimized["files"]
+        if not optimized or optimized.get("overflow_check"):
+            files += entry["files"]["fp32" if optimized or "fp16" not in entry["files"] else "fp16"]
+    return files
+
+
+def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "loop"):
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
     if name == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(manifest)
+        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .trt_backend import TensorRTBackend
 

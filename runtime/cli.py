@@ -52,6 +52,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_optimize(args) -> int:
+    from ..export.optimize import optimize_engine_dir
+
+    print(optimize_engine_dir(args.dir, target=args.target, components=args.components).summary())
+    return 0
+
+
 def _cmd_build(args) -> int:
     from pathlib import Path
 
@@ -117,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
     e.set_defaults(func=_cmd_export)
 
+    o = sub.add_parser("optimize", help="fused fp16 ONNX files for ONNX Runtime's CUDA provider (backend ort-cuda)")
+    o.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
+    o.add_argument("--target", choices=["cuda"], default="cuda", help="what to optimize for (default and only: cuda)")
+    o.add_argument("--components", nargs="+", metavar="NAME", help="optimize only these (default: every exported one)")
+    o.set_defaults(func=_cmd_optimize)
+
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory's ONNX files")
     b.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export` (with --precision fp16)")
     b.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"], required=True,
@@ -163,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's scheduler config)")
     g.add_argument("--seed", type=int, help="image i gets seed S+i (default: random, printed)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
-    g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), tensorrt or tensorrt-rtx (engines from "
-                   "`sdxl-trt build`, on a GPU)")
+    g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), ort-cuda (a GPU; fastest after `sdxl-trt "
+                   "optimize`), tensorrt or tensorrt-rtx (engines from `sdxl-trt build`, on a GPU)")
+    g.add_argument("--cuda-graphs", choices=["loop", "step", "off"], default="loop",
+                   help="ort-cuda: the whole denoising loop as one CUDA graph (loop, default), ONNX Runtime's graph of "
+                   "the UNet per step (step), or none (off)")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")

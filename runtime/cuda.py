@@ -3,6 +3,8 @@ buffers, a stream, copies. Everything is allocated once and reused; nothing here
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import UserError
@@ -95,3 +97,39 @@ class BufferPool(dict):
         buffer = self.reserve(name, array.nbytes)
         buffer.upload(array, stream)
         return buffer.ptr
+
+
+class Graph:
+    """A CUDA graph recorded from the work queued on a stream, replayed with one launch.
+
+    `with graph.capture(stream): ...` records everything queued on `stream` in the block (in relaxed mode: a library
+    that allocates from its memory pool while being captured is allowed to); `launch(stream)` replays it. Device
+    addresses are baked in: the buffers it reads and writes must stay where they were."""
+
+    def __init__(self):
+        self.graph = self.exec = None
+
+    @contextlib.contextmanager
+    def capture(self, stream: Stream):
+        rt = cudart()
+        check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed))
+        try:
+            yield self
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(stream.handle)  # leave capture mode whatever happened
+            if int(err) == 0 and graph is not None and int(graph):
+                rt.cudaGraphDestroy(graph)
+            raise
+        self.graph = check(rt.cudaStreamEndCapture(stream.handle))
+        self.exec = check(rt.cudaGraphInstantiate(self.graph, 0))
+
+    def launch(self, stream: Stream) -> None:
+        check(cudart().cudaGraphLaunch(self.exec, stream.handle))
+
+    def close(self) -> None:
+        rt = cudart()
+        if self.exec is not None:
+            rt.cudaGraphExecDestroy(self.exec)
+        if self.graph is not None:
+            rt.cudaGraphDestroy(self.graph)
+        self.graph = self.exec = None

@@ -1,41 +1,62 @@
 """The denoising loop on the GPU: latents, the UNet's input and output, the guided prediction, the sampler's state,
 its per-step coefficients and the step counter all stay in device memory; each step queues the input-scaling
-kernel, the UNet (IOBinding on those buffers), the guidance kernel, the sampler's step kernel and the counter's
-advance on one stream, with no host synchronisation until the final latents are read back.
+kernel, the timestep selection, the UNet (IOBinding on those buffers), the guidance kernel, the sampler's step
+kernel and the counter's advance on one stream, with no host synchronisation until the final latents are read back.
+
+CUDA graphs (`cuda_graphs`):
+  - "loop": the whole loop for one (UNet, shape, sampler, steps, guidance) is captured as one CUDA graph on its
+    first call (after running it once normally, which also warms up cuDNN's algorithm search) and replayed by one
+    launch on later calls. Inputs are uploaded into the same device buffers each call; if a buffer had to move
+    (a larger input), the graph is captured again. If capture fails, a warning, and "step" from then on.
+  - "step": ONNX Runtime's own CUDA graph of the UNet (one `gpu_graph_id` per shape), our kernels between replays.
+  - "off": every kernel and UNet run launched one by one.
+Every buffer a graph reads sits at a fixed address per shape (the timestep too: `select_timestep` copies the
+current step's row into it), so the per-step work is the same each time and only the counter on the device moves.
 
 The kernels (kernels/step.cu) compute exactly what the numpy loop of pipeline.py computes; per-step noise is drawn
 in advance on the host from each image's own generator in the order the numpy loop draws it, so the streams are
-the CPU runtime's. Not here yet: inpainting, guidance rescale, heun / dpmpp_sde_karras / tcd (the pipeline
-keeps its numpy loop for those), and capturing the loop as a CUDA graph (issue 7).
+the CPU runtime's. Not here: inpainting, guidance rescale, heun / dpmpp_sde_karras / tcd (the pipeline keeps its
+numpy loop for those).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from .cuda import BufferPool
+from .cuda import BufferPool, Graph
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
+
+log = logging.getLogger(__name__)
 
 
 def supported(sampler: Sampler, guidance_rescale: float, inpainting: bool) -> bool:
     return sampler.name in KERNEL_KINDS and guidance_rescale == 0 and not inpainting
 
 
+@dataclass
+class _Shape:
+    """Device buffers and the ONNX Runtime binding for one UNet input shape: CUDA graphs point into them."""
+
+    graph_id: int
+    buffers: BufferPool = field(default_factory=BufferPool)
+    binding: object = None
+    loops: dict = field(default_factory=dict)  # loop key → (Graph, buffer addresses it was captured with)
+
+
 class DeviceLoop:
-    def __init__(self, backend):
+    def __init__(self, backend, cuda_graphs: str = "loop"):
         import cuda.core as core
 
         from ..kernels.nvrtc import StepKernels
 
         self.backend = backend
+        self.mode = cuda_graphs
         self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr))
-        self.buffers = BufferPool()
-
-    def _put(self, name: str, array: np.ndarray) -> int:
-        return self.buffers.put(name, array, self.backend.stream)
-
-    def _empty(self, name: str, nbytes: int) -> int:
-        return self.buffers.reserve(name, nbytes).ptr
+        self._shapes: dict[tuple, _Shape] = {}
+        self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
 
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
                 noise: np.ndarray | None = None) -> np.ndarray:
@@ -50,27 +71,55 @@ class DeviceLoop:
         sample_shape = (batch, *latents.shape[1:])
         sample_dtype = session.dtype("sample")
         out_dtype = session.output_dtypes["noise_pred"]
+        key = (unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(graph_id=len(self._shapes))
+        stream = self.backend.stream
+        pool = shape.buffers
+
+        def put(name, array):
+            return pool.put(name, np.ascontiguousarray(array), stream)
+
+        def empty(name, nbytes):
+            return pool.reserve(name, nbytes).ptr
+
         begin = evals.start
-        x = self._put("x", latents.astype(np.float32))
-        coefficients = self._put("coefficients", coefficient_table(sampler, begin))
-        step = self._put("step", np.array([begin], np.int32))
-        timesteps = self._put("timesteps", np.repeat(sampler.timesteps[:, None], batch, axis=1).astype(np.float32))
-        fixed = {"encoder_hidden_states": (self._put("embeds", embeds.astype(session.dtype("encoder_hidden_states"))),
-                                           embeds.shape, session.dtype("encoder_hidden_states")),
-                 "text_embeds": (self._put("pooled", pooled.astype(session.dtype("text_embeds"))), pooled.shape,
-                                 session.dtype("text_embeds")),
-                 "time_ids": (self._put("time_ids", time_ids.astype(np.float32)), time_ids.shape, np.float32)}
-        sample = self._empty("sample", int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize)
-        pred = self._empty("pred", int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize)
-        eps = self._empty("eps", n * 4)
-        prev = self._empty("prev", n * 4)
-        noise_ptr = self._put("noise", noise.astype(np.float32)) if noise is not None else 0
+        x = put("x", latents.astype(np.float32))
+        coefficients = put("coefficients", coefficient_table(sampler, begin))
+        step = put("step", np.array([begin], np.int32))
+        timesteps = put("timesteps", np.repeat(sampler.timesteps[:, None], batch, axis=1).astype(np.float32))
+        inputs = {"encoder_hidden_states": put("embeds", embeds.astype(session.dtype("encoder_hidden_states"))),
+                  "text_embeds": put("pooled", pooled.astype(session.dtype("text_embeds"))),
+                  "time_ids": put("time_ids", time_ids.astype(np.float32)),
+                  "timestep": empty("timestep", batch * 4),
+                  "sample": empty("sample", int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize)}
+        pred = empty("pred", int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize)
+        eps = empty("eps", n * 4)
+        prev = empty("prev", n * 4)
+        noise_ptr = put("noise", noise.astype(np.float32)) if noise is not None else 0
+        addresses = {name: buffer.ptr for name, buffer in pool.items()}
+        if shape.binding is None or shape.binding[1] != addresses:
+            binding = session.new_binding()
+            shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
+                      "timestep": (batch,), "sample": sample_shape}
+            session.bind(binding, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
+                         {"noise_pred": (pred, sample_shape, out_dtype)})
+            shape.binding = (binding, addresses)
+            for graph, _ in shape.loops.values():
+                graph.close()
+            shape.loops.clear()
+        binding = shape.binding[0]
         k = self.kernels
-        for i in evals:
-            k.scale_input(x, sample, sample_dtype, coefficients, step, n, copies)
-            session.run_device({"sample": (sample, sample_shape, sample_dtype),
-                                "timestep": (timesteps + i * batch * 4, (batch,), np.float32), **fixed},
-                               {"noise_pred": (pred, sample_shape, out_dtype)})
+        # ONNX Runtime's graph of this shape ("step"), or plain runs. Graphs need a session on an optimized file, which
+        # ONNX Runtime accepted for CUDA graphs (every compute node on the GPU: no host copies inside a run)
+        mode = self.mode if session.cuda_graph else "off"
+        graph_id = shape.graph_id if mode == "step" else -1
+
+        def body(i: int, graph_id: int) -> None:
+            k.scale_input(x, inputs["sample"], sample_dtype, coefficients, step, n, copies)
+            k.select_timestep(timesteps, inputs["timestep"], step, batch)
+            session.run_bound(binding, graph_id)
             if guided:
                 k.cfg_combine(pred, out_dtype, eps, guidance_scale, n)
             else:
@@ -78,6 +127,35 @@ class DeviceLoop:
             k.sampler_step(sampler.name, x, eps, coefficients, step, sampler.prediction_type, n, prev=prev,
                            noise=noise_ptr)
             k.advance_step(step)
-        out = self.buffers["x"].download(np.empty(latents.shape, np.float32), self.backend.stream)
-        self.backend.stream.synchronize()
+
+        loop_key = (sampler.name, sampler.prediction_type, len(sampler.timesteps), begin, len(evals), guidance_scale,
+                    noise is not None)
+        if mode == "loop" and loop_key in shape.loops:
+            shape.loops[loop_key][0].launch(stream)
+            self.last_run = "loop-replay"
+        else:
+            for i in evals:
+                body(i, graph_id)
+            self.last_run = mode
+            if mode == "loop":
+                self._capture(shape, loop_key, lambda: [body(i, -1) for i in evals])
+        out = pool["x"].download(np.empty(latents.shape, np.float32), stream)
+        stream.synchronize()
         return out
+
+    def _capture(self, shape: _Shape, loop_key: tuple, queue_loop) -> None:
+        """Record the loop (already run once, so every algorithm is chosen and memory is pooled) as one graph."""
+        stream = self.backend.stream
+        graph = Graph()
+        try:
+            stream.synchronize()
+            with graph.capture(stream):
+                queue_loop()
+        except Exception as e:  # a library call that cannot be captured: per-step graphs instead
+            graph.close()
+            log.warning("the denoising loop could not be captured as one CUDA graph (%s); using ONNX Runtime's "
+                        "per-step CUDA graphs instead", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.mode = "step"
+            return
+        shape.loops[loop_key] = (graph, dict(shape.binding[1]))
+        self.last_run = "loop-capture"

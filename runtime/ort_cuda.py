@@ -1,12 +1,18 @@
-"""Backend `ort-cuda`: ONNX Runtime's CUDA execution provider on the fp16 files (fp32 where there is no fp16
-variant: the SDXL VAE), run through IOBinding on device buffers that are sized once per shape and reused, on one
-CUDA stream that ONNX Runtime computes on too (`user_compute_stream`), so copies, runs and our kernels are ordered
-without host synchronisation. `run` takes and returns numpy arrays, like the CPU backend.
+"""Backend `ort-cuda`: ONNX Runtime's CUDA execution provider, run through IOBinding on device buffers that are sized
+once per shape and reused, on one CUDA stream that ONNX Runtime computes on too (`user_compute_stream`), so copies,
+runs and our kernels are ordered without host synchronisation. `run` takes and returns numpy arrays, like the CPU
+backend.
 
-Not yet (issue 7): the fused graphs (attention, GroupNorm, NHWC) and ONNX Runtime's CUDA graphs.
+Files: a component's GPU-optimized file (`sdxl-trt optimize DIR --target cuda`: fused attention, GroupNorm, NHWC
+convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets on an
+optimized file get ONNX Runtime's CUDA graphs (`enable_cuda_graph`, one `gpu_graph_id` per shape), which the device
+loop uses (device_loop.py). A VAE whose optimized fp16 file may overflow (the SDXL 1.0 VAE: `overflow_check` in the
+manifest) is checked after every decode: NaN or Inf in the image → a warning and the fp32 file from then on.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
@@ -16,14 +22,21 @@ from .cuda import BufferPool, Stream
 from .errors import UserError
 from .manifest import Manifest
 
+log = logging.getLogger(__name__)
+PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
+
 
 class OrtCudaBackend:
     name = "ort-cuda"
 
-    def __init__(self, manifest: Manifest, stream: Stream | None = None):
+    def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "loop"):
+        """`cuda_graphs`: "loop" (the whole denoising loop as one CUDA graph, where it can be captured), "step"
+        (ONNX Runtime's CUDA graph of the UNet, replayed each step) or "off"."""
         check_onnxruntime_install()
         import onnxruntime as ort
 
+        if cuda_graphs not in CUDA_GRAPH_MODES:
+            raise UserError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
         if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where the system has none
             ort.preload_dlls()
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -33,7 +46,8 @@ class OrtCudaBackend:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
         self.manifest = manifest
         self.stream = stream or Stream()
-        self._sessions: dict[str, OrtCudaSession] = {}
+        self.cuda_graphs = cuda_graphs
+        self._sessions: dict[str, OrtCudaSession | CheckedSession] = {}
         self._loop = None
 
     @property
@@ -42,58 +56,124 @@ class OrtCudaBackend:
         if self._loop is None:
             from .device_loop import DeviceLoop
 
-            self._loop = DeviceLoop(self)
+            self._loop = DeviceLoop(self, self.cuda_graphs)
         return self._loop
 
-    def session(self, component: str) -> OrtCudaSession:
+    def session(self, component: str):
         if component not in self._sessions:
-            self._sessions[component] = OrtCudaSession(self.manifest, component, self.stream)
+            entry = self.manifest.components.get(component, {})
+            optimized = entry.get("optimized", {}).get("cuda")
+            session = OrtCudaSession(self.manifest, component, self.stream,
+                                     cuda_graph=self.cuda_graphs != "off" and entry.get("contract", "").startswith("unet"))
+            if optimized and optimized.get("overflow_check") and session.file == "cuda":
+                session = CheckedSession(session, lambda: OrtCudaSession(self.manifest, component, self.stream,
+                                                                          file="fp32"))
+            self._sessions[component] = session
         return self._sessions[component]
 
 
+CUDA_GRAPH_MODES = ("loop", "step", "off")
+
+
+def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
+    """(file kind, precision, path or None for the precision's own file): the optimized file if there is one, else
+    fp16, else fp32; or the `file` asked for."""
+    optimized = entry.get("optimized", {}).get("cuda")
+    if file is None:
+        file = "cuda" if optimized else "fp16" if "fp16" in entry.get("precisions", {}) else "fp32"
+    if file == "cuda":
+        return file, optimized["precision"], optimized["path"]
+    return file, file, None
+
+
 class OrtCudaSession(OrtSession):
-    def __init__(self, manifest: Manifest, component: str, stream: Stream):
+    def __init__(self, manifest: Manifest, component: str, stream: Stream, file: str | None = None,
+                 cuda_graph: bool = False):
         entry = manifest.components.get(component, {})
-        precision = "fp16" if "fp16" in entry.get("precisions", {}) else "fp32"
+        self.file, precision, path = session_file(entry, file)
         cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), "cudnn_conv_algo_search": "EXHAUSTIVE",
                 "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
-        super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)])
+        self.cuda_graph = cuda_graph and self.file == "cuda"  # unfused files keep shape arithmetic on the CPU
+        if self.cuda_graph:
+            cuda["enable_cuda_graph"] = "1"
+        try:
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path)
+        except Exception as e:  # ONNX Runtime refuses CUDA graphs when a compute node would run on the CPU
+            if not self.cuda_graph:
+                raise
+            log.warning("%s: no CUDA graphs (%s)", component, str(e).splitlines()[0][:200])
+            self.cuda_graph = False
+            del cuda["enable_cuda_graph"]
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path)
         self.stream = stream
         self.buffers = BufferPool()
         self.binding = self._session.io_binding()
-        import onnxruntime as ort
-
-        self.async_run = ort.RunOptions()  # leave the stream running: the caller synchronises when it needs to
-        self.async_run.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._run_options = {}
         self.output_dtypes = {t["name"]: self.spec_dtype(t) for t in entry["outputs"]}
 
-    def run_device(self, inputs: dict[str, tuple[int, tuple, object]], outputs: dict[str, tuple[int, tuple, object]]):
-        """Queue one run on the stream over device memory: {name: (address, shape, dtype)}; no host synchronisation."""
-        self.binding.clear_binding_inputs()
-        self.binding.clear_binding_outputs()
+    def run_options(self, graph_id: int = PLAIN_RUN):
+        """Run options that leave the stream running (the caller synchronises when it needs to); with a CUDA graph
+        session, `graph_id` ≥ 0 names the graph captured (on the first runs) and replayed for one set of bindings."""
+        if graph_id not in self._run_options:
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            if self.cuda_graph:
+                options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._run_options[graph_id] = options
+        return self._run_options[graph_id]
+
+    def bind(self, binding, inputs: dict, outputs: dict) -> None:
+        """Bind device memory {name: (address, shape, dtype)} to `binding`."""
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         for name, (address, shape, dtype) in inputs.items():
-            self.binding.bind_input(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+            binding.bind_input(name, "cuda", 0, np.dtype(dtype), list(shape), address)
         for name, (address, shape, dtype) in outputs.items():
-            self.binding.bind_output(name, "cuda", 0, np.dtype(dtype), list(shape), address)
-        self._session.run_with_iobinding(self.binding, self.async_run)
+            binding.bind_output(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+
+    def run_bound(self, binding, graph_id: int = PLAIN_RUN) -> None:
+        """Queue one run of `binding` on the stream; no host synchronisation."""
+        self._session.run_with_iobinding(binding, self.run_options(graph_id))
+
+    def new_binding(self):
+        return self._session.io_binding()
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):
             raise UserError(f"{self.name}: takes inputs {list(self.inputs)}, was given {sorted(feeds)}")
         arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
         shapes = output_shapes(self.entry, {n: a.shape for n, a in arrays.items()})
-        self.binding.clear_binding_inputs()
-        self.binding.clear_binding_outputs()
-        for name, array in arrays.items():
-            address = self.buffers.put(name, array, self.stream)
-            self.binding.bind_input(name, "cuda", 0, array.dtype, list(array.shape), address)
-        out = {}
-        for name, shape in shapes.items():
-            out[name] = np.empty(shape, dtype=self.output_dtypes[name])
-            buffer = self.buffers.reserve(name, out[name].nbytes)
-            self.binding.bind_output(name, "cuda", 0, out[name].dtype, list(shape), buffer.ptr)
-        self._session.run_with_iobinding(self.binding)
+        inputs = {name: (self.buffers.put(name, array, self.stream), array.shape, array.dtype)
+                  for name, array in arrays.items()}
+        out = {name: np.empty(shape, dtype=self.output_dtypes[name]) for name, shape in shapes.items()}
+        outputs = {name: (self.buffers.reserve(name, array.nbytes).ptr, array.shape, array.dtype)
+                   for name, array in out.items()}
+        self.bind(self.binding, inputs, outputs)
+        self.run_bound(self.binding)
         for name, array in out.items():
             self.buffers[name].download(array, self.stream)
         self.stream.synchronize()
         return out
+
+
+class CheckedSession:
+    """A VAE on an fp16 file that may overflow: every output is checked for NaN / Inf; on the first bad one, a
+    warning, and the fp32 file computes this and every later call (so no black image is ever returned)."""
+
+    def __init__(self, fast: OrtCudaSession, make_fallback):
+        self.fast, self.make_fallback, self.fallback = fast, make_fallback, None
+
+    def __getattr__(self, name):
+        return getattr(self.fallback or self.fast, name)
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        if self.fallback is None:
+            out = self.fast.run(**feeds)
+            if all(np.isfinite(v).all() for v in out.values()):
+                return out
+            log.warning("%s: the fp16 VAE overflowed (NaN/Inf in the image); decoding in fp32 from now on "
+                        "(slower; export with --vae an fp16-safe VAE to avoid this)", self.fast.name)
+            self.fallback = self.make_fallback()
+        return self.fallback.run(**feeds)

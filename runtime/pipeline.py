@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import device_loop
-from .backends import load_backend
+from .backends import load_backend, used_files
 from .errors import UserError
 from .images import default_size, mask_to_array, to_model_input, to_pil
 from .manifest import load_manifest
@@ -81,11 +81,13 @@ class Pipeline:
                            for name, folder in data["tokenizers"].items()}
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True) -> Pipeline:
-        """Open an engine directory; every file is checked against the manifest (sizes, and sha256 by default)."""
+    def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
+             cuda_graphs: str = "loop") -> Pipeline:
+        """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
+        by default). `cuda_graphs`: ort-cuda's mode (loop, step, off: see device_loop.py)."""
         manifest = load_manifest(engine_dir)
-        manifest.check_files(hashes=check_hashes)
-        return cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes))
+        manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
+        return cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))
 
     @property
     def has_refiner(self) -> bool:

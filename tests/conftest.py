@@ -63,3 +63,16 @@ def tiny_engine(tmp_path_factory):
     report = export_engine_dir("tiny:base", out, refiner="tiny:refiner", verify=True, progress=False)
     assert len(report.verify_lines) >= 20
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tiny_engine, tmp_path_factory):
+    """A copy of tiny_engine with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda)."""
+    import shutil
+
+    from sdxl_trt.export.optimize import optimize_engine_dir
+
+    out = tmp_path_factory.mktemp("optimized") / "tiny"
+    shutil.copytree(tiny_engine, out)
+    optimize_engine_dir(out, progress=False)
+    return out

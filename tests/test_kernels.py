@@ -104,6 +104,22 @@ def test_scale_input_matches_the_sampler(gpu, dtype, name):
 
 
 @pytest.mark.gpu
+def test_select_timestep_follows_the_step_counter(gpu):
+    """The UNet's timestep input at each step of a schedule: the numpy loop's np.full(batch, timesteps[i])."""
+    kernels, to_device, empty, to_host = gpu
+    sampler = make_sampler("euler", CONFIG, 30)
+    batch = 4
+    table = to_device(np.repeat(sampler.timesteps[:, None], batch, axis=1).astype(np.float32))
+    step = to_device(np.array([3], np.int32))
+    out = empty((batch,), np.float32)
+    for i in range(3, 30):
+        kernels.select_timestep(table, out, step, batch)
+        np.testing.assert_array_equal(to_host(out, (batch,), np.float32),
+                                      np.full(batch, sampler.timesteps[i], dtype=np.float32))
+        kernels.advance_step(step)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_cfg_combine_matches_the_pipeline(gpu, dtype):
     kernels, to_device, empty, to_host = gpu

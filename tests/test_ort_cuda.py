@@ -73,3 +73,58 @@ def test_the_device_loop_computes_what_the_numpy_loop_computes(pipelines, sample
     error = rel_l2(on_device, numpy_loop)
     print(f"{sampler}: device loop vs numpy loop rel-L2 {error:.2e}")
     assert error < 1e-5
+
+
+# --- the optimized files (sdxl-trt optimize) and CUDA graphs --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_optimized, pipelines):
+    from sdxl_trt.runtime import Pipeline
+
+    return {mode: Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs=mode) for mode in ("off", "step", "loop")}
+
+
+def test_optimized_files_match_ort_cpu(optimized, pipelines):
+    """Fused attention, GroupNorm, NHWC convolutions, fp16 (the VAE too, with its overflow check)."""
+    _, cpu = pipelines
+    cuda = optimized["off"]
+    for name in ("unet", "unet_refiner", "clip_l", "clip_g", "vae_decoder"):
+        assert cuda.backend.session(name).file == "cuda", name
+    kw = dict(height=256, width=192, num_inference_steps=8, seed=11, output_type="latent", progress=False,
+              refiner_start=0.8)
+    error = rel_l2(cuda("a red bicycle", **kw).array, cpu("a red bicycle", **kw).array)
+    print(f"optimized files: final latents rel-L2 {error:.2e} (fused fp16 on CUDA vs fp32 on CPU)")
+    assert error < 1e-2
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 4, 32, 24)).astype(np.float32)
+    image, reference = cuda.decode(latents), cpu.decode(latents)
+    print(f"fp16 VAE decode: max abs difference {np.abs(image - reference).max():.2e}")
+    np.testing.assert_allclose(image, reference, atol=1e-2)
+    assert cuda.backend.session("vae_decoder").fallback is None  # the tiny VAE does not overflow fp16
+
+
+def test_cuda_graph_modes_compute_the_same_latents(optimized):
+    kw = dict(height=256, width=192, num_inference_steps=8, sampler="dpmpp_2m_karras", seed=3, output_type="latent",
+              progress=False, refiner_start=0.75)
+    plain = optimized["off"]("a lighthouse", **kw).array
+    assert optimized["off"].backend.device_loop.last_run == "off"
+    step = optimized["step"]
+    first, again = step("a lighthouse", **kw).array, step("a lighthouse", **kw).array
+    assert step.backend.device_loop.last_run == "step"
+    loop = optimized["loop"]
+    captured = loop("a lighthouse", **kw).array
+    assert loop.backend.device_loop.last_run == "loop-capture"
+    replayed = loop("a lighthouse", **kw).array
+    assert loop.backend.device_loop.last_run == "loop-replay"
+    other_seed = loop("a lighthouse", **{**kw, "seed": 4}).array  # new inputs through the same graph
+    assert loop.backend.device_loop.last_run == "loop-replay"
+    for name, got in (("step", first), ("step replayed", again), ("loop captured", captured),
+                      ("loop replayed", replayed)):
+        error = rel_l2(got, plain)
+        print(f"cuda graphs {name}: rel-L2 {error:.2e} against no graphs")
+        assert error < 2e-3, name  # other sessions may pick other cuDNN algorithms; same inputs otherwise
+    assert rel_l2(replayed, captured) < 1e-6 and rel_l2(again, first) < 1e-6
+    assert rel_l2(other_seed, replayed) > 0.1
+    np.testing.assert_allclose(other_seed, optimized["off"]("a lighthouse", **{**kw, "seed": 4}).array,
+                               rtol=0, atol=np.abs(plain).max() * 5e-3)

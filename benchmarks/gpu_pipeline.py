@@ -1,0 +1,259 @@
+"""sdxl-trt (`ort-cuda`) against diffusers eager fp16, in one process on one GPU: text-to-image end to end (prompt →
+decoded image), plus UNet step, VAE decode, text encoding, peak device memory and cold start. Writes JSON.
+
+    sdxl-trt export --model random:base --refiner random:refiner --out /root/full --precision fp32
+    sdxl-trt optimize /root/full
+    python benchmarks/gpu_pipeline.py --engine /root/full --out benchmarks/results/h100-sdxl-base-1024.json
+
+Both contenders get the same weights (the built-in random:base: diffusers' copy is built from the same seeds on the
+CPU in fp32, then moved to the GPU in fp16; its VAE upcasts to fp32 for decoding, as it ships), the same prompt,
+size, steps, sampler (Euler) and guidance. Every figure is a median of --runs runs after --warmup runs, timed with
+the device synchronised. sdxl-trt runs with each CUDA graph mode (loop / step / off), which shows the launch
+overhead the graphs remove. Cold start runs in child processes: `Pipeline.load` (file hashes checked) → first
+image, once with an empty kernel cache and once with it filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
+COLD_START = """
+import json, sys, time
+t0 = time.perf_counter()
+from sdxl_trt.runtime import Pipeline
+pipe = Pipeline.load(sys.argv[1], backend="ort-cuda")
+t1 = time.perf_counter()
+pipe(sys.argv[2], height=int(sys.argv[3]), width=int(sys.argv[4]), num_inference_steps=int(sys.argv[5]), seed=0,
+     output_type="np", progress=False)
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "first_image_s": t2 - t1, "total_s": t2 - t0}))
+"""
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 2)
+
+
+def device_used_gib() -> float:
+    from cuda.bindings import runtime as rt
+
+    _, free, total = rt.cudaMemGetInfo()
+    return (total - free) / 2**30
+
+
+def git_state() -> dict:
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def time_calls(fn, runs: int, warmup: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+def bench_ours(args, width: int, height: int) -> list[dict]:
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.cuda import DeviceBuffer
+
+    before = device_used_gib()
+    pipe = Pipeline.load(args.engine, backend="ort-cuda", cuda_graphs="loop")
+    stream = pipe.backend.stream
+    call = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                sampler="euler", seed=0, output_type="np", progress=False)
+    cases = []
+    for mode in ("loop", "step", "off"):
+        pipe.backend.device_loop.mode = mode
+        stages = {"text": [], "base": [], "vae": []}
+
+        def run(stages=stages):
+            result = pipe(PROMPT, **call)
+            for k in stages:
+                stages[k].append(result.timings[k])
+
+        samples = time_calls(run, args.runs, args.warmup, stream.synchronize)
+        runs = {k: v[-args.runs:] for k, v in stages.items()}
+        cases.append({"contender": "sdxl-trt", "backend": "ort-cuda", "cuda_graphs": mode,
+                      "last_run": pipe.backend.device_loop.last_run, "e2e_ms": median_ms(samples),
+                      "text_ms": median_ms(runs["text"]), "denoise_ms": median_ms(runs["base"]),
+                      "denoise_per_step_ms": round(median_ms(runs["base"]) / args.steps, 2),
+                      "vae_stage_ms": median_ms(runs["vae"])})
+        print(f"sdxl-trt ({mode}): {cases[-1]}", flush=True)
+
+    # the UNet alone (batch 2: classifier-free guidance), on device buffers: ONNX Runtime's CUDA graph and plain
+    session = pipe.backend.session("unet")
+    rng = np.random.default_rng(0)
+    h, w = height // 8, width // 8
+    arrays = {"sample": rng.standard_normal((2, 4, h, w)).astype(session.dtype("sample")),
+              "timestep": np.array([500, 500], np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 2048)).astype(session.dtype("encoder_hidden_states")),
+              "text_embeds": rng.standard_normal((2, 1280)).astype(session.dtype("text_embeds")),
+              "time_ids": np.array([[height, width, 0, 0, height, width]] * 2, np.float32)}
+    buffers = {k: DeviceBuffer(a.nbytes) for k, a in arrays.items()}
+    for k, a in arrays.items():
+        buffers[k].upload(a, stream)
+    out = DeviceBuffer(arrays["sample"].nbytes)
+    binding = session.new_binding()
+    session.bind(binding, {k: (buffers[k].ptr, a.shape, a.dtype) for k, a in arrays.items()},
+                 {"noise_pred": (out.ptr, arrays["sample"].shape, session.output_dtypes["noise_pred"])})
+    unet = {}
+    for label, graph_id in (("graph", 1000), ("plain", -1)):
+        samples = time_calls(lambda g=graph_id: session.run_bound(binding, g), args.runs * 4, 3, stream.synchronize)
+        unet[label] = median_ms(samples)
+
+    # the VAE alone: decode of one latent to a float image in [0, 1] on the host, as the pipeline does
+    latents = rng.standard_normal((1, 4, h, w)).astype(np.float32)
+    decode = median_ms(time_calls(lambda: pipe.decode(latents), args.runs, 1, stream.synchronize))
+    vae = pipe.backend.session("vae_decoder")
+    vae_file = getattr(vae, "fallback", None) and "fp32 (fallback)" or getattr(vae, "file", "?")
+    peak = device_used_gib() - before
+    for case in cases:
+        case.update({"unet_step_ms": unet["graph"], "unet_step_plain_ms": unet["plain"], "vae_decode_ms": decode,
+                     "vae_file": vae_file, "peak_device_gib": round(peak, 2)})
+    print(f"sdxl-trt: UNet step {unet} ms, VAE decode {decode} ms ({vae_file}), device memory {peak:.1f} GiB",
+          flush=True)
+    for b in [*buffers.values(), out]:
+        b.free()
+    return cases  # the pipeline goes with this frame: ONNX Runtime frees its sessions' memory
+
+
+def bench_diffusers(args, width: int, height: int) -> dict:
+    import torch
+
+    from sdxl_trt.export.reference import diffusers_pipeline
+    from sdxl_trt.export.sources import load_model
+
+    model = load_model(args.model, progress=False)  # CPU fp32 from the seeds the export used: the same weights
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = device_used_gib()
+    pipe = diffusers_pipeline(model).to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    del model
+    gc.collect()
+    sync = torch.cuda.synchronize
+    generator = torch.Generator("cuda")
+
+    def run():
+        generator.manual_seed(0)
+        with torch.no_grad():
+            pipe(PROMPT, height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                 generator=generator, output_type="np")
+
+    e2e = median_ms(time_calls(run, args.runs, args.warmup, sync))
+    peak = device_used_gib() - before
+    with torch.no_grad():
+        text = median_ms(time_calls(lambda: pipe.encode_prompt(PROMPT, device="cuda", do_classifier_free_guidance=True),
+                                    args.runs, 1, sync))
+        h, w = height // 8, width // 8
+        sample = torch.randn(2, 4, h, w, device="cuda", dtype=torch.float16)
+        context = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
+        added = {"text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16),
+                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2, device="cuda",
+                                          dtype=torch.float16)}
+        t = torch.tensor(500.0, device="cuda")
+        unet = median_ms(time_calls(lambda: pipe.unet(sample, t, context, added_cond_kwargs=added, return_dict=False),
+                                    args.runs * 4, 2, sync))
+        latents = torch.randn(1, 4, h, w, device="cuda", dtype=torch.float16)
+
+        def decode():  # as the pipeline decodes: the VAE upcast to fp32 (force_upcast), then the image processor
+            pipe.upcast_vae()
+            image = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pipe.vae.to(dtype=torch.float16)
+            return pipe.image_processor.postprocess(image, output_type="np")
+
+        vae = median_ms(time_calls(decode, args.runs, 1, sync))
+    case = {"contender": "diffusers", "mode": "eager fp16, VAE upcast to fp32", "e2e_ms": e2e, "text_ms": text,
+            "unet_step_ms": unet, "vae_decode_ms": vae, "peak_device_gib": round(peak, 2),
+            "torch_max_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    print(f"diffusers: {case}", flush=True)
+    return case
+
+
+def cold_starts(args, width: int, height: int) -> list[dict]:
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "SDXL_TRT_CACHE": cache}
+        for label in ("empty kernel cache", "kernel cache filled"):
+            run = subprocess.run([sys.executable, "-c", COLD_START, args.engine, PROMPT, str(height), str(width),
+                                  str(args.steps)], env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(f"cold start failed: {run.stderr.strip().splitlines()[-1:]}")
+            figures = json.loads(run.stdout.splitlines()[-1])
+            out.append({"cache": label, **{k: round(v, 2) for k, v in figures.items()}})
+            print(f"cold start ({label}): {out[-1]}", flush=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine", required=True, help="engine directory exported from --model and optimized for cuda")
+    p.add_argument("--model", default="random:base", help="the source of that export, for diffusers (a built-in)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--size", default="1024x1024")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--git", help="the commit measured, where the working tree has no .git (the device machine)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["diffusers", "cold-start"])
+    args = p.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    from sdxl_trt.runtime import tensorrt_api
+
+    device = tensorrt_api.gpu()
+    cold = [] if "cold-start" in args.skip else cold_starts(args, width, height)
+    cases = bench_ours(args, width, height)
+    gc.collect()
+    if "diffusers" not in args.skip:
+        cases.append(bench_diffusers(args, width, height))
+    common = {"width": width, "height": height, "steps": args.steps, "batch": 1, "guidance": args.guidance,
+              "sampler": "euler"}
+    cases = [{**c, **common} for c in cases]
+    git = git_state() if not args.git else {"commit": args.git, "dirty": False}
+    result = {"device": device.name if device else None,
+              "compute_capability": device.compute_capability if device else None,
+              "command": shlex.join([sys.executable, *sys.argv]),
+              "git": git, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "runs": args.runs, "warmup": args.warmup, "prompt": PROMPT, "cases": cases, "cold_start": cold}
+    reference = next((c for c in cases if c["contender"] == "diffusers"), None)
+    if reference:
+        result["speedup_vs_diffusers"] = {c["cuda_graphs"]: round(reference["e2e_ms"] / c["e2e_ms"], 2)
+                                          for c in cases if c["contender"] == "sdxl-trt"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result.get("speedup_vs_diffusers", {})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""`sdxl-trt optimize DIR --target cuda`: GPU-optimized fp16 files for the `ort-cuda` backend, beside the exported ones.
+
+From each component's fp32 file (the reference), in memory:
+  1. attention as one node (fuse_attention.py: com.microsoft MultiHeadAttention, Q/K/V projections kept apart),
+  2. ONNX Runtime's transformer fusions for its model type (unet / vae / clip): LayerNorm, SkipLayerNorm,
+     BiasSplitGelu, GroupNorm and SkipGroupNorm (channels-last), NhwcConv, BiasAdd; its own attention fusion and
+     Q/K/V packing are off (they do not match this export, and packing would stop LoRA from changing one of them),
+  3. ONNX Runtime's float16 conversion with the blocks of fp16.py (timestep embeddings, Resize scales in fp32),
+     type information from its symbolic shape inference (which knows the fused operators).
+This is ONNX Runtime's own recipe for Stable Diffusion (`onnxruntime.transformers.models.stable_diffusion`) plus the
+attention pass it is missing for this export. The fused operators run on the CUDA provider (GroupNorm, NhwcConv
+and BiasSplitGelu have no CPU kernels), so the result is checked on the GPU (tests/test_ort_cuda.py).
+
+The SDXL 1.0 VAE overflows fp16; its optimized file is fp16 anyway and flagged `overflow_check` in the manifest:
+`ort-cuda` checks every decoded image for NaN / Inf and decodes again with the fp32 file (with a warning) if
+it finds any, so a black image is never written.
+
+Each file is written atomically and recorded in the manifest under the component's `optimized` → `cuda` with the
+sha256 of the fp32 file it came from; running the command again skips what is up to date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from ..runtime import engines as eng
+from ..runtime.errors import UserError
+from ..runtime.fileio import atomic_file
+from ..runtime.manifest import file_record, load_manifest
+from .fuse_attention import MS_DOMAIN, drop_dead_nodes
+
+TARGETS = ("cuda",)
+MODEL_TYPES = {"unet": "unet", "unet_refiner": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+               "clip_l": "clip", "clip_g": "clip"}  # by contract
+FILE_NAMES = {"cuda": "model.cuda.fp16.onnx"}
+FUSED_OPS = ("MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization", "BiasSplitGelu", "GroupNorm",
+             "SkipGroupNorm", "NhwcConv", "BiasAdd")
+
+
+@dataclass
+class OptimizeReport:
+    root: Path
+    rows: list = field(default_factory=list)  # (component, fused counts, bytes, seconds or None if up to date)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{'component':<16}{'attention':>10}{'groupnorm':>10}{'layernorm':>10}{'nhwcconv':>9}{'size':>12}"
+                 f"{'time':>9}"]
+        for name, fused, size, seconds in self.rows:
+            norms = fused.get("GroupNorm", 0) + fused.get("SkipGroupNorm", 0)
+            layer = fused.get("LayerNormalization", 0) + fused.get("SkipLayerNormalization", 0)
+            took = "cached" if seconds is None else f"{seconds:.1f}s"
+            lines.append(f"{name:<16}{fused.get('MultiHeadAttention', 0):>10}{norms:>10}{layer:>10}"
+                         f"{fused.get('NhwcConv', 0):>9}{size / 1e6:>9.1f} MB{took:>9}")
+        lines.append(f"optimized {self.root} for cuda in {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components: list[str] | None = None,
+                        progress: bool = True) -> OptimizeReport:
+    started = time.perf_counter()
+    root = Path(engine_dir)
+    if target not in TARGETS:
+        raise UserError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    manifest = load_manifest(root)
+    names = list(manifest.components) if components is None else components
+    for name in names:
+        if name not in manifest.components:
+            raise UserError(f"--components: {root} has no {name!r} (it has {', '.join(manifest.components)})")
+        if "fp32" not in manifest.components[name]["precisions"]:
+            raise UserError(f"{root}: {name} has no fp32 file to optimize from; re-export it")
+    report = OptimizeReport(root)
+    with eng.locked(root):
+        for name in tqdm(names, desc=f"optimize for {target}", unit="model", disable=not progress):
+            manifest = load_manifest(root)
+            entry = manifest.components[name]
+            source = eng.onnx_sha256(manifest, name, "fp32")
+            done = entry.get("optimized", {}).get(target)
+            if done and done["from"] == source and all(
+                    manifest.path(f).is_file() for f in done["files"]):
+                report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
+                                    None))
+                continue
+            manifest.check_files(only=entry["files"]["fp32"])
+            t = time.perf_counter()
+            src = manifest.path(entry["precisions"]["fp32"])
+            dest = src.with_name(FILE_NAMES[target])
+            fused = optimize_file(src, dest, MODEL_TYPES[entry["contract"]], keep_io_types=_fp32_io(entry))
+            files = [dest] + ([dest.with_name(dest.name + ".data")] if dest.with_name(dest.name + ".data").exists()
+                              else [])
+            records = dict(file_record(root, f) for f in files)
+            overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
+            record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
+                      "from": source, "fused": fused, "overflow_check": overflow}
+
+            def change(data: dict, name=name, records=records, record=record) -> None:
+                data["files"].update(records)
+                data["components"][name].setdefault("optimized", {})[target] = record
+
+            eng.update_manifest(root, change)
+            report.rows.append((name, fused, sum(r["size"] for r in records.values()), time.perf_counter() - t))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _fp32_io(entry: dict) -> list[str]:
+    return [t["name"] for t in entry["inputs"] + entry["outputs"] if t["dtype"] == "float32"]
+
+
+def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[str]) -> dict[str, int]:
+    """Fused fp16 `dest` from the fp32 ONNX file `src`; returns the count of each fused operator.
+
+    Large weights never enter memory: the graph is rewritten around data-less stubs of them (fp16.load_stubbed;
+    norms and biases, which the fusions read, are loaded), and they are streamed from `src`'s data file into `dest`'s,
+    converted to fp16 (and, for NHWC convolutions, transposed) on the way. A full-size UNet takes seconds and
+    little memory instead of holding 10 GB of fp32 weights."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from .fp16 import fp16_options, load_stubbed, stub_to_fp16, stub_value_info, tidy_converted
+    from .fuse_attention import fuse_attention
+    from .onnx_export import write_model
+
+    model, stubs = load_stubbed(src, load_below=LOAD_BELOW)
+    attention = fuse_attention(model)
+    options = FusionOptions(model_type)
+    options.enable_attention = False  # done above; ORT's unet/vae patterns do not match an SDPA export
+    options.enable_packed_qkv = options.enable_packed_kv = False
+    with _quiet_onnxruntime_logs(), stub_value_info(), _nhwc_weights_as_transposes(stubs), _supported_group_norms():
+        optimized = optimize_model(model, model_type=model_type, opt_level=0, optimization_options=options,
+                                   use_gpu=True)
+        fused = {op: len(optimized.get_nodes_by_op_type(op)) for op in FUSED_OPS}
+        fused["MultiHeadAttention"] = attention
+        optimized.convert_float_to_float16(use_symbolic_shape_infer=True,
+                                           **fp16_options(optimized.model, keep_io_types))
+    model = optimized.model
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    transposed = _fold_weight_transposes(model, stubs)
+    drop_dead_nodes(model.graph)  # and initializers the fusions replaced
+    tidy_converted(model)
+    del model.graph.value_info[:]  # types only, and some from before the conversion: ORT infers them again
+
+    def transform(tensor, data: bytes) -> bytes:
+        if tensor.name in transposed:  # an NHWC convolution's weight: [out, in, kh, kw] → [out, kh, kw, in]
+            data = np.frombuffer(data, np.float32).reshape(transposed[tensor.name]).transpose(0, 2, 3, 1).tobytes()
+        return stub_to_fp16(tensor, data)
+
+    data_path = dest.with_name(dest.name + ".data")
+    data_path.unlink(missing_ok=True)  # a previous version's weights, if any
+    with atomic_file(dest) as tmp_path:  # the model file appears last, once its weights are complete
+        write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=data_path)
+    return fused
+
+
+LOAD_BELOW = 1 << 20  # bytes: weights smaller than this are read for the fusions (norm scales, biases)
+
+
+@contextlib.contextmanager
+def _nhwc_weights_as_transposes(stubs: dict):
+    """ONNX Runtime's NhwcConv fusion transposes each weight in memory; have it insert a Transpose node instead
+    (folded by _fold_weight_transposes), and let its 4-D check see a stub's shape."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from onnx import numpy_helper
+    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path, as it imports itself)
+
+    # ONNX Runtime's transformer scripts import one another as top-level modules: patch those
+    fusion_nhwc_conv = importlib.import_module("fusion_nhwc_conv")
+    onnx_model_unet = importlib.import_module("onnx_model_unet")
+
+    def to_array(tensor):
+        if tensor.name in stubs:
+            return np.broadcast_to(np.float32(0), tuple(tensor.dims))  # shape only, no memory
+        return numpy_helper.to_array(tensor)
+
+    def convert_conv_to_nhwc(self):
+        fusion_nhwc_conv.FusionNhwcConv(self, update_weight=False).apply()
+
+    with mock.patch.object(fusion_nhwc_conv, "numpy_helper", SimpleNamespace(to_array=to_array)), \
+            mock.patch.object(onnx_model_unet.UnetOnnxModel, "convert_conv_to_nhwc", convert_conv_to_nhwc):
+        yield
+
+
+@contextlib.contextmanager
+def _supported_group_norms():
+    """Fuse GroupNorm only where ONNX Runtime's CUDA kernel takes the shape: an even number of channels per group
+    (SDXL's 320-2560 channels in 32 groups are; a model with, say, 32 channels in 32 groups keeps its
+    InstanceNormalization form there, which runs anywhere)."""
+    from unittest import mock
+
+    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
+
+    fusion_group_norm = importlib.import_module("fusion_group_norm")
+    original = fusion_group_norm.FusionGroupNorm.fuse
+
+    def fuse(self, node, input_name_to_nodes, output_name_to_node):
+        added, removed = len(self.nodes_to_add), len(self.nodes_to_remove)
+        original(self, node, input_name_to_nodes, output_name_to_node)
+        for new in self.nodes_to_add[added:]:
+            if new.op_type == "GroupNorm" and not _cuda_group_norm_supports(self.model, new):
+                del self.nodes_to_add[added:]
+                del self.nodes_to_remove[removed:]
+                return
+
+    with mock.patch.object(fusion_group_norm.FusionGroupNorm, "fuse", fuse):
+        yield
+
+
+def _cuda_group_norm_supports(model, node) -> bool:
+    groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+    gamma = model.get_initializer(node.input[1])
+    channels = gamma.dims[0] if gamma is not None and len(gamma.dims) == 1 else 0
+    return groups > 0 and channels % groups == 0 and (channels // groups) % 2 == 0
+
+
+def _fold_weight_transposes(model, stubs: dict) -> dict[str, tuple]:
+    """Replace Transpose(weight, perm 0,2,3,1) by a transposed weight: in memory for loaded weights; for stubs, a new
+    stub over the same data, to be transposed when written. Returns {new stub: source dims}."""
+    from onnx import numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    transposed, folded = {}, {}
+    for node in model.graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type != "Transpose" or perm != [[0, 2, 3, 1]] or node.input[0] not in weights:
+            continue
+        source = weights[node.input[0]]
+        name = f"{source.name}_nhwc"
+        if source.name in stubs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(source)
+            tensor.name = name
+            del tensor.dims[:]
+            tensor.dims.extend([source.dims[i] for i in (0, 2, 3, 1)])
+            stubs[name] = stubs[source.name]
+            transposed[name] = tuple(source.dims)
+        else:
+            tensor = numpy_helper.from_array(numpy_helper.to_array(source).transpose(0, 2, 3, 1), name)
+        model.graph.initializer.append(tensor)
+        folded[node.output[0]] = name
+    if folded:
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name in folded:
+                    node.input[i] = folded[name]
+        drop_dead_nodes(model.graph)
+    return transposed
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_logs():
+    """ONNX Runtime's fusion scripts log every pattern they try at INFO / WARNING; keep errors only."""
+    logger = logging.getLogger("onnxruntime.transformers")
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("onnx_model", "fusion", "float16",
+                                                                         "shape_infer", "symbolic"))]
+    loggers = [logger] + [logging.getLogger(n) for n in names]
+    levels = [x.level for x in loggers]
+    for x in loggers:
+        x.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for x, level in zip(loggers, levels):
+            x.setLevel(level)

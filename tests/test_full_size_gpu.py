@@ -1,0 +1,127 @@
+"""Full-size SDXL (random:base + random:refiner, the official architectures with seeded random weights) on `ort-cuda`
+against diffusers' fp16 pipelines on the same weights, on the GPU: 1024², 30 Euler steps, CFG 5.
+
+  - per-step UNet: every UNet call diffusers makes (its exact inputs recorded) is replayed through our optimized
+    fp16 UNet; rel-L2 of each noise prediction ≤ 1.5e-2 (fp16 on both sides, different kernels);
+  - final latents: our whole pipeline (device loop, CUDA graphs) from the same initial noise: rel-L2 ≤ 3e-2.
+
+Needs an engine directory of those models (minutes to make, so it is made once and named here):
+    sdxl-trt export --model random:base --refiner random:refiner --out DIR --precision fp32
+    sdxl-trt optimize DIR
+    SDXL_TRT_FULL_DIR=DIR pytest -m gpu tests/test_full_size_gpu.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+FULL_DIR = os.environ.get("SDXL_TRT_FULL_DIR")
+UNET_TOL = 1.5e-2
+LATENT_TOL = 3e-2
+PROMPT, SIZE, STEPS, GUIDANCE, SEED = "a photograph of an astronaut riding a horse", 1024, 30, 5.0, 7
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def engine_dir():
+    if not FULL_DIR:
+        pytest.skip("set SDXL_TRT_FULL_DIR to an export of random:base + random:refiner (see the module doc)")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return FULL_DIR
+
+
+@pytest.fixture(scope="module")
+def ours(engine_dir):
+    from sdxl_trt.runtime import Pipeline
+
+    return Pipeline.load(engine_dir, backend="ort-cuda")
+
+
+def reference(role: str):
+    """diffusers' pipeline on the same weights: built on the CPU in fp32 from the same seeds as the export, then
+    moved to the GPU in fp16 (the VAE upcasts itself to fp32 for decoding, as it ships)."""
+    from sdxl_trt.export.reference import diffusers_pipeline
+    from sdxl_trt.export.sources import load_model
+
+    model = load_model(f"random:{role}", progress=False)
+    return diffusers_pipeline(model).to("cuda", torch.float16)
+
+
+class Recorder:
+    """Wraps a diffusers UNet: keeps every call's inputs and output (on the host)."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+        self.forward = unet.forward
+
+    def __enter__(self):
+        def forward(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kw):
+            out = self.forward(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, **kw)
+            t = timestep.expand(sample.shape[0]) if torch.is_tensor(timestep) else torch.full((sample.shape[0],), timestep)
+            self.calls.append({"sample": sample.float().cpu().numpy(), "timestep": t.float().cpu().numpy(),
+                               "encoder_hidden_states": encoder_hidden_states.float().cpu().numpy(),
+                               "text_embeds": added_cond_kwargs["text_embeds"].float().cpu().numpy(),
+                               "time_ids": added_cond_kwargs["time_ids"].float().cpu().numpy(),
+                               "out": out[0].float().cpu().numpy()})
+            return out
+
+        self.unet.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        self.unet.forward = self.forward
+
+
+def check_unet_steps(ours, component: str, calls: list) -> list[float]:
+    session = ours.backend.session(component)
+    errors = []
+    for call in calls:
+        got = session.run(**{k: v for k, v in call.items() if k != "out"})["noise_pred"]
+        errors.append(rel_l2(got, call["out"]))
+    return errors
+
+
+def test_full_size_base_and_refiner_match_diffusers_fp16(ours):
+    noise = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+
+    base = reference("base")
+    with Recorder(base.unet) as base_calls, torch.no_grad():
+        expected = base(PROMPT, latents=torch.from_numpy(noise).to("cuda", torch.float16), output_type="latent",
+                        **kw).images.float().cpu().numpy()
+    errors = check_unet_steps(ours, "unet", base_calls.calls)
+    got = ours(PROMPT, latents=noise, sampler="euler", output_type="latent", progress=False, **kw).array
+    final = rel_l2(got, expected)
+    print(f"base: {len(errors)} UNet calls, rel-L2 max {max(errors):.2e} median {np.median(errors):.2e}; "
+          f"final latents rel-L2 {final:.2e} (device loop: {ours.backend.device_loop.last_run})")
+    assert len(errors) == STEPS and max(errors) <= UNET_TOL
+    assert final <= LATENT_TOL
+
+    # the refiner as the second expert from 0.8 of the schedule, diffusers' base → refiner hand-over
+    refiner = reference("refiner")
+    with torch.no_grad():
+        handed = base(PROMPT, latents=torch.from_numpy(noise).to("cuda", torch.float16), output_type="latent",
+                      denoising_end=0.8, **kw).images
+        with Recorder(refiner.unet) as refiner_calls:
+            expected = refiner(PROMPT, image=handed, denoising_start=0.8, output_type="latent",
+                               **kw).images.float().cpu().numpy()
+    errors = check_unet_steps(ours, "unet_refiner", refiner_calls.calls)
+    got = ours(PROMPT, latents=noise, sampler="euler", output_type="latent", progress=False, refiner_start=0.8,
+               **kw).array
+    final = rel_l2(got, expected)
+    print(f"refiner: {len(errors)} UNet calls, rel-L2 max {max(errors):.2e} median {np.median(errors):.2e}; "
+          f"final latents rel-L2 {final:.2e}")
+    assert len(errors) >= 5 and max(errors) <= UNET_TOL
+    assert final <= LATENT_TOL

@@ -1,0 +1,209 @@
+"""`sdxl-trt optimize --target cuda`: attention fused into one node (checked against torch's SDPA on ONNX Runtime
+CPU), ONNX Runtime's transformer fusions counted, files recorded in the manifest, re-runs cached. The fused files'
+numbers on the GPU are checked in test_ort_cuda.py (GroupNorm, NhwcConv and BiasSplitGelu have no CPU kernels)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from sdxl_trt.export.fuse_attention import fuse_attention
+from sdxl_trt.runtime.cli import main
+from sdxl_trt.runtime.manifest import load_manifest
+
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+
+def op_counts(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+class Attention(torch.nn.Module):
+    """Self- or cross-attention the way diffusers' AttnProcessor2_0 computes it (separate Q/K/V projections, SDPA)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, scale: float | None):
+        super().__init__()
+        self.heads, self.scale = heads, scale
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, dim, bias=True)
+        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        b = x.shape[0]
+        d = self.to_q.out_features // self.heads
+        q, k, v = (t.view(b, -1, self.heads, d).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, self.heads * d))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_fused_attention_matches_torch_sdpa(tmp_path, scale):
+    torch.manual_seed(0)
+    module = Attention(64, 48, heads=4, scale=scale).eval()
+    x, context = torch.randn(2, 37, 64), torch.randn(2, 11, 48)
+    path = tmp_path / "attention.onnx"
+    with torch.no_grad():
+        torch.onnx.export(module, (x, context), str(path), dynamo=False, opset_version=17, input_names=["x", "context"],
+                          output_names=["out"], dynamic_axes={"x": {0: "B", 1: "S"}, "context": {0: "B", 1: "L"}})
+        x2, c2 = torch.randn(3, 50, 64), torch.randn(3, 20, 48)  # other batch and lengths than traced
+        expected = module(x2, c2).numpy()
+    model = onnx.load(str(path))
+    assert fuse_attention(model) == 1
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    assert counts["MultiHeadAttention"] == 1 and counts["Softmax"] == 0 and counts["MatMul"] == 4  # q, k, v, out
+    node = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == 4
+    assert ("scale" in attrs) == (scale is not None)  # the computed 1/sqrt(d) is MultiHeadAttention's own default
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x2.numpy(), "context": c2.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_with_a_mask_is_left_alone(tmp_path):
+    """CLIP's causal attention adds a mask before the softmax: not the pattern, so nothing changes."""
+    class Masked(Attention):
+        def forward(self, x, context):
+            b, d = x.shape[0], self.to_q.out_features // self.heads
+            q, k, v = (t.view(b, -1, self.heads, d).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, -1, 64)
+
+    path = tmp_path / "masked.onnx"
+    torch.onnx.export(Masked(64, 64, 4, None).eval(), (torch.randn(1, 5, 64), torch.randn(1, 5, 64)), str(path),
+                      dynamo=False, opset_version=17)
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    assert fuse_attention(model) == 0 and len(model.graph.node) == before
+
+
+def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
+    manifest = load_manifest(tiny_optimized)
+    for name, entry in manifest.components.items():
+        record = entry["optimized"]["cuda"]
+        path = manifest.path(record["path"])
+        counts = op_counts(path)
+        softmax_before = op_counts(manifest.path(entry["precisions"]["fp32"]))["Softmax"]
+        assert {op: counts[op] for op in record["fused"]} == record["fused"], name
+        if entry["contract"].startswith(("unet", "vae")):
+            # every attention is one node; GroupNorm and NHWC convolutions fused
+            assert record["fused"]["MultiHeadAttention"] == softmax_before > 0 and counts["Softmax"] == 0, name
+            assert counts["GroupNorm"] + counts["SkipGroupNorm"] > 0 and counts["NhwcConv"] > 0, name
+            assert counts["Conv"] == 0, name
+        if entry["contract"].startswith("unet"):
+            assert counts["BiasSplitGelu"] > 0 and counts["SkipLayerNormalization"] > 0
+        weights = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+        for node in onnx.load(str(path), load_external_data=False).graph.node:
+            if node.op_type in ("GroupNorm", "SkipGroupNorm"):  # only shapes ONNX Runtime's CUDA kernel takes
+                groups = next(a.i for a in node.attribute if a.name == "groups")
+                assert weights[node.input[1]].dims[0] // groups % 2 == 0, (name, node.name)
+        assert record["overflow_check"] == (entry["contract"].startswith("vae") and "fp16" not in entry["precisions"])
+        # fp16 inside, the contract's float32 inputs (timesteps, time ids) and fp32 outputs kept
+        model = onnx.load(str(path), load_external_data=False)
+        io = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+        for spec in entry["inputs"] + entry["outputs"]:
+            expected = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}.get(
+                spec["dtype"], onnx.TensorProto.FLOAT16)
+            assert io[spec["name"]] == expected, (name, spec["name"])
+        for relative in record["files"]:
+            assert relative in manifest.data["files"]
+        onnx.checker.check_model(str(path))
+        # every weight is there, in half the bytes
+        fp32_bytes = sum(manifest.data["files"][f]["size"] for f in entry["files"]["fp32"])
+        fp16_bytes = sum(manifest.data["files"][f]["size"] for f in record["files"])
+        assert 0.45 < fp16_bytes / fp32_bytes < 0.56, name
+    manifest.check_files()  # sizes and hashes of everything, optimized files included
+
+
+def test_optimize_again_skips_what_is_up_to_date(tiny_optimized, tmp_path, capsys):
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_optimized, root)
+    before = json.loads((root / "manifest.json").read_text())
+    assert main(["optimize", str(root), "--components", "unet", "clip_l"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cached") == 2
+    assert json.loads((root / "manifest.json").read_text()) == before
+    (root / before["components"]["clip_l"]["optimized"]["cuda"]["path"]).unlink()
+    assert main(["optimize", str(root), "--components", "clip_l"]) == 0  # a missing file is made again
+    assert "cached" not in capsys.readouterr().out
+    load_manifest(root).check_files()
+
+
+def test_optimize_refuses_bad_input(tiny_engine, tmp_path, capsys):
+    assert main(["optimize", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["optimize", str(tiny_engine), "--components", "transformer"]) == 2
+    assert "has no 'transformer'" in capsys.readouterr().err
+    root = tmp_path / "fp16only"
+    shutil.copytree(tiny_engine, root)
+    data = json.loads((root / "manifest.json").read_text())
+    del data["components"]["clip_l"]["precisions"]["fp32"]
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert main(["optimize", str(root), "--components", "clip_l"]) == 2
+    assert "no fp32 file" in capsys.readouterr().err
+    fp32 = root / data["components"]["clip_g"]["precisions"]["fp32"]
+    fp32.write_bytes(fp32.read_bytes()[:100])  # truncated
+    assert main(["optimize", str(root), "--components", "clip_g"]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_a_vae_that_overflows_is_decoded_again_in_fp32(caplog):
+    """ort-cuda's check on an fp16 VAE that may overflow (runs on the CPU with stand-in sessions)."""
+    from sdxl_trt.runtime.ort_cuda import CheckedSession
+
+    class Fake:
+        name = "vae_decoder"
+
+        def __init__(self, value):
+            self.value, self.calls = value, 0
+
+        def run(self, **feeds):
+            self.calls += 1
+            return {"image": np.full((1, 3, 8, 8), self.value, np.float32)}
+
+    fast, fp32 = Fake(0.5), Fake(0.25)
+    session = CheckedSession(fast, lambda: fp32)
+    assert session.run(latent=None)["image"][0, 0, 0, 0] == 0.5 and fp32.calls == 0
+    fast.value = np.nan
+    with caplog.at_level(logging.WARNING):
+        assert session.run(latent=None)["image"][0, 0, 0, 0] == 0.25
+    assert "overflowed" in caplog.text and "fp32" in caplog.text
+    assert session.run(latent=None)["image"][0, 0, 0, 0] == 0.25 and fast.calls == 2 and fp32.calls == 2
+
+
+def test_large_weights_are_streamed_not_loaded(tiny_engine, tmp_path, monkeypatch, capfd):
+    """With the weights in an external file and treated as large (stubs: full-size models), the optimized file is the
+    same graph with the same weights as when everything is in memory (NHWC transposes and fp16 applied on the way)."""
+    import sdxl_trt.export.optimize as opt
+    from onnx import numpy_helper
+
+    src = tiny_engine / "onnx" / "unet" / "model.onnx"
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(src)), str(external), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    in_memory = opt.optimize_file(src, tmp_path / "a" / "model.cuda.fp16.onnx", "unet", ["timestep", "time_ids"])
+    capfd.readouterr()
+    monkeypatch.setattr(opt, "LOAD_BELOW", 4096)  # biases (≤ 2 KB here) are read, every weight matrix is a stub
+    streamed = opt.optimize_file(external, tmp_path / "b" / "model.cuda.fp16.onnx", "unet", ["timestep", "time_ids"])
+    assert "fail" not in capfd.readouterr().out.lower()  # ONNX Runtime's shape inference worked around the stubs
+    assert streamed == in_memory
+    a = onnx.load(str(tmp_path / "a" / "model.cuda.fp16.onnx"))
+    b = onnx.load(str(tmp_path / "b" / "model.cuda.fp16.onnx"))
+    assert (tmp_path / "b" / "model.cuda.fp16.onnx.data").stat().st_size > 1e6  # the stubs were written out
+    assert [(n.op_type, list(n.input)) for n in a.graph.node] == [(n.op_type, list(n.input)) for n in b.graph.node]
+    weights_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    weights_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert weights_a.keys() == weights_b.keys()
+    for name, value in weights_a.items():
+        assert value.dtype == weights_b[name].dtype and np.array_equal(value, weights_b[name]), name
+    assert any(name.endswith("_nhwc") for name in weights_a)
