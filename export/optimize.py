@@ -135,7 +135,7 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
     options = FusionOptions(model_type)
     options.enable_attention = False  # done above; ORT's unet/vae patterns do not match an SDPA export
     options.enable_packed_qkv = options.enable_packed_kv = False
-    with _quiet_onnxruntime_logs(), stub_value_info(), _nhwc_weights_as_transposes(stubs), _supported_group_norms():
+    with _quiet_onnxruntime_logs(), stub_value_info(), _nhwc_weights_as_transposes(stubs), _cuda_kernel_shapes_only():
         optimized = optimize_model(model, model_type=model_type, opt_level=0, optimization_options=options,
                                    use_gpu=True)
         fused = {op: len(optimized.get_nodes_by_op_type(op)) for op in FUSED_OPS}
@@ -192,29 +192,41 @@ def _nhwc_weights_as_transposes(stubs: dict):
         yield
 
 
+BIAS_SPLIT_GELU_SIZES = (2560, 5120, 6144, 10240, 12288)  # the hidden sizes ONNX Runtime's CUDA kernel takes
+
+
 @contextlib.contextmanager
-def _supported_group_norms():
-    """Fuse GroupNorm only where ONNX Runtime's CUDA kernel takes the shape: an even number of channels per group
-    (SDXL's 320-2560 channels in 32 groups are; a model with, say, 32 channels in 32 groups keeps its
-    InstanceNormalization form there, which runs anywhere)."""
+def _cuda_kernel_shapes_only():
+    """Fuse GroupNorm and BiasSplitGelu only where ONNX Runtime's CUDA kernels take the shape (they fail at run time
+    otherwise): GroupNorm with an even number of channels per group, BiasSplitGelu at the hidden sizes its kernel
+    is built for. SDXL's layers all qualify; a model with, say, 32 channels in 32 groups keeps the plain form
+    there, which runs anywhere."""
     from unittest import mock
 
     from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
 
-    fusion_group_norm = importlib.import_module("fusion_group_norm")
-    original = fusion_group_norm.FusionGroupNorm.fuse
+    def only_if(fusion_class, op_type, supported):
+        original = fusion_class.fuse
 
-    def fuse(self, node, input_name_to_nodes, output_name_to_node):
-        added, removed = len(self.nodes_to_add), len(self.nodes_to_remove)
-        original(self, node, input_name_to_nodes, output_name_to_node)
-        for new in self.nodes_to_add[added:]:
-            if new.op_type == "GroupNorm" and not _cuda_group_norm_supports(self.model, new):
+        def fuse(self, node, input_name_to_nodes, output_name_to_node):
+            added, removed = len(self.nodes_to_add), len(self.nodes_to_remove)
+            original(self, node, input_name_to_nodes, output_name_to_node)
+            if any(n.op_type == op_type and not supported(self.model, n) for n in self.nodes_to_add[added:]):
                 del self.nodes_to_add[added:]
                 del self.nodes_to_remove[removed:]
-                return
 
-    with mock.patch.object(fusion_group_norm.FusionGroupNorm, "fuse", fuse):
+        return mock.patch.object(fusion_class, "fuse", fuse)
+
+    group_norm = importlib.import_module("fusion_group_norm").FusionGroupNorm
+    split_gelu = importlib.import_module("fusion_biassplitgelu").FusionBiasSplitGelu
+    with only_if(group_norm, "GroupNorm", _cuda_group_norm_supports), \
+            only_if(split_gelu, "BiasSplitGelu", _cuda_bias_split_gelu_supports):
         yield
+
+
+def _cuda_bias_split_gelu_supports(model, node) -> bool:
+    bias = model.get_initializer(node.input[1])
+    return bias is not None and len(bias.dims) == 1 and bias.dims[0] // 2 in BIAS_SPLIT_GELU_SIZES
 
 
 def _cuda_group_norm_supports(model, node) -> bool:

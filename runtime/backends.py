@@ -34,14 +34,20 @@ def check_onnxruntime_install() -> None:
         raise UserError("ONNX Runtime is not installed: install sdxl-trt[cpu] (or sdxl-trt[gpu] on a GPU machine)")
 
 
-def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """A component's output shapes from its input shapes, through the contract's symbolic dimensions
-    (B, S, h, w, H, W; pixels = 8 × latent)."""
+def symbol_values(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The contract's symbolic dimensions (B, S, h, w, …) as given by concrete input shapes."""
     symbols: dict[str, int] = {}
     for spec in entry["inputs"]:
         for dim, value in zip(spec["shape"], input_shapes[spec["name"]]):
             if isinstance(dim, str):
                 symbols[dim] = int(value)
+    return symbols
+
+
+def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A component's output shapes from its input shapes, through the contract's symbolic dimensions
+    (B, S, h, w, H, W; pixels = 8 × latent)."""
+    symbols = symbol_values(entry, input_shapes)
     for big, small in (("H", "h"), ("W", "w")):
         if small in symbols:
             symbols.setdefault(big, symbols[small] * 8)
@@ -53,8 +59,11 @@ def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
 class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
-    def __init__(self, manifest: Manifest, component: str, precision: str, providers: list, path: str | None = None):
-        """`path`: a file other than the component's `precision` file (an optimized one), in that precision."""
+    def __init__(self, manifest: Manifest, component: str, precision: str, providers: list, path: str | None = None,
+                 dims: dict[str, int] | None = None):
+        """`path`: a file other than the component's `precision` file (an optimized one), in that precision.
+        `dims`: values for the contract's symbolic dimensions (B, S, h, w): a session for that one shape, in which
+        ONNX Runtime folds the shape arithmetic away."""
         import onnxruntime as ort
 
         entry = manifest.components.get(component)
@@ -69,6 +78,9 @@ class OrtSession:
         self.output_names = [t["name"] for t in entry["outputs"]]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        for name, value in (dims or {}).items():
+            options.add_free_dimension_override_by_name(name, int(value))
+        self.dims = dict(dims or {})
         self.path = manifest.path(path or entry["precisions"][precision])
         self._session = ort.InferenceSession(str(self.path), options, providers=providers)
 
@@ -119,7 +131,7 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
     return files
 
 
-def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "loop"):
+def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step"):
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
     if name == "ort-cuda":

@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), ort-cuda (a GPU; fastest after `sdxl-trt "
                    "optimize`), tensorrt or tensorrt-rtx (engines from `sdxl-trt build`, on a GPU)")
-    g.add_argument("--cuda-graphs", choices=["loop", "step", "off"], default="loop",
-                   help="ort-cuda: the whole denoising loop as one CUDA graph (loop, default), ONNX Runtime's graph of "
-                   "the UNet per step (step), or none (off)")
+    g.add_argument("--cuda-graphs", choices=["step", "loop", "off"], default="step",
+                   help="ort-cuda: ONNX Runtime's CUDA graph of the UNet replayed each step (step, default), the whole "
+                   "denoising loop as one CUDA graph (loop: experimental), or none (off)")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")

@@ -3,12 +3,15 @@ its per-step coefficients and the step counter all stay in device memory; each s
 kernel, the timestep selection, the UNet (IOBinding on those buffers), the guidance kernel, the sampler's step
 kernel and the counter's advance on one stream, with no host synchronisation until the final latents are read back.
 
-CUDA graphs (`cuda_graphs`):
-  - "loop": the whole loop for one (UNet, shape, sampler, steps, guidance) is captured as one CUDA graph on its
-    first call (after running it once normally, which also warms up cuDNN's algorithm search) and replayed by one
-    launch on later calls. Inputs are uploaded into the same device buffers each call; if a buffer had to move
-    (a larger input), the graph is captured again. If capture fails, a warning, and "step" from then on.
-  - "step": ONNX Runtime's own CUDA graph of the UNet (one `gpu_graph_id` per shape), our kernels between replays.
+CUDA graphs (the backend's `cuda_graphs`), on a UNet session made for the loop's shape (ort_cuda.loop_session):
+  - "step" (default): ONNX Runtime's own CUDA graph of the UNet (one `gpu_graph_id` per shape), captured on its
+    first runs and replayed each step, our kernels queued between the replays.
+  - "loop" (experimental): the whole loop for one (UNet, shape, sampler, steps, guidance) captured as one CUDA graph
+    of ours on its first call (after running it once normally, which also warms up cuDNN's algorithm search) and
+    replayed by one launch on later calls. Inputs are uploaded into the same device buffers each call; if a buffer
+    had to move, the graph is captured again. ONNX Runtime 1.31 waits on a host event inside a run of a session
+    that copies shape values to the GPU, which breaks a capture (seen on the H100 with an unoptimized file) and
+    leaves that session unusable; a failed capture warns, drops that session and falls back to "step".
   - "off": every kernel and UNet run launched one by one.
 Every buffer a graph reads sits at a fixed address per shape (the timestep too: `select_timestep` copies the
 current step's row into it), so the per-step work is the same each time and only the counter on the device moves.
@@ -47,13 +50,12 @@ class _Shape:
 
 
 class DeviceLoop:
-    def __init__(self, backend, cuda_graphs: str = "loop"):
+    def __init__(self, backend):
         import cuda.core as core
 
         from ..kernels.nvrtc import StepKernels
 
         self.backend = backend
-        self.mode = cuda_graphs
         self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr))
         self._shapes: dict[tuple, _Shape] = {}
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
@@ -62,13 +64,15 @@ class DeviceLoop:
                 noise: np.ndarray | None = None) -> np.ndarray:
         """`evals` of `sampler` from `latents` [N,4,h,w] fp32 with cond = (context, pooled, time_ids) as the numpy
         loop takes them (negatives first under guidance); `noise`: [n_evals, N,4,h,w] for samplers that draw it."""
-        session = self.backend.session(unet)
         embeds, pooled, time_ids = cond
         guided = guidance_scale > 1.0
         copies = 2 if guided else 1
         n = latents.size
         batch = copies * latents.shape[0]
         sample_shape = (batch, *latents.shape[1:])
+        session = self.backend.loop_session(unet, {"sample": sample_shape, "timestep": (batch,),
+                                                   "encoder_hidden_states": embeds.shape,
+                                                   "text_embeds": pooled.shape, "time_ids": time_ids.shape})
         sample_dtype = session.dtype("sample")
         out_dtype = session.output_dtypes["noise_pred"]
         key = (unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape)
@@ -99,13 +103,13 @@ class DeviceLoop:
         prev = empty("prev", n * 4)
         noise_ptr = put("noise", noise.astype(np.float32)) if noise is not None else 0
         addresses = {name: buffer.ptr for name, buffer in pool.items()}
-        if shape.binding is None or shape.binding[1] != addresses:
+        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
             binding = session.new_binding()
             shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
                       "timestep": (batch,), "sample": sample_shape}
             session.bind(binding, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
                          {"noise_pred": (pred, sample_shape, out_dtype)})
-            shape.binding = (binding, addresses)
+            shape.binding = (binding, addresses, session)
             for graph, _ in shape.loops.values():
                 graph.close()
             shape.loops.clear()
@@ -113,7 +117,7 @@ class DeviceLoop:
         k = self.kernels
         # ONNX Runtime's graph of this shape ("step"), or plain runs. Graphs need a session on an optimized file, which
         # ONNX Runtime accepted for CUDA graphs (every compute node on the GPU: no host copies inside a run)
-        mode = self.mode if session.cuda_graph else "off"
+        mode = self.backend.cuda_graphs if session.cuda_graph else "off"
         graph_id = shape.graph_id if mode == "step" else -1
 
         def body(i: int, graph_id: int) -> None:
@@ -151,11 +155,13 @@ class DeviceLoop:
             stream.synchronize()
             with graph.capture(stream):
                 queue_loop()
-        except Exception as e:  # a library call that cannot be captured: per-step graphs instead
+        except Exception as e:  # a library call that cannot be captured: per-step graphs on a fresh session
             graph.close()
             log.warning("the denoising loop could not be captured as one CUDA graph (%s); using ONNX Runtime's "
-                        "per-step CUDA graphs instead", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self.mode = "step"
+                        "per-step CUDA graphs instead", str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            self.backend.cuda_graphs = "step"
+            self.backend.drop_loop_sessions()
+            self._shapes.clear()
             return
         shape.loops[loop_key] = (graph, dict(shape.binding[1]))
         self.last_run = "loop-capture"

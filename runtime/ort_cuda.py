@@ -5,9 +5,11 @@ backend.
 
 Files: a component's GPU-optimized file (`sdxl-trt optimize DIR --target cuda`: fused attention, GroupNorm, NHWC
 convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets on an
-optimized file get ONNX Runtime's CUDA graphs (`enable_cuda_graph`, one `gpu_graph_id` per shape), which the device
-loop uses (device_loop.py). A VAE whose optimized fp16 file may overflow (the SDXL 1.0 VAE: `overflow_check` in the
-manifest) is checked after every decode: NaN or Inf in the image → a warning and the fp32 file from then on.
+optimized file run in the device loop (device_loop.py) on a session made for the loop's shape (free dimensions
+fixed, so ONNX Runtime folds the shape arithmetic that would otherwise need host copies) with ONNX Runtime's CUDA
+graphs (`enable_cuda_graph`, a `gpu_graph_id` per shape). A VAE whose optimized fp16 file may overflow (the SDXL
+1.0 VAE: `overflow_check` in the manifest) is checked after every decode: NaN or Inf in the image → a warning and
+the fp32 file from then on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import numpy as np
 
 from . import tensorrt_api
-from .backends import OrtSession, check_onnxruntime_install, output_shapes
+from .backends import OrtSession, check_onnxruntime_install, output_shapes, symbol_values
 from .cuda import BufferPool, Stream
 from .errors import UserError
 from .manifest import Manifest
@@ -29,9 +31,9 @@ PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA g
 class OrtCudaBackend:
     name = "ort-cuda"
 
-    def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "loop"):
-        """`cuda_graphs`: "loop" (the whole denoising loop as one CUDA graph, where it can be captured), "step"
-        (ONNX Runtime's CUDA graph of the UNet, replayed each step) or "off"."""
+    def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "step"):
+        """`cuda_graphs`: "step" (ONNX Runtime's CUDA graph of the UNet, replayed each step), "loop" (the whole
+        denoising loop captured as one CUDA graph of our own: experimental, see device_loop.py) or "off"."""
         check_onnxruntime_install()
         import onnxruntime as ort
 
@@ -48,6 +50,7 @@ class OrtCudaBackend:
         self.stream = stream or Stream()
         self.cuda_graphs = cuda_graphs
         self._sessions: dict[str, OrtCudaSession | CheckedSession] = {}
+        self._shaped: dict[str, OrtCudaSession] = {}  # component → its session for one shape (CUDA graphs)
         self._loop = None
 
     @property
@@ -56,15 +59,15 @@ class OrtCudaBackend:
         if self._loop is None:
             from .device_loop import DeviceLoop
 
-            self._loop = DeviceLoop(self, self.cuda_graphs)
+            self._loop = DeviceLoop(self)
         return self._loop
 
     def session(self, component: str):
+        """The component's session for any shape (plain runs)."""
         if component not in self._sessions:
             entry = self.manifest.components.get(component, {})
             optimized = entry.get("optimized", {}).get("cuda")
-            session = OrtCudaSession(self.manifest, component, self.stream,
-                                     cuda_graph=self.cuda_graphs != "off" and entry.get("contract", "").startswith("unet"))
+            session = OrtCudaSession(self.manifest, component, self.stream)
             if optimized and optimized.get("overflow_check") and session.file == "cuda":
                 session = CheckedSession(session, lambda: OrtCudaSession(self.manifest, component, self.stream,
                                                                           file="fp32"))
@@ -72,7 +75,28 @@ class OrtCudaBackend:
         return self._sessions[component]
 
 
-CUDA_GRAPH_MODES = ("loop", "step", "off")
+    def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
+        """The session the device loop runs `component` (a UNet) with at these input shapes: with CUDA graphs on and
+        an optimized file, a session made for exactly this shape (ONNX Runtime then folds the shape arithmetic that
+        would otherwise run on the host, which CUDA graphs require), the last one kept per component; otherwise
+        the component's session for any shape."""
+        entry = self.manifest.components[component]
+        if self.cuda_graphs == "off" or session_file(entry)[0] != "cuda":
+            return self.session(component)
+        dims = symbol_values(entry, input_shapes)
+        current = self._shaped.get(component)
+        if current is None or current.dims != dims:
+            self._shaped.pop(component, None)  # one full-size UNet's weights at a time
+            self._shaped[component] = OrtCudaSession(self.manifest, component, self.stream, cuda_graph=True,
+                                                     dims=dims)
+        return self._shaped[component]
+
+
+    def drop_loop_sessions(self) -> None:
+        self._shaped.clear()
+
+
+CUDA_GRAPH_MODES = ("step", "loop", "off")
 
 
 def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
@@ -88,7 +112,7 @@ def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | 
 
 class OrtCudaSession(OrtSession):
     def __init__(self, manifest: Manifest, component: str, stream: Stream, file: str | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, dims: dict[str, int] | None = None):
         entry = manifest.components.get(component, {})
         self.file, precision, path = session_file(entry, file)
         cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), "cudnn_conv_algo_search": "EXHAUSTIVE",
@@ -97,14 +121,14 @@ class OrtCudaSession(OrtSession):
         if self.cuda_graph:
             cuda["enable_cuda_graph"] = "1"
         try:
-            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path)
-        except Exception as e:  # ONNX Runtime refuses CUDA graphs when a compute node would run on the CPU
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims)
+        except Exception as e:  # ONNX Runtime refuses CUDA graphs when a node needs a host copy (shape arithmetic)
             if not self.cuda_graph:
                 raise
             log.warning("%s: no CUDA graphs (%s)", component, str(e).splitlines()[0][:200])
             self.cuda_graph = False
             del cuda["enable_cuda_graph"]
-            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path)
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims)
         self.stream = stream
         self.buffers = BufferPool()
         self.binding = self._session.io_binding()

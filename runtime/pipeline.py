@@ -82,9 +82,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
-             cuda_graphs: str = "loop") -> Pipeline:
+             cuda_graphs: str = "step") -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
-        by default). `cuda_graphs`: ort-cuda's mode (loop, step, off: see device_loop.py)."""
+        by default). `cuda_graphs`: ort-cuda's mode (step, loop, off: see device_loop.py)."""
         manifest = load_manifest(engine_dir)
         manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
         return cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))

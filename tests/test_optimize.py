@@ -100,7 +100,8 @@ def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
             assert counts["GroupNorm"] + counts["SkipGroupNorm"] > 0 and counts["NhwcConv"] > 0, name
             assert counts["Conv"] == 0, name
         if entry["contract"].startswith("unet"):
-            assert counts["BiasSplitGelu"] > 0 and counts["SkipLayerNormalization"] > 0
+            # the tiny UNet's feed-forward (hidden 512) is not a size ONNX Runtime's BiasSplitGelu kernel takes
+            assert counts["BiasSplitGelu"] == 0 and counts["SkipLayerNormalization"] > 0
         weights = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
         for node in onnx.load(str(path), load_external_data=False).graph.node:
             if node.op_type in ("GroupNorm", "SkipGroupNorm"):  # only shapes ONNX Runtime's CUDA kernel takes
@@ -207,3 +208,22 @@ def test_large_weights_are_streamed_not_loaded(tiny_engine, tmp_path, monkeypatc
     for name, value in weights_a.items():
         assert value.dtype == weights_b[name].dtype and np.array_equal(value, weights_b[name]), name
     assert any(name.endswith("_nhwc") for name in weights_a)
+
+
+def test_a_session_for_one_shape_computes_what_the_any_shape_session_does(tiny_engine):
+    """What the CUDA graph path relies on: free dimensions fixed at session creation (checked on the CPU)."""
+    from sdxl_trt.runtime.backends import OrtSession, symbol_values
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_engine)
+    rng = np.random.default_rng(0)
+    feeds = dict(sample=rng.standard_normal((2, 4, 24, 16)).astype(np.float32), timestep=np.array([9.0, 9.0], np.float32),
+                 encoder_hidden_states=rng.standard_normal((2, 77, 96)).astype(np.float32),
+                 text_embeds=rng.standard_normal((2, 64)).astype(np.float32),
+                 time_ids=np.array([[192, 128, 0, 0, 192, 128]] * 2, np.float32))
+    dims = symbol_values(manifest.components["unet"], {k: v.shape for k, v in feeds.items()})
+    assert dims == {"B": 2, "h": 24, "w": 16, "S": 77}
+    fixed = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"], dims=dims)
+    anyshape = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"])
+    np.testing.assert_allclose(fixed.run(**feeds)["noise_pred"], anyshape.run(**feeds)["noise_pred"], rtol=1e-5,
+                               atol=1e-5)
