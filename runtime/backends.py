@@ -111,6 +111,9 @@ class OrtCpuBackend:
             self._sessions[component] = OrtSession(self.manifest, component, self.precision, ["CPUExecutionProvider"])
         return self._sessions[component]
 
+    def release(self, component: str) -> None:
+        self._sessions.pop(component, None)
+
 
 def used_files(name: str, manifest: Manifest) -> list[str] | None:
     """The exported files backend `name` reads (None: all of them), so that opening an engine directory hashes only

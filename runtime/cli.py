@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", choices=["step", "loop", "off"], default="step",
                    help="ort-cuda: ONNX Runtime's CUDA graph of the UNet replayed each step (step, default), the whole "
                    "denoising loop as one CUDA graph (loop: experimental), or none (off)")
+    g.add_argument("--low-memory", action="store_true", help="load each model when its stage starts and free it "
+                   "after; decode images larger than the model's size (1024x1024) in tiles")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")

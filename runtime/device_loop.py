@@ -147,6 +147,15 @@ class DeviceLoop:
         stream.synchronize()
         return out
 
+    def forget(self, unet: str) -> None:
+        """Drop the buffers, bindings and graphs kept for `unet`'s shapes."""
+        for key in [k for k in self._shapes if k[0] == unet]:
+            shape = self._shapes.pop(key)
+            for graph, _ in shape.loops.values():
+                graph.close()
+            for buffer in shape.buffers.values():
+                buffer.free()
+
     def _capture(self, shape: _Shape, loop_key: tuple, queue_loop) -> None:
         """Record the loop (already run once, so every algorithm is chosen and memory is pooled) as one graph."""
         stream = self.backend.stream

@@ -65,7 +65,7 @@ def generate(args) -> list[Path]:
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs)
+    pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,

@@ -95,6 +95,13 @@ class OrtCudaBackend:
     def drop_loop_sessions(self) -> None:
         self._shaped.clear()
 
+    def release(self, component: str) -> None:
+        """Free a component's sessions (and the device loop's buffers for it): ONNX Runtime frees their memory."""
+        self._sessions.pop(component, None)
+        self._shaped.pop(component, None)
+        if self._loop is not None:
+            self._loop.forget(component)
+
 
 CUDA_GRAPH_MODES = ("step", "loop", "off")
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import device_loop
 from .backends import load_backend, used_files
+from .tiling import decode_tiled
 from .errors import UserError
 from .images import default_size, mask_to_array, to_model_input, to_pil
 from .manifest import load_manifest
@@ -71,6 +72,8 @@ def image_seeds(seed: int | None, n: int) -> list[int]:
 
 class Pipeline:
     device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
+    low_memory = False  # free each model once its stage is done and decode in tiles (see `load`)
+    vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
 
     def __init__(self, manifest, backend):
         self.manifest = manifest
@@ -82,12 +85,27 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
-             cuda_graphs: str = "step") -> Pipeline:
+             cuda_graphs: str = "step", low_memory: bool = False) -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
-        by default). `cuda_graphs`: ort-cuda's mode (step, loop, off: see device_loop.py)."""
+        by default). `cuda_graphs`: ort-cuda's mode (step, loop, off: see device_loop.py). `low_memory`: models are
+        loaded when their stage starts and freed when it ends (text encoders, then the UNets, then the VAE), and
+        images larger than the model's default size are decoded in tiles (tiling.py)."""
         manifest = load_manifest(engine_dir)
         manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
-        return cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))
+        pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))
+        pipe.low_memory = low_memory
+        return pipe
+
+    def _components(self, role: str, *kinds: str) -> list[str]:
+        """The engine directory's names for a role's components of these kinds (those it has)."""
+        names = self.roles[role]["components"]
+        return [names[k] for k in kinds if k in names]
+
+    def _release(self, *components: str) -> None:
+        """With low_memory, free these models' sessions (the backend loads them again when next asked)."""
+        if self.low_memory and hasattr(self.backend, "release"):
+            for name in components:
+                self.backend.release(name)
 
     @property
     def has_refiner(self) -> bool:
@@ -258,6 +276,7 @@ class Pipeline:
         cond = self.encode_prompt(role, prompts, negatives, guidance, windows)
         cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
         timings["text"] = time.perf_counter() - t
+        self._release(*self._components(role, "clip_l", "clip_g"))
 
         t = time.perf_counter()
         inpaint = None
@@ -288,6 +307,7 @@ class Pipeline:
         latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress,
                                 inpaint)
         timings[role] = time.perf_counter() - t
+        self._release(*self._components(role, "unet", "vae_encoder"))
 
         if refiner_start is not None or refine_strength is not None:
             t = time.perf_counter()
@@ -306,12 +326,14 @@ class Pipeline:
             latents = self._denoise("refiner", latents, refiner, evals, ref_cond, guidance_scale, guidance_rescale,
                                     rngs, progress)
             timings["refiner"] = time.perf_counter() - t
+            self._release(*self._components("refiner", "clip_l", "clip_g", "unet"))
 
         if output_type == "latent":
             return Result(None, latents, seeds, timings)
         t = time.perf_counter()
         array = self.decode(latents)
         timings["vae"] = time.perf_counter() - t
+        self._release(*self._components("base" if "base" in self.roles else "refiner", "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
         return Result(images, array, seeds, timings)
 
@@ -385,11 +407,20 @@ class Pipeline:
         return int(round(train - fraction * train))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents → images [N,H,W,3] in [0,1], as diffusers' VAE decode + image processor (no clipping loss)."""
+        """Latents → images [N,H,W,3] in [0,1], as diffusers' VAE decode + image processor (no clipping loss); with
+        `low_memory`, in tiles of the model's default size, as diffusers' decode with `enable_tiling()`."""
         shift = self.model.get("vae_shift_factor") or 0.0
         latent = latents / np.float32(self.model["vae_scaling_factor"]) + np.float32(shift)
-        vae = self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_decoder"]
-        image = self.backend.session(vae).run(latent=latent)["image"].astype(np.float32)
+        vae = self.backend.session(self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_decoder"])
+
+        def run(part: np.ndarray) -> np.ndarray:
+            return vae.run(latent=np.ascontiguousarray(part))["image"]
+
+        if self.low_memory:
+            scale = self.model["vae_scale_factor"]
+            image = decode_tiled(run, latent, self.vae_tile or self.model["default_size"] // scale, scale)
+        else:
+            image = run(latent).astype(np.float32)
         if not np.isfinite(image).all():
             raise UserError("the VAE produced NaN/Inf (an fp16 overflow?); run the VAE in fp32")
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

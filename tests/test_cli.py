@@ -129,6 +129,17 @@ def test_generate_writes_pngs_with_their_parameters(tiny_engine, tmp_path, capsy
             assert params["seed"] == seed and params["prompt"] == "a cat" and len(params["manifest_sha256"]) == 64
 
 
+def test_generate_low_memory_and_cuda_graph_flags(tiny_engine, tmp_path, capsys):
+    out = tmp_path / "low.png"
+    assert main(["generate", str(tiny_engine), "a cat", "--size", "64x96", "--steps", "2", "--seed", "1",
+                 "--low-memory", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.size == (64, 96)
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", str(tiny_engine), "a cat", "--cuda-graphs", "sometimes"])
+    assert exit.value.code == 2 and "--cuda-graphs" in capsys.readouterr().err
+
+
 def test_generate_long_prompt_chunks(tiny_engine, tmp_path):
     out = tmp_path / "long.npy"
     assert main(["generate", str(tiny_engine), "castle " * 150, "--long-prompt", "chunk", "--size", "64x64",
