@@ -16,6 +16,8 @@ def inspect_data(engine_dir) -> dict:
     sizes = {}
     for name, entry in manifest.components.items():
         sizes[name] = {p: sum(data["files"][f]["size"] for f in files) for p, files in entry["files"].items()}
+        for target, record in entry.get("optimized", {}).items():  # `sdxl-trt optimize`
+            sizes[name][f"{target} {record['precision']}"] = sum(data["files"][f]["size"] for f in record["files"])
     engines = []
     for path, record in manifest.engines.items():
         problem = eng.engine_problem(manifest, path, record, device, check_hash=False)

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import UserError
-from .fileio import atomic_file
+from .fileio import atomic_file, cache_dir
 
 MANIFEST = "manifest.json"
+SETTLED_NS = 3_000_000_000  # see checked_sha256
 FORMAT = "sdxl-trt-engine-dir"
 FORMAT_VERSION = 1
 EXPORT_HINT = "re-run `sdxl-trt export` into a fresh directory"
@@ -38,6 +40,37 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def checked_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in the cache (`sha256/`) under the file's identity and last change (device,
+    inode, size, modification and status-change times): a file not written since it was last hashed is not read
+    again, so a second start does not re-read gigabytes of weights. Any write changes the status-change time, which
+    no user can set back."""
+    stat = path.stat()
+    key = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    try:
+        record = cache_dir("sha256") / (hashlib.sha256(str(path.resolve()).encode()).hexdigest() + ".json")
+    except OSError:  # no cache folder to be had: hash every time
+        record = None
+    if record is not None and record.is_file():
+        try:
+            cached = json.loads(record.read_text(encoding="utf-8"))
+            if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("sha256"), str):
+                return cached["sha256"]
+        except (OSError, ValueError):
+            pass
+    digest = sha256_file(path)
+    # a file changed within the last seconds could change again within the same clock tick, unseen by its times
+    # ("racily clean", as git calls it): remember only files that have been still for a while
+    settled = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS
+    if record is not None and settled:
+        try:
+            with atomic_file(record) as tmp:
+                tmp.write_text(json.dumps({"path": str(path.resolve()), "key": key, "sha256": digest}), encoding="utf-8")
+        except OSError:
+            pass  # a read-only cache only costs the next start a re-read
+    return digest
 
 
 def file_record(root: Path, path: Path) -> tuple[str, dict]:
@@ -52,7 +85,7 @@ def file_problem(path: Path, record: dict, check_hash: bool, changed: str) -> st
     size = path.stat().st_size
     if size != record["size"]:
         return f"{path} has {size} bytes, the manifest says {record['size']}: truncated or replaced"
-    if check_hash and sha256_file(path) != record["sha256"]:
+    if check_hash and checked_sha256(path) != record["sha256"]:
         return f"{path} does not match its sha256 in the manifest: {changed}"
     return None
 

@@ -123,6 +123,9 @@ def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
         fp16_bytes = sum(manifest.data["files"][f]["size"] for f in record["files"])
         assert 0.45 < fp16_bytes / fp32_bytes < 0.56, name
     manifest.check_files()  # sizes and hashes of everything, optimized files included
+    from sdxl_trt.runtime.inspect import inspect_dir
+
+    assert inspect_dir(tiny_optimized).count("cuda fp16") == len(manifest.components)
 
 
 def test_optimize_again_skips_what_is_up_to_date(tiny_optimized, tmp_path, capsys):
