@@ -9,8 +9,9 @@ Both contenders get the same weights (the built-in random:base: diffusers' copy 
 CPU in fp32, then moved to the GPU in fp16; its VAE upcasts to fp32 for decoding, as it ships), the same prompt,
 size, steps, sampler (Euler) and guidance. Every figure is a median of --runs runs after --warmup runs, timed with
 the device synchronised. sdxl-trt runs with each CUDA graph mode (loop / step / off), which shows the launch
-overhead the graphs remove. Cold start runs in child processes: `Pipeline.load` (file hashes checked) → first
-image, once with an empty kernel cache and once with it filled.
+overhead the graphs remove. Cold start runs last, in child processes: `Pipeline.load` (file hashes checked) → first
+image, once with an empty cache (kernels, file hashes) and once with it filled. The JSON is rewritten after each
+part (`complete` says whether all ran), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -243,26 +244,34 @@ def main() -> int:
     from sdxl_trt.runtime import tensorrt_api
 
     device = tensorrt_api.gpu()
-    cold = [] if "cold-start" in args.skip else cold_starts(args, width, height)
-    cases = bench_ours(args, width, height)
-    gc.collect()
-    if "diffusers" not in args.skip:
-        cases.append(bench_diffusers(args, width, height))
     common = {"width": width, "height": height, "steps": args.steps, "batch": 1, "guidance": args.guidance,
               "sampler": "euler"}
-    cases = [{**c, **common} for c in cases]
     git = git_state() if not args.git else {"commit": args.git, "dirty": False}
     result = {"device": device.name if device else None,
               "compute_capability": device.compute_capability if device else None,
               "command": shlex.join([sys.executable, *sys.argv]),
               "git": git, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "runs": args.runs, "warmup": args.warmup, "prompt": PROMPT, "cases": cases, "cold_start": cold}
-    reference = next((c for c in cases if c["contender"] == "diffusers"), None)
-    if reference:
+              "runs": args.runs, "warmup": args.warmup, "prompt": PROMPT, "cases": [], "cold_start": [],
+              "complete": False}
+
+    def save() -> None:  # after every part, so that a run cut short still leaves what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    result["cases"] = [{**c, **common} for c in bench_ours(args, width, height)]
+    save()
+    gc.collect()
+    if "diffusers" not in args.skip:
+        reference = {**bench_diffusers(args, width, height), **common}
+        result["cases"].append(reference)
         result["speedup_vs_diffusers"] = {c["cuda_graphs"]: round(reference["e2e_ms"] / c["e2e_ms"], 2)
-                                          for c in cases if c["contender"] == "sdxl-trt"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+                                          for c in result["cases"] if c["contender"] == "sdxl-trt"}
+        save()
+    if "cold-start" not in args.skip:
+        gc.collect()  # the children need the device memory the contenders above held
+        result["cold_start"] = cold_starts(args, width, height)
+    result["complete"] = True
+    save()
     print(json.dumps(result.get("speedup_vs_diffusers", {})))
     return 0
 

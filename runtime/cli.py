@@ -53,6 +53,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_optimize(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"sdxl-trt optimize needs {' and '.join(missing)}: pip install 'sdxl-trt[export,gpu]' "
+                        "(or [export,cpu]; optimizing needs no GPU)")
     from ..export.optimize import optimize_engine_dir
 
     print(optimize_engine_dir(args.dir, target=args.target, components=args.components).summary())

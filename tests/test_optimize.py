@@ -160,6 +160,16 @@ def test_optimize_refuses_bad_input(tiny_engine, tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
+def test_optimize_without_onnx_says_what_to_install(tiny_engine, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["optimize", str(tiny_engine)]) == 2
+    err = capsys.readouterr().err
+    assert "needs onnx" in err and "pip install" in err and "Traceback" not in err
+
+
 def test_a_vae_that_overflows_is_decoded_again_in_fp32(caplog):
     """ort-cuda's check on an fp16 VAE that may overflow (runs on the CPU with stand-in sessions)."""
     from sdxl_trt.runtime.ort_cuda import CheckedSession
