@@ -170,7 +170,8 @@ class DeviceLoop:
                         "per-step CUDA graphs instead", str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             self.backend.cuda_graphs = "step"
             self.backend.drop_loop_sessions()
-            self._shapes.clear()
+            for unet in {key[0] for key in self._shapes}:
+                self.forget(unet)
             return
         shape.loops[loop_key] = (graph, dict(shape.binding[1]))
         self.last_run = "loop-capture"
