@@ -12,6 +12,7 @@ gives the same image on every backend that implements the same stream.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from .images import default_size, mask_to_array, to_model_input, to_pil
 from .manifest import load_manifest
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
-from .validate import check_size, positive_int
+from .validate import MAX_IMAGES, check_size, finite, positive_int
 
 log = logging.getLogger("sdxl_trt")
 
@@ -68,6 +69,30 @@ def image_seeds(seed: int | None, n: int) -> list[int]:
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63 - n))
     return [seed + i for i in range(n)]
+
+
+OUT_OF_MEMORY = ("Failed to allocate memory", "out of memory", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
+                 "std::bad_alloc")
+
+
+def _out_of_memory_as_user_error(generate):
+    """Running out of host or device memory (numpy, ONNX Runtime, CUDA, TensorRT) becomes a one-line UserError
+    that says what to reduce, instead of a library's traceback."""
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return generate(self, *args, **kwargs)
+        except MemoryError:
+            raise UserError("out of memory: lower --size or --batch, or use --low-memory") from None
+        except UserError:
+            raise
+        except Exception as e:
+            if any(marker in str(e) for marker in OUT_OF_MEMORY):
+                raise UserError("out of memory: lower --size or --batch, or use --low-memory "
+                                f"({str(e).splitlines()[0][-160:]})") from None
+            raise
+
+    return wrapper
 
 
 class Pipeline:
@@ -214,6 +239,7 @@ class Pipeline:
                 latents = ((1 - inpaint.mask) * known + inpaint.mask * latents).astype(np.float32)
         return latents
 
+    @_out_of_memory_as_user_error
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "euler",
@@ -254,6 +280,11 @@ class Pipeline:
         height, width = height or size, width or size
         self._check(height, width, num_inference_steps, num_images_per_prompt, output_type, image, latents,
                     strength, refiner_start, refine_strength)
+        finite(guidance_scale, "guidance")
+        finite(guidance_rescale, "guidance rescale", 0.0, 1.0)
+        if len(prompts) * num_images_per_prompt > MAX_IMAGES:
+            raise UserError(f"{len(prompts) * num_images_per_prompt} images in one call (prompts × batch) is more than "
+                            f"the {MAX_IMAGES} one call makes; split the work into several calls")
         if refiner_start is not None:
             denoising_end = refiner_start
         role = "base" if "base" in self.roles else "refiner"
@@ -328,6 +359,9 @@ class Pipeline:
             timings["refiner"] = time.perf_counter() - t
             self._release(*self._components("refiner", "clip_l", "clip_g", "unet"))
 
+        if not np.isfinite(latents).all():
+            raise UserError("the denoising loop produced NaN/Inf latents (an fp16 overflow in the UNet, or extreme "
+                            "guidance); nothing was written")
         if output_type == "latent":
             return Result(None, latents, seeds, timings)
         t = time.perf_counter()

@@ -8,6 +8,8 @@ from .errors import UserError
 
 # SDXL's VAE maps 8×8 pixels to one latent: image sides must be multiples of 8.
 VAE_FACTOR = 8
+MAX_PIXELS = 4096 * 4096  # per image: 16 times SDXL's native area; beyond it one image needs tens of GB
+MAX_IMAGES = 16  # per call (prompts × batch)
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
@@ -21,8 +23,23 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
 
 
 def check_size(width: int, height: int, what: str | None = None) -> None:
+    what = what or f"size {width}x{height}"
     if width <= 0 or height <= 0 or width % VAE_FACTOR or height % VAE_FACTOR:
-        raise UserError(f"{what or f'size {width}x{height}'}: width and height must be positive multiples of {VAE_FACTOR}")
+        raise UserError(f"{what}: width and height must be positive multiples of {VAE_FACTOR}")
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{what}: larger than the {MAX_PIXELS // 2**20} megapixels this runtime accepts per image "
+                        "(SDXL is trained at about 1 megapixel)")
+
+
+def finite(value: float, flag: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite number, within [low, high] where given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise UserError(f"{flag} {value!r}: expected a finite number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"between {low} and {high}" if low is not None and high is not None else \
+            f"at least {low}" if low is not None else f"at most {high}"
+        raise UserError(f"{flag} {value!r}: expected a number {span}")
+    return value
 
 
 def positive_int(value: int, flag: str) -> int:

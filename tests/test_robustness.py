@@ -1,0 +1,115 @@
+"""Whatever a user gives `sdxl-trt generate`, the answer is an image or a one-line error with exit status 2, never a
+traceback (property-based, hypothesis); and a long run in one process keeps its memory and its results (soak)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sdxl_trt.runtime import Pipeline  # noqa: E402
+from sdxl_trt.runtime.cli import main  # noqa: E402
+
+SAMPLERS = ["euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "ddim", "lcm", "tcd"]
+prompts = st.one_of(st.text(max_size=60), st.text(alphabet=st.characters(codec="utf-8"), min_size=300, max_size=5000),
+                    st.sampled_from(["", " ", "🚀🎨 a rocket", "a\x00b\x1b[31mred", "日本の城", "\u202e reversed"]))
+sizes = st.one_of(st.tuples(st.sampled_from([64, 72, 96]), st.sampled_from([64, 80])).map(lambda s: f"{s[0]}x{s[1]}"),
+                  st.sampled_from(["63x64", "0x64", "-64x64", "64", "64x64x64", "axb", "", "1e9x64", "64X64"]))
+numbers = st.one_of(st.integers(-3, 3).map(str), st.sampled_from(["nan", "inf", "-inf", "1e400", "2.5", "", "x"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(prompt=prompts, size=sizes, steps=numbers, guidance=numbers, seed=st.one_of(numbers, st.just(str(2**70))),
+       sampler=st.one_of(st.sampled_from(SAMPLERS), st.text(max_size=8)), batch=numbers,
+       strength=st.one_of(st.none(), numbers))
+def test_generate_answers_every_input_cleanly(tiny_engine, tmp_path_factory, capsys, prompt, size, steps, guidance,
+                                              seed, sampler, batch, strength):
+    out = tmp_path_factory.mktemp("out") / "x.npy"
+    argv = ["generate", str(tiny_engine), prompt, "--size", size, "--steps", steps, "--guidance", guidance,
+            "--seed", seed, "--sampler", sampler, "--batch", batch, "--output-type", "latent", "--out", str(out)]
+    if strength is not None:
+        argv += ["--strength", strength]
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse: not a number where one is needed
+        status = e.code
+    err = capsys.readouterr().err
+    assert status in (0, 2), err
+    if status == 0:
+        assert out.exists() or any(out.parent.iterdir())
+    else:
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert not any(out.parent.iterdir())  # nothing written on failure
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or sys.platform != "linux", reason="reads /proc")
+def test_soak_300_generations_keep_memory_and_results(tiny_engine):
+    pipe = Pipeline.load(tiny_engine)
+    kw = dict(height=64, width=64, num_inference_steps=2, seed=3, output_type="np", progress=False)
+    first = pipe("a soak test, 🚀", **kw).array
+    for _ in range(30):  # warm-up: allocator pools and ONNX Runtime's arenas reach their size
+        pipe("a soak test, 🚀", **kw)
+    gc.collect()
+    before = rss_bytes()
+    for i in range(300):
+        got = pipe("a soak test, 🚀", **kw).array
+        assert np.array_equal(got, first), f"generation {i} differs"
+    gc.collect()
+    after = rss_bytes()
+    growth = after / before - 1
+    print(f"RSS {before / 1e6:.0f} MB → {after / 1e6:.0f} MB after 300 generations ({growth:+.1%})")
+    assert growth < 0.05 and not math.isnan(growth)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "17"], "more than the 16"),
+    (["--batch", "100000"], "more than the 16"),
+    (["--size", "100000x100000"], "megapixels"),
+    (["--size", "4104x4104"], "megapixels"),
+    (["--guidance", "nan"], "guidance nan: expected a finite number"),
+    (["--guidance", "inf"], "guidance inf: expected a finite number"),
+    (["--guidance-rescale", "nan"], "guidance rescale nan"),
+    (["--guidance-rescale", "1.5"], "between 0.0 and 1.0"),
+    (["--guidance-rescale", "-0.1"], "between 0.0 and 1.0"),
+])
+def test_limits_and_non_finite_numbers_are_refused(tiny_engine, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    argv = ["generate", str(tiny_engine), "a cat", "--steps", "1"] + ([] if "--size" in extra else ["--size", "64x64"])
+    assert main(argv + extra + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch, capsys):
+    """What ONNX Runtime raises when its arena cannot grow, turned into a one-line error with what to reduce."""
+    pipe = Pipeline.load(tiny_engine)
+    session = pipe.backend.session("unet")
+
+    def fail(**feeds):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 Failed to allocate memory for requested "
+                           "buffer of size 40000000000")
+
+    monkeypatch.setattr(session, "run", fail)
+    from sdxl_trt.runtime import UserError
+
+    with pytest.raises(UserError, match="out of memory: lower --size or --batch, or use --low-memory"):
+        pipe("a cat", height=64, width=64, num_inference_steps=1, progress=False)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug and keeps its traceback
+        monkeypatch.setattr(session, "run", lambda **feeds: 1 / 0)
+        pipe("a cat", height=64, width=64, num_inference_steps=1, progress=False)
