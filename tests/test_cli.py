@@ -166,6 +166,15 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     (["--latents", "{tmp}/missing.npy"], "--latents"),
     (["--prompts", "{tmp}/missing.txt"], "--prompts"),
     (["--backend", "magic"], "magic"),
+    (["--batch", "17"], "more than the 16"),
+    (["--batch", "100000"], "more than the 16"),
+    (["--size", "100000x100000"], "megapixels"),
+    (["--size", "4104x4104"], "megapixels"),
+    (["--guidance", "nan"], "guidance nan: expected a finite number"),
+    (["--guidance", "inf"], "guidance inf: expected a finite number"),
+    (["--guidance-rescale", "nan"], "guidance rescale nan"),
+    (["--guidance-rescale", "1.5"], "between 0.0 and 1.0"),
+    (["--guidance-rescale", "-0.1"], "between 0.0 and 1.0"),
 ])
 def test_generate_bad_input_writes_nothing(tiny_engine, tmp_path, argv, message, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]

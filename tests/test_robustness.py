@@ -76,26 +76,6 @@ def test_soak_300_generations_keep_memory_and_results(tiny_engine):
     assert growth < 0.05 and not math.isnan(growth)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch", "17"], "more than the 16"),
-    (["--batch", "100000"], "more than the 16"),
-    (["--size", "100000x100000"], "megapixels"),
-    (["--size", "4104x4104"], "megapixels"),
-    (["--guidance", "nan"], "guidance nan: expected a finite number"),
-    (["--guidance", "inf"], "guidance inf: expected a finite number"),
-    (["--guidance-rescale", "nan"], "guidance rescale nan"),
-    (["--guidance-rescale", "1.5"], "between 0.0 and 1.0"),
-    (["--guidance-rescale", "-0.1"], "between 0.0 and 1.0"),
-])
-def test_limits_and_non_finite_numbers_are_refused(tiny_engine, tmp_path, capsys, extra, message):
-    out = tmp_path / "x.png"
-    argv = ["generate", str(tiny_engine), "a cat", "--steps", "1"] + ([] if "--size" in extra else ["--size", "64x64"])
-    assert main(argv + extra + ["--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-    assert not out.exists()
-
-
 def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch, capsys):
     """What ONNX Runtime raises when its arena cannot grow, turned into a one-line error with what to reduce."""
     pipe = Pipeline.load(tiny_engine)
