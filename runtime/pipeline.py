@@ -65,7 +65,12 @@ def draw(rngs, shape) -> np.ndarray:
     return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
 
 
+MAX_SEED = 2**64 - 1  # as torch generators take
+
+
 def image_seeds(seed: int | None, n: int) -> list[int]:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - n):
+        raise UserError(f"seed {seed!r}: expected a whole number from 0 to {MAX_SEED - n}")
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63 - n))
     return [seed + i for i in range(n)]

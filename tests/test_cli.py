@@ -175,6 +175,8 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     (["--guidance-rescale", "nan"], "guidance rescale nan"),
     (["--guidance-rescale", "1.5"], "between 0.0 and 1.0"),
     (["--guidance-rescale", "-0.1"], "between 0.0 and 1.0"),
+    (["--seed", "-5"], "seed -5: expected a whole number from 0"),
+    (["--seed", str(2**64)], "expected a whole number from 0"),
 ])
 def test_generate_bad_input_writes_nothing(tiny_engine, tmp_path, argv, message, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]
