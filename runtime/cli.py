@@ -1,7 +1,8 @@
 """`sdxl-trt`: the command line (subcommands as in ARCHITECTURE.md).
 
 Exit status: 0 done; 2 a user error (one line on stderr naming the input and what is accepted);
-3 a capability this version does not have yet; 4 an exported model failed verification; 130 interrupted.
+3 a capability this version does not have yet; 4 an exported model failed verification; 130 interrupted (Ctrl-C or
+SIGTERM: what was being written is removed).
 Bugs keep their traceback.
 This module imports nothing heavy at start-up: torch is imported only by the subcommands that need it.
 """
@@ -9,7 +10,9 @@ This module imports nothing heavy at start-up: torch is imported only by the sub
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from importlib import metadata
 
 from .errors import NotBuiltYet, UserError, VerificationError
@@ -220,9 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary files removed, locks released, exit 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"sdxl-trt {args.command}"
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args, prog)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, prog: str) -> int:
     try:
         return args.func(args) or 0
     except NotBuiltYet as e:

@@ -239,3 +239,23 @@ def test_generate_on_a_missing_or_tampered_engine_dir(tiny_engine, tmp_path, cap
     (copy / "onnx" / "unet" / "model.onnx").write_bytes(b"garbage")
     assert main(["generate", str(copy), "a cat", "--out", str(tmp_path / "x.png")]) == 2
     assert "unet/model.onnx" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    """SIGTERM (what a service manager or `kill` sends) cleans up like Ctrl-C: exit 130, no partial directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "engine"
+    child = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "export", "--model", "tiny:base",
+                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".tmp-engine") for p in tmp_path.iterdir()):
+        time.sleep(0.05)  # until the export has started writing
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor its temporary sibling
