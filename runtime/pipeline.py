@@ -100,6 +100,15 @@ def _out_of_memory_as_user_error(generate):
     return wrapper
 
 
+def text_list(value, what: str) -> list[str]:
+    """A prompt or a sequence of prompts as a list of strings, or a UserError saying what was given instead."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(f"{what}: expected a string or a list of strings, got {type(value).__name__}")
+
+
 class Pipeline:
     device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
     low_memory = False  # free each model once its stage is done and decode in tiles (see `load`)
@@ -265,11 +274,33 @@ class Pipeline:
         `long_prompt` "truncate" cuts prompts at 77 tokens as diffusers does; "chunk" encodes 77-token windows
         and concatenates them along the UNet's context axis."""
         timings = {}
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = text_list(prompt, "prompt")
         negatives = ([negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str)
-                     else list(negative_prompt))
-        if not prompts or len(negatives) != len(prompts):
+                     else text_list(negative_prompt, "negative prompt"))
+        if not prompts:
+            raise UserError("no prompt given")
+        if len(negatives) != len(prompts):
             raise UserError("give one negative prompt, or one per prompt")
+        for name, value in (("image", image), ("mask image", mask_image)):
+            if value is not None and not (hasattr(value, "convert") and hasattr(value, "size")):
+                raise UserError(f"{name}: expected a PIL image, got {type(value).__name__}")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UserError(f"{name} {value!r}: expected a whole number of pixels")
+        for name, pair in (("original size", original_size), ("target size", target_size),
+                           ("crop top-left", crops_coords_top_left)):
+            if pair is not None and (len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                               and v >= (0 if "crop" in name else 1) for v in pair)):
+                raise UserError(f"{name} {pair!r}: expected two whole numbers"
+                                f"{' ≥ 0' if 'crop' in name else ' ≥ 1'}")
+        finite(aesthetic_score, "aesthetic score")
+        finite(negative_aesthetic_score, "negative aesthetic score")
+        if strength is not None:
+            finite(strength, "strength")
+        for name, value in (("denoising end", denoising_end), ("refiner start", refiner_start),
+                            ("refine strength", refine_strength)):
+            if value is not None:
+                finite(value, name, 0.0, 1.0)
         if mask_image is not None and image is None:
             raise UserError("a mask needs the image it masks (--init-image)")
         if image is not None and (height is None or width is None):

@@ -36,8 +36,8 @@ def finite(value: float, flag: str, low: float | None = None, high: float | None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
         raise UserError(f"{flag} {value!r}: expected a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"between {low} and {high}" if low is not None and high is not None else \
-            f"at least {low}" if low is not None else f"at most {high}"
+        span = f"between {low:g} and {high:g}" if low is not None and high is not None else \
+            f"at least {low:g}" if low is not None else f"at most {high:g}"
         raise UserError(f"{flag} {value!r}: expected a number {span}")
     return value
 

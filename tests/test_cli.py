@@ -173,8 +173,8 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     (["--guidance", "nan"], "guidance nan: expected a finite number"),
     (["--guidance", "inf"], "guidance inf: expected a finite number"),
     (["--guidance-rescale", "nan"], "guidance rescale nan"),
-    (["--guidance-rescale", "1.5"], "between 0.0 and 1.0"),
-    (["--guidance-rescale", "-0.1"], "between 0.0 and 1.0"),
+    (["--guidance-rescale", "1.5"], "between 0 and 1"),
+    (["--guidance-rescale", "-0.1"], "between 0 and 1"),
     (["--seed", "-5"], "seed -5: expected a whole number from 0"),
     (["--seed", str(2**64)], "expected a whole number from 0"),
 ])

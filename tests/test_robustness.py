@@ -51,6 +51,11 @@ def test_generate_answers_every_input_cleanly(tiny_engine, tmp_path_factory, cap
         assert not any(out.parent.iterdir())  # nothing written on failure
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_engine):
+    return Pipeline.load(tiny_engine)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -58,8 +63,7 @@ def rss_bytes() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists() or sys.platform != "linux", reason="reads /proc")
-def test_soak_300_generations_keep_memory_and_results(tiny_engine):
-    pipe = Pipeline.load(tiny_engine)
+def test_soak_300_generations_keep_memory_and_results(pipe):
     kw = dict(height=64, width=64, num_inference_steps=2, seed=3, output_type="np", progress=False)
     first = pipe("a soak test, 🚀", **kw).array
     for _ in range(30):  # warm-up: allocator pools and ONNX Runtime's arenas reach their size
@@ -76,9 +80,9 @@ def test_soak_300_generations_keep_memory_and_results(tiny_engine):
     assert growth < 0.05 and not math.isnan(growth)
 
 
-def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch, capsys):
+def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch):
     """What ONNX Runtime raises when its arena cannot grow, turned into a one-line error with what to reduce."""
-    pipe = Pipeline.load(tiny_engine)
+    pipe = Pipeline.load(tiny_engine)  # its own: the test replaces a session's run
     session = pipe.backend.session("unet")
 
     def fail(**feeds):
@@ -93,3 +97,49 @@ def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch, capsys
     with pytest.raises(ZeroDivisionError):  # anything else is a bug and keeps its traceback
         monkeypatch.setattr(session, "run", lambda **feeds: 1 / 0)
         pipe("a cat", height=64, width=64, num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=None), "prompt: expected a string or a list of strings, got NoneType"),
+    (dict(prompt=5), "got int"),
+    (dict(prompt=["a", 3]), "got list"),
+    (dict(prompt=[]), "no prompt given"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), "one negative prompt, or one per prompt"),
+    (dict(negative_prompt=7), "negative prompt: expected a string"),
+    (dict(image=np.zeros((64, 64, 3)), num_inference_steps=5), "image: expected a PIL image, got ndarray"),
+    (dict(mask_image=np.zeros((64, 64))), "mask image: expected a PIL image"),
+    (dict(height=64.0), "height 64.0: expected a whole number of pixels"),
+    (dict(width="64"), "width '64'"),
+    (dict(num_inference_steps=2.5), "steps 2.5"),
+    (dict(num_images_per_prompt=0), "batch 0"),
+    (dict(guidance_scale="5"), "guidance '5': expected a finite number"),
+    (dict(sampler="nope"), "unknown sampler 'nope'"),
+    (dict(spacing="nope"), "unknown timestep spacing"),
+    (dict(strength="0.5"), "strength '0.5': expected a finite number"),
+    (dict(crops_coords_top_left=(-1, 0)), "crop top-left (-1, 0): expected two whole numbers ≥ 0"),
+    (dict(original_size=(0, 64)), "original size (0, 64)"),
+    (dict(target_size=(64,)), "target size (64,)"),
+    (dict(aesthetic_score=float("nan")), "aesthetic score nan"),
+    (dict(denoising_end=2.0), "denoising end 2.0: expected a number between 0 and 1"),
+    (dict(refiner_start="half"), "refiner start 'half'"),
+    (dict(long_prompt="zzz"), "long prompt mode 'zzz'"),
+    (dict(seed=1.5), "seed 1.5"),
+    (dict(seed=-1), "seed -1"),
+    (dict(latents=np.zeros((1, 4, 8, 8), np.int32)), "expected float (1, 4, 8, 8)"),
+    (dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "latents hold NaN or Inf"),
+    (dict(output_type="jpeg"), "output type 'jpeg'"),
+])
+def test_the_python_api_answers_bad_input_with_one_line(pipe, kwargs, message):
+    """The same checks as the CLI's, for callers of Pipeline (the catalogue of the API side)."""
+    from sdxl_trt.runtime import UserError
+
+    call = dict(prompt="a cat", height=64, width=64, num_inference_steps=1, progress=False, output_type="latent")
+    call.update(kwargs)
+    if "mask_image" in kwargs:
+        from PIL import Image
+
+        call["image"] = Image.new("RGB", (64, 64))
+    prompt = call.pop("prompt")
+    with pytest.raises(UserError) as error:
+        pipe(prompt, **call)
+    assert message in str(error.value) and "\n" not in str(error.value)
