@@ -10,6 +10,7 @@ This module imports nothing heavy at start-up: torch is imported only by the sub
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -227,17 +228,32 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary files removed, locks released, exit 130
 
 
+def _redeliver_interrupts(hook):
+    """A signal handled inside a finalizer (`__del__`, weakref callbacks) raises where Python drops exceptions as
+    "unraisable": instead of printing that and carrying on, deliver SIGTERM again a moment later, from a point where
+    the interrupt propagates."""
+    def handle(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        hook(unraisable)
+
+    return handle
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"sdxl-trt {args.command}"
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
+        sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
     try:
         return _run(args, prog)
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            sys.unraisablehook = previous[1]
 
 
 def _run(args, prog: str) -> int:
