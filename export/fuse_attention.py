@@ -29,7 +29,6 @@ MS_DOMAIN = "com.microsoft"
 
 class _Graph:
     def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers = defaultdict(list)
         for n in graph.node:
@@ -183,9 +182,14 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     drop_dead_nodes(model.graph)  # the rest of each subgraph, unless something else still reads it
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    import_ms_domain(model)
     return count
+
+
+def import_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare the com.microsoft operator set if a node uses it and the model does not import it yet."""
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:

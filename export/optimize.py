@@ -36,7 +36,8 @@ from ..runtime import engines as eng
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file
 from ..runtime.manifest import file_record, load_manifest
-from .fuse_attention import MS_DOMAIN, drop_dead_nodes
+from .fuse_attention import drop_dead_nodes, import_ms_domain
+from .onnx_export import model_files, write_model
 
 TARGETS = ("cuda",)
 MODEL_TYPES = {"unet": "unet", "unet_refiner": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
@@ -95,8 +96,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             src = manifest.path(entry["precisions"]["fp32"])
             dest = src.with_name(FILE_NAMES[target])
             fused = optimize_file(src, dest, MODEL_TYPES[entry["contract"]], keep_io_types=_fp32_io(entry))
-            files = [dest] + ([dest.with_name(dest.name + ".data")] if dest.with_name(dest.name + ".data").exists()
-                              else [])
+            files = model_files(dest)
             records = dict(file_record(root, f) for f in files)
             overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
             record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
@@ -128,7 +128,6 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
 
     from .fp16 import fp16_options, load_stubbed, stub_to_fp16, stub_value_info, tidy_converted
     from .fuse_attention import fuse_attention
-    from .onnx_export import write_model
 
     model, stubs = load_stubbed(src, load_below=LOAD_BELOW)
     attention = fuse_attention(model)
@@ -143,10 +142,9 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
         optimized.convert_float_to_float16(use_symbolic_shape_infer=True,
                                            **fp16_options(optimized.model, keep_io_types))
     model = optimized.model
-    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    import_ms_domain(model)  # ONNX Runtime's CLIP fusions add com.microsoft nodes without importing the domain
     transposed = _fold_weight_transposes(model, stubs)
-    drop_dead_nodes(model.graph)  # and initializers the fusions replaced
+    drop_dead_nodes(model.graph)  # the folded Transposes, and initializers the fusions replaced
     tidy_converted(model)
     del model.graph.value_info[:]  # types only, and some from before the conversion: ORT infers them again
 
@@ -261,12 +259,10 @@ def _fold_weight_transposes(model, stubs: dict) -> dict[str, tuple]:
             tensor = numpy_helper.from_array(numpy_helper.to_array(source).transpose(0, 2, 3, 1), name)
         model.graph.initializer.append(tensor)
         folded[node.output[0]] = name
-    if folded:
-        for node in model.graph.node:
-            for i, name in enumerate(node.input):
-                if name in folded:
-                    node.input[i] = folded[name]
-        drop_dead_nodes(model.graph)
+    for node in model.graph.node:  # the Transposes themselves are left for drop_dead_nodes
+        for i, name in enumerate(node.input):
+            if name in folded:
+                node.input[i] = folded[name]
     return transposed
 
 

@@ -19,8 +19,7 @@ from ..runtime.samplers import KERNEL_KINDS
 
 SOURCE = Path(__file__).with_name("step.cu")
 KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "step_kernel", "advance_step",
-           "select_timestep",
-           "widen_f16", "widen_f32",
+           "select_timestep", "widen_f16", "widen_f32",
            "unscale_latents_f16", "unscale_latents_f32", "to_uint8_f16", "to_uint8_f32")
 # numpy's arithmetic: no fused multiply-add, IEEE division and square root, no flush to zero
 OPTIONS = dict(std="c++17", fma=False, prec_div=True, prec_sqrt=True, ftz=False)

@@ -126,12 +126,26 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
         if name == "ort-cpu":
             files += entry["files"]["fp32"]
             continue
-        optimized = entry.get("optimized", {}).get("cuda")
-        if optimized:
-            files += optimized["files"]
-        if not optimized or optimized.get("overflow_check"):
-            files += entry["files"]["fp32" if optimized or "fp16" not in entry["files"] else "fp16"]
+        kind = session_file(entry)[0]
+        if kind != "cuda":
+            files += entry["files"][kind]
+            continue
+        optimized = entry["optimized"]["cuda"]
+        files += optimized["files"]
+        if optimized.get("overflow_check"):
+            files += entry["files"]["fp32"]
     return files
+
+
+def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
+    """Which file ort-cuda runs a component from: (file kind, precision, path or None for the precision's own file):
+    the optimized file if there is one, else fp16, else fp32; or the `file` asked for."""
+    optimized = entry.get("optimized", {}).get("cuda")
+    if file is None:
+        file = "cuda" if optimized else "fp16" if "fp16" in entry.get("precisions", {}) else "fp32"
+    if file == "cuda":
+        return file, optimized["precision"], optimized["path"]
+    return file, file, None
 
 
 def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step"):

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 
 from . import tensorrt_api
-from .backends import OrtSession, check_onnxruntime_install, output_shapes, symbol_values
+from .backends import OrtSession, check_onnxruntime_install, output_shapes, session_file, symbol_values
 from .cuda import BufferPool, Stream
 from .errors import UserError
 from .manifest import Manifest
@@ -66,14 +66,12 @@ class OrtCudaBackend:
         """The component's session for any shape (plain runs)."""
         if component not in self._sessions:
             entry = self.manifest.components.get(component, {})
-            optimized = entry.get("optimized", {}).get("cuda")
             session = OrtCudaSession(self.manifest, component, self.stream)
-            if optimized and optimized.get("overflow_check") and session.file == "cuda":
+            if session.file == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
                 session = CheckedSession(session, lambda: OrtCudaSession(self.manifest, component, self.stream,
                                                                           file="fp32"))
             self._sessions[component] = session
         return self._sessions[component]
-
 
     def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
         """The session the device loop runs `component` (a UNet) with at these input shapes: with CUDA graphs on and
@@ -91,7 +89,6 @@ class OrtCudaBackend:
                                                      dims=dims)
         return self._shaped[component]
 
-
     def drop_loop_sessions(self) -> None:
         self._shaped.clear()
 
@@ -104,17 +101,6 @@ class OrtCudaBackend:
 
 
 CUDA_GRAPH_MODES = ("step", "loop", "off")
-
-
-def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
-    """(file kind, precision, path or None for the precision's own file): the optimized file if there is one, else
-    fp16, else fp32; or the `file` asked for."""
-    optimized = entry.get("optimized", {}).get("cuda")
-    if file is None:
-        file = "cuda" if optimized else "fp16" if "fp16" in entry.get("precisions", {}) else "fp32"
-    if file == "cuda":
-        return file, optimized["precision"], optimized["path"]
-    return file, file, None
 
 
 class OrtCudaSession(OrtSession):

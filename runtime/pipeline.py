@@ -147,6 +147,11 @@ class Pipeline:
                 self.backend.release(name)
 
     @property
+    def main_role(self) -> str:
+        """The role that encodes prompts and images and decodes latents: the base, or the refiner alone."""
+        return "base" if "base" in self.roles else "refiner"
+
+    @property
     def has_refiner(self) -> bool:
         return "refiner" in self.roles
 
@@ -287,12 +292,11 @@ class Pipeline:
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UserError(f"{name} {value!r}: expected a whole number of pixels")
-        for name, pair in (("original size", original_size), ("target size", target_size),
-                           ("crop top-left", crops_coords_top_left)):
-            if pair is not None and (len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                               and v >= (0 if "crop" in name else 1) for v in pair)):
-                raise UserError(f"{name} {pair!r}: expected two whole numbers"
-                                f"{' ≥ 0' if 'crop' in name else ' ≥ 1'}")
+        for name, pair, least in (("original size", original_size, 1), ("target size", target_size, 1),
+                                  ("crop top-left", crops_coords_top_left, 0)):
+            if pair is not None and (len(pair) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= least for v in pair)):
+                raise UserError(f"{name} {pair!r}: expected two whole numbers ≥ {least}")
         finite(aesthetic_score, "aesthetic score")
         finite(negative_aesthetic_score, "negative aesthetic score")
         if strength is not None:
@@ -323,7 +327,7 @@ class Pipeline:
                             f"the {MAX_IMAGES} one call makes; split the work into several calls")
         if refiner_start is not None:
             denoising_end = refiner_start
-        role = "base" if "base" in self.roles else "refiner"
+        role = self.main_role
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -403,7 +407,7 @@ class Pipeline:
         t = time.perf_counter()
         array = self.decode(latents)
         timings["vae"] = time.perf_counter() - t
-        self._release(*self._components("base" if "base" in self.roles else "refiner", "vae_decoder"))
+        self._release(*self._components(self.main_role, "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
         return Result(images, array, seeds, timings)
 
@@ -465,7 +469,7 @@ class Pipeline:
     def encode_image(self, pixels: np.ndarray, rngs) -> np.ndarray:
         """[1,3,H,W] in [-1,1] → scaled latents per image, each sampled from the VAE's distribution with the
         image's own noise stream (as diffusers with one generator per image)."""
-        vae = self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_encoder"]
+        vae = self.roles[self.main_role]["components"]["vae_encoder"]
         out = self.backend.session(vae).run(image=pixels)
         mean, std = out["latent_mean"].astype(np.float32), np.exp(0.5 * out["latent_logvar"].astype(np.float32))
         latents = np.concatenate([mean + std * draw([rng], mean.shape[1:]) for rng in rngs])
@@ -481,16 +485,16 @@ class Pipeline:
         `low_memory`, in tiles of the model's default size, as diffusers' decode with `enable_tiling()`."""
         shift = self.model.get("vae_shift_factor") or 0.0
         latent = latents / np.float32(self.model["vae_scaling_factor"]) + np.float32(shift)
-        vae = self.backend.session(self.roles["base" if "base" in self.roles else "refiner"]["components"]["vae_decoder"])
+        vae = self.backend.session(self.roles[self.main_role]["components"]["vae_decoder"])
 
         def run(part: np.ndarray) -> np.ndarray:
-            return vae.run(latent=np.ascontiguousarray(part))["image"]
+            return vae.run(latent=np.ascontiguousarray(part))["image"].astype(np.float32)
 
         if self.low_memory:
             scale = self.model["vae_scale_factor"]
             image = decode_tiled(run, latent, self.vae_tile or self.model["default_size"] // scale, scale)
         else:
-            image = run(latent).astype(np.float32)
+            image = run(latent)
         if not np.isfinite(image).all():
             raise UserError("the VAE produced NaN/Inf (an fp16 overflow?); run the VAE in fp32")
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

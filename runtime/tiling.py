@@ -24,7 +24,7 @@ def decode_tiled(decode: Callable[[np.ndarray], np.ndarray], latent: np.ndarray,
     sample_tile = tile * scale
     blend = int(sample_tile * OVERLAP)
     keep = sample_tile - blend
-    rows = [[decode(latent[:, :, i:i + tile, j:j + tile]).astype(np.float32)
+    rows = [[decode(latent[:, :, i:i + tile, j:j + tile]).astype(np.float32, copy=False)
              for j in range(0, latent.shape[3], stride)] for i in range(0, latent.shape[2], stride)]
     out_rows = []
     for i, row in enumerate(rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UserError
@@ -33,7 +34,7 @@ def check_size(width: int, height: int, what: str | None = None) -> None:
 
 def finite(value: float, flag: str, low: float | None = None, high: float | None = None) -> float:
     """A finite number, within [low, high] where given."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{flag} {value!r}: expected a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         span = f"between {low:g} and {high:g}" if low is not None and high is not None else \

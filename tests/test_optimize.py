@@ -240,3 +240,18 @@ def test_a_session_for_one_shape_computes_what_the_any_shape_session_does(tiny_e
     anyshape = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"])
     np.testing.assert_allclose(fixed.run(**feeds)["noise_pred"], anyshape.run(**feeds)["noise_pred"], rtol=1e-5,
                                atol=1e-5)
+
+
+def test_each_backend_hashes_only_the_files_it_reads(tiny_engine, tiny_optimized):
+    from sdxl_trt.runtime.backends import used_files
+
+    plain, optimized = load_manifest(tiny_engine), load_manifest(tiny_optimized)
+    cpu = used_files("ort-cpu", plain)
+    assert "onnx/unet/model.onnx" in cpu and not any(f.endswith(".fp16.onnx") for f in cpu)
+    cuda = used_files("ort-cuda", plain)  # no optimized files: fp16 where exported, the VAE's fp32
+    assert "onnx/unet/model.fp16.onnx" in cuda and "onnx/unet/model.onnx" not in cuda
+    assert "onnx/vae_decoder/model.onnx" in cuda
+    cuda = used_files("ort-cuda", optimized)  # the optimized files, and the fp32 fallback of an overflow-checked VAE
+    assert "onnx/unet/model.cuda.fp16.onnx" in cuda and "onnx/unet/model.fp16.onnx" not in cuda
+    assert {"onnx/vae_decoder/model.cuda.fp16.onnx", "onnx/vae_decoder/model.onnx"} <= set(cuda)
+    assert "scheduler/scheduler_config.json" in cuda and used_files("tensorrt", optimized) is None
