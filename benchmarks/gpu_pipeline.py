@@ -1,5 +1,5 @@
 """sdxl-trt (`ort-cuda`) against diffusers eager fp16, in one process on one GPU: text-to-image end to end (prompt →
-decoded image), plus UNet step, VAE decode, text encoding, peak device memory and cold start. Writes JSON.
+PIL image), plus UNet step, VAE decode, text encoding, peak device memory and cold start. Writes JSON.
 
     sdxl-trt export --model random:base --refiner random:refiner --out /root/full --precision fp32
     sdxl-trt optimize /root/full
@@ -11,7 +11,8 @@ size, steps, sampler (Euler) and guidance. Every figure is a median of --runs ru
 the device synchronised. sdxl-trt runs with each CUDA graph mode (loop / step / off), which shows the launch
 overhead the graphs remove. Cold start runs last, in child processes: `Pipeline.load` (file hashes checked) → first
 image, once with an empty cache (kernels, file hashes) and once with it filled. The JSON is rewritten after each
-part (`complete` says whether all ran), so a run cut short keeps what it measured.
+part (`complete` says whether all ran), so a run cut short keeps what it measured. `--profile` adds the GPU
+kernels of one UNet step and one decode (CUPTI, through torch.profiler).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sdxl_trt.runtime import Pipeline
 pipe = Pipeline.load(sys.argv[1], backend="ort-cuda")
 t1 = time.perf_counter()
 pipe(sys.argv[2], height=int(sys.argv[3]), width=int(sys.argv[4]), num_inference_steps=int(sys.argv[5]), seed=0,
-     output_type="np", progress=False)
+     progress=False)
 t2 = time.perf_counter()
 print(json.dumps({"load_s": t1 - t0, "first_image_s": t2 - t1, "total_s": t2 - t0}))
 """
@@ -81,15 +82,68 @@ def time_calls(fn, runs: int, warmup: int, sync) -> list[float]:
     return samples
 
 
+def kernel_profile(fn, sync, runs: int = 3, top: int = 12) -> dict:
+    """GPU time per kernel of `fn` (averaged over `runs`), recorded by CUPTI through torch.profiler, which sees every
+    kernel of the process (ONNX Runtime's and ours); wall time alongside, so the gaps between kernels show."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        sync()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                fn()
+            sync()
+        wall = (time.perf_counter() - start) * 1e3 / runs
+        rows = []
+        for event in prof.key_averages():
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            if us > 0:
+                rows.append({"kernel": event.key[:160], "ms": round(us / runs / 1e3, 3), "calls": event.count // runs})
+    except Exception as e:  # no CUPTI on this machine: say so instead of failing the benchmark
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    rows.sort(key=lambda r: -r["ms"])
+    busy = sum(r["ms"] for r in rows)
+    return {"wall_ms_profiled": round(wall, 2), "kernel_ms": round(busy, 2), "kernels": sum(r["calls"] for r in rows),
+            "top": rows[:top]}
+
+
+def vae_variants(args, pipe, latents) -> dict:
+    """The "pil" decode with other session settings (a fresh VAE session each), to show what each one buys."""
+    from sdxl_trt.runtime import ort_cuda
+
+    default, mode = dict(ort_cuda.CUDA_OPTIONS), pipe.backend.cuda_graphs
+    out = {}
+    for label, change, graphs in (("as shipped", {}, "step"), ("no CUDA graph", {}, "off"),
+                                  ("prefer_nhwc 0", {"prefer_nhwc": "0"}, "step"),
+                                  ("cuDNN HEURISTIC search", {"cudnn_conv_algo_search": "HEURISTIC"}, "step")):
+        ort_cuda.CUDA_OPTIONS.update(change)
+        pipe.backend.cuda_graphs = graphs
+        pipe.backend.release("vae_decoder")
+        try:
+            out[label] = median_ms(time_calls(lambda: pipe.decode_uint8(latents), args.runs, 2,
+                                              pipe.backend.stream.synchronize))
+        except Exception as e:
+            out[label] = f"{type(e).__name__}: {e}"[:200]
+        ort_cuda.CUDA_OPTIONS.clear()
+        ort_cuda.CUDA_OPTIONS.update(default)
+        print(f"VAE decode, {label}: {out[label]}", flush=True)
+    pipe.backend.cuda_graphs = mode
+    pipe.backend.release("vae_decoder")
+    return out
+
+
 def bench_ours(args, width: int, height: int) -> list[dict]:
     from sdxl_trt.runtime import Pipeline
     from sdxl_trt.runtime.cuda import DeviceBuffer
+    from sdxl_trt.runtime.images import to_pil
 
     before = device_used_gib()
     pipe = Pipeline.load(args.engine, backend="ort-cuda")
     stream = pipe.backend.stream
     call = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                sampler="euler", seed=0, output_type="np", progress=False)
+                sampler="euler", seed=0, output_type="pil", progress=False)
     cases = []
     for mode in args.cuda_graphs:
         pipe.backend.cuda_graphs = mode
@@ -140,17 +194,29 @@ def bench_ours(args, width: int, height: int) -> list[dict]:
                              stream.synchronize)
         unet[label] = median_ms(samples)
 
-    # the VAE alone: decode of one latent to a float image in [0, 1] on the host, as the pipeline does
+    # the VAE alone, latents → PIL image as the pipeline decodes for "pil" (NaN/Inf checked, on the device), and the
+    # host path ("np": the fp16 image copied back, checked and scaled by numpy)
     latents = rng.standard_normal((1, 4, h, w)).astype(np.float32)
-    decode = median_ms(time_calls(lambda: pipe.decode(latents), args.runs, 1, stream.synchronize))
-    vae = pipe.backend.session("vae_decoder")
-    vae_file = getattr(vae, "fallback", None) and "fp32 (fallback)" or getattr(vae, "file", "?")
+    decode = median_ms(time_calls(lambda: to_pil(pipe.decode_uint8(latents)), args.runs, 1, stream.synchronize))
+    decode_host = median_ms(time_calls(lambda: pipe.decode(latents), args.runs, 1, stream.synchronize))
+    vae = pipe.backend.decode_session("vae_decoder", latents.shape)
+    vae_file = f"{vae.file}{' (fp32 fallback)' if vae.file == 'fp32' else ''}, CUDA graph {vae.cuda_graph}"
+    profiles = {}
+    if args.profile:  # which kernels the GPU spends the time in (CUPTI through torch.profiler: ONNX Runtime's too)
+        unet_session = pipe.backend.loop_session("unet", {k: a.shape for k, a in arrays.items()})
+        binding = unet_session.new_binding()
+        unet_session.bind(binding, {k: (buffers[k].ptr, a.shape, a.dtype) for k, a in arrays.items()},
+                          {"noise_pred": (out.ptr, arrays["sample"].shape, unet_session.output_dtypes["noise_pred"])})
+        profiles = {"unet_step": kernel_profile(lambda: unet_session.run_bound(binding), stream.synchronize),
+                    "vae_decode": kernel_profile(lambda: pipe.decode_uint8(latents), stream.synchronize),
+                    "vae_decode_variants_ms": vae_variants(args, pipe, latents)}
     peak = device_used_gib() - before
     for case in cases:
         case.update({"unet_step_ms": unet["graph"], "unet_step_plain_ms": unet["plain"], "vae_decode_ms": decode,
-                     "vae_file": vae_file, "peak_device_gib": round(peak, 2)})
-    print(f"sdxl-trt: UNet step {unet} ms, VAE decode {decode} ms ({vae_file}), device memory {peak:.1f} GiB",
-          flush=True)
+                     "vae_decode_host_ms": decode_host, "vae_file": vae_file, "peak_device_gib": round(peak, 2),
+                     **({"kernel_profiles": profiles} if profiles else {})})
+    print(f"sdxl-trt: UNet step {unet} ms, VAE decode {decode} ms (host path {decode_host} ms; {vae_file}), "
+          f"device memory {peak:.1f} GiB", flush=True)
     for b in [*buffers.values(), out]:
         b.free()
     return cases  # the pipeline goes with this frame: ONNX Runtime frees its sessions' memory
@@ -177,7 +243,7 @@ def bench_diffusers(args, width: int, height: int) -> dict:
         generator.manual_seed(0)
         with torch.no_grad():
             pipe(PROMPT, height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 generator=generator, output_type="np")
+                 generator=generator)  # PIL images, as ours
 
     e2e = median_ms(time_calls(run, args.runs, args.warmup, sync))
     peak = device_used_gib() - before
@@ -199,7 +265,7 @@ def bench_diffusers(args, width: int, height: int) -> dict:
             pipe.upcast_vae()
             image = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor, return_dict=False)[0]
             pipe.vae.to(dtype=torch.float16)
-            return pipe.image_processor.postprocess(image, output_type="np")
+            return pipe.image_processor.postprocess(image, output_type="pil")
 
         vae = median_ms(time_calls(decode, args.runs, 1, sync))
     case = {"contender": "diffusers", "mode": "eager fp16, VAE upcast to fp32", "e2e_ms": e2e, "text_ms": text,
@@ -238,6 +304,7 @@ def main() -> int:
                    help="sdxl-trt's CUDA graph modes to time, in this order (loop last: a failed capture falls back)")
     p.add_argument("--git", help="the commit measured, where the working tree has no .git (the device machine)")
     p.add_argument("--skip", nargs="*", default=[], choices=["diffusers", "cold-start"])
+    p.add_argument("--profile", action="store_true", help="record the GPU kernels of one UNet step and one decode")
     args = p.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 

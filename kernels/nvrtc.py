@@ -127,6 +127,8 @@ class StepKernels:
         self._launch(f"unscale_latents_{self._suffix(out_dtype)}", n, ptr(x), ptr(out), np.float32(scaling_factor),
                      np.float32(shift), np.uint64(n))
 
-    def to_uint8(self, image, image_dtype, out, channels: int, pixels: int, n: int) -> None:
-        self._launch(f"to_uint8_{self._suffix(image_dtype)}", n, ptr(image), ptr(out), np.int32(channels),
+    def to_uint8(self, image, image_dtype, out, nonfinite, channels: int, pixels: int, n: int) -> None:
+        """NCHW image in [-1, 1] → NHWC uint8 (n = its element count); sets the int32 at `nonfinite` to 1 if any value
+        is NaN/Inf (it is not cleared here)."""
+        self._launch(f"to_uint8_{self._suffix(image_dtype)}", n, ptr(image), ptr(out), ptr(nonfinite), np.int32(channels),
                      np.uint64(pixels), np.uint64(n))

@@ -103,13 +103,14 @@ __device__ void unscale_latents(const float* x, T* out, float scaling_factor, fl
 }
 
 // Twin: Pipeline.decode + images.to_uint8: NCHW in [-1, 1] → NHWC uint8, clip(x / 2 + 0.5, 0, 1) * 255
-// rounded half to even (numpy's round).
+// rounded half to even (numpy's round). Any NaN/Inf in the image sets *nonfinite to 1 (the caller zeroes it).
 template <typename T>
-__device__ void to_uint8(const T* image, unsigned char* out, int channels, size64 pixels, size64 n) {
+__device__ void to_uint8(const T* image, unsigned char* out, int* nonfinite, int channels, size64 pixels, size64 n) {
     FOR_EACH(i, n) {  // i indexes the output: ((image * pixels) + p) * channels + c
         const size64 c = i % channels, p = (i / channels) % pixels, b = i / (channels * pixels);
-        float v = load(image, (b * channels + c) * pixels + p) / 2.0f + 0.5f;
-        v = fminf(fmaxf(v, 0.0f), 1.0f);
+        const float x = load(image, (b * channels + c) * pixels + p);
+        if ((__float_as_uint(x) & 0x7f800000u) == 0x7f800000u) *nonfinite = 1;  // exponent all ones: Inf or NaN
+        float v = fminf(fmaxf(x / 2.0f + 0.5f, 0.0f), 1.0f);
         out[i] = (unsigned char)rintf(v * 255.0f);
     }
 }
@@ -128,6 +129,6 @@ __global__ void select_timestep(const float* table, float* out, const int* step,
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
-__global__ void to_uint8_f16(const half_t* image, unsigned char* out, int channels, size64 pixels, size64 n) { to_uint8(image, out, channels, pixels, n); }
-__global__ void to_uint8_f32(const float* image, unsigned char* out, int channels, size64 pixels, size64 n) { to_uint8(image, out, channels, pixels, n); }
+__global__ void to_uint8_f16(const half_t* image, unsigned char* out, int* nonfinite, int channels, size64 pixels, size64 n) { to_uint8(image, out, nonfinite, channels, pixels, n); }
+__global__ void to_uint8_f32(const float* image, unsigned char* out, int* nonfinite, int channels, size64 pixels, size64 n) { to_uint8(image, out, nonfinite, channels, pixels, n); }
 }

@@ -24,6 +24,7 @@ numpy loop for those).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class DeviceLoop:
         self.backend = backend
         self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr))
         self._shapes: dict[tuple, _Shape] = {}
+        self._graph_ids = itertools.count()  # ONNX Runtime's gpu_graph_id: one per shape, never reused
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
 
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
@@ -78,7 +80,7 @@ class DeviceLoop:
         key = (unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape)
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._shapes[key] = _Shape(graph_id=len(self._shapes))
+            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
         stream = self.backend.stream
         pool = shape.buffers
 
@@ -147,8 +149,50 @@ class DeviceLoop:
         stream.synchronize()
         return out
 
+    def decode(self, vae: str, latents: np.ndarray, scaling_factor: float, shift: float) -> np.ndarray:
+        """Latents [N,4,h,w] fp32 → images [N,H,W,3] uint8, as Pipeline.decode + images.to_uint8 compute them, on the
+        device: the unscaling kernel, the VAE (IOBinding; ONNX Runtime's CUDA graph per shape as for the UNet), then
+        the kernel that writes uint8 NHWC pixels and flags NaN/Inf; only the pixels come back. A flagged image goes to
+        the backend's overflow handling (the fp32 VAE from then on, or an error), then is decoded again."""
+        while True:
+            session = self.backend.decode_session(vae, latents.shape)
+            images = self._decode_on(session, vae, latents, scaling_factor, shift)
+            if images is not None:
+                return images
+            self.backend.overflowed(vae)
+
+    def _decode_on(self, session, vae: str, latents: np.ndarray, scaling_factor: float, shift: float):
+        from .backends import output_shapes
+
+        key = (vae, latents.shape)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        stream, pool, k = self.backend.stream, shape.buffers, self.kernels
+        image_shape = output_shapes(session.entry, {"latent": latents.shape})["image"]
+        n_images, channels, height, width = image_shape
+        latent_dtype, image_dtype = session.dtype("latent"), session.output_dtypes["image"]
+        x = pool.put("x", latents.astype(np.float32), stream)
+        latent = pool.reserve("latent", latents.size * np.dtype(latent_dtype).itemsize).ptr
+        image = pool.reserve("image", int(np.prod(image_shape)) * np.dtype(image_dtype).itemsize).ptr
+        pixels = pool.reserve("pixels", int(np.prod(image_shape))).ptr
+        nonfinite = pool.put("nonfinite", np.zeros(1, np.int32), stream)
+        addresses = {name: buffer.ptr for name, buffer in pool.items()}
+        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
+            binding = session.new_binding()
+            session.bind(binding, {"latent": (latent, latents.shape, latent_dtype)},
+                         {"image": (image, image_shape, image_dtype)})
+            shape.binding = (binding, addresses, session)
+        k.unscale_latents(x, latent, latent_dtype, scaling_factor, shift, latents.size)
+        session.run_bound(shape.binding[0], shape.graph_id if session.cuda_graph else -1)
+        k.to_uint8(image, image_dtype, pixels, nonfinite, channels, height * width, int(np.prod(image_shape)))
+        out = pool["pixels"].download(np.empty((n_images, height, width, channels), np.uint8), stream)
+        flag = pool["nonfinite"].download(np.empty(1, np.int32), stream)
+        stream.synchronize()
+        return None if flag[0] else out
+
     def forget(self, unet: str) -> None:
-        """Drop the buffers, bindings and graphs kept for `unet`'s shapes."""
+        """Drop the buffers, bindings and graphs kept for a component's shapes (a UNet's or a VAE's)."""
         for key in [k for k in self._shapes if k[0] == unet]:
             shape = self._shapes.pop(key)
             for graph, _ in shape.loops.values():

@@ -58,10 +58,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def to_pil(images: np.ndarray) -> list:
+def to_pil(pixels: np.ndarray) -> list:
+    """uint8 [N,H,W,3] → PIL images."""
     from PIL import Image
 
-    return [Image.fromarray(image) for image in to_uint8(images)]
+    return [Image.fromarray(image) for image in pixels]
 
 
 def write_png(path: Path, image, parameters: dict) -> None:

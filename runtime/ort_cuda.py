@@ -89,6 +89,24 @@ class OrtCudaBackend:
                                                      dims=dims)
         return self._shaped[component]
 
+    def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> OrtCudaSession:
+        """The session that decodes `latent_shape` on the device (device_loop.decode): the fp32 file once the fp16 VAE
+        has overflowed; else, like a UNet, one made for this shape with ONNX Runtime's CUDA graph."""
+        checked = self._sessions.get(component)
+        if isinstance(checked, CheckedSession) and checked.fallback is not None:
+            return checked.fallback
+        session = self.loop_session(component, {"latent": tuple(latent_shape)})
+        return session.fast if isinstance(session, CheckedSession) else session
+
+    def overflowed(self, component: str) -> None:
+        """A decode on the device gave NaN/Inf: for an fp16 VAE that may overflow (`overflow_check`), a warning and
+        the fp32 file from now on; otherwise an error (nothing to fall back to)."""
+        self._shaped.pop(component, None)  # the fp16 session made for one shape, if any
+        session = self.session(component)
+        if not isinstance(session, CheckedSession) or session.fallback is not None:
+            raise UserError(f"{component}: the VAE produced NaN/Inf (an fp16 overflow?); nothing was written")
+        session.fall_back()
+
     def drop_loop_sessions(self) -> None:
         self._shaped.clear()
 
@@ -101,6 +119,8 @@ class OrtCudaBackend:
 
 
 CUDA_GRAPH_MODES = ("step", "loop", "off")
+# the CUDA execution provider's options for every session (benchmarks/gpu_pipeline.py --profile times alternatives)
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
 
 
 class OrtCudaSession(OrtSession):
@@ -108,8 +128,7 @@ class OrtCudaSession(OrtSession):
                  cuda_graph: bool = False, dims: dict[str, int] | None = None):
         entry = manifest.components.get(component, {})
         self.file, precision, path = session_file(entry, file)
-        cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), "cudnn_conv_algo_search": "EXHAUSTIVE",
-                "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
+        cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS}
         self.cuda_graph = cuda_graph and self.file == "cuda"  # unfused files keep shape arithmetic on the CPU
         if self.cuda_graph:
             cuda["enable_cuda_graph"] = "1"
@@ -190,7 +209,10 @@ class CheckedSession:
             out = self.fast.run(**feeds)
             if all(np.isfinite(v).all() for v in out.values()):
                 return out
-            log.warning("%s: the fp16 VAE overflowed (NaN/Inf in the image); decoding in fp32 from now on "
-                        "(slower; export with --vae an fp16-safe VAE to avoid this)", self.fast.name)
-            self.fallback = self.make_fallback()
+            self.fall_back()
         return self.fallback.run(**feeds)
+
+    def fall_back(self) -> None:
+        log.warning("%s: the fp16 VAE overflowed (NaN/Inf in the image); decoding in fp32 from now on "
+                    "(slower; export with --vae an fp16-safe VAE to avoid this)", self.fast.name)
+        self.fallback = self.make_fallback()

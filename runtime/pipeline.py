@@ -25,7 +25,7 @@ from . import device_loop
 from .backends import load_backend, used_files
 from .tiling import decode_tiled
 from .errors import UserError
-from .images import default_size, mask_to_array, to_model_input, to_pil
+from .images import default_size, mask_to_array, to_model_input, to_pil, to_uint8
 from .manifest import load_manifest
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
@@ -55,7 +55,7 @@ class Inpainting:
 @dataclass
 class Result:
     images: list | None  # PIL images (output_type "pil"), or None
-    array: np.ndarray  # [N,H,W,3] float in [0,1] ("np"/"pil") or the final latents [N,4,h,w] ("latent")
+    array: np.ndarray  # the images' pixels [N,H,W,3] uint8 ("pil"), [N,H,W,3] float in [0,1] ("np") or latents ("latent")
     seeds: list[int]
     timings: dict = field(default_factory=dict)
 
@@ -405,7 +405,7 @@ class Pipeline:
         if output_type == "latent":
             return Result(None, latents, seeds, timings)
         t = time.perf_counter()
-        array = self.decode(latents)
+        array = self.decode_uint8(latents) if output_type == "pil" else self.decode(latents)
         timings["vae"] = time.perf_counter() - t
         self._release(*self._components(self.main_role, "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
@@ -479,6 +479,16 @@ class Pipeline:
     def _cutoff(self, fraction: float) -> int:
         train = self.scheduler_config.get("num_train_timesteps", 1000)
         return int(round(train - fraction * train))
+
+    def decode_uint8(self, latents: np.ndarray) -> np.ndarray:
+        """Latents → the pixels of the images, uint8 [N,H,W,3], rounded as diffusers' numpy_to_pil. On a backend with
+        a device loop (ort-cuda) the whole decode runs there and only the pixels are copied back (not with
+        `low_memory`, which decodes large images in tiles)."""
+        if self.device_loop and hasattr(self.backend, "device_loop") and not self.low_memory:
+            vae = self.roles[self.main_role]["components"]["vae_decoder"]
+            return self.backend.device_loop.decode(vae, latents, self.model["vae_scaling_factor"],
+                                                   self.model.get("vae_shift_factor") or 0.0)
+        return to_uint8(self.decode(latents))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → images [N,H,W,3] in [0,1], as diffusers' VAE decode + image processor (no clipping loss); with

@@ -178,6 +178,13 @@ def test_decode_kernels_match_the_pipeline(gpu, dtype):
     image = (rng.standard_normal((2, 3, 40, 24)) * 0.7).astype(dtype)
     pixels = to_device(image)
     out = empty((2, 40, 24, 3), np.uint8)
-    kernels.to_uint8(pixels, dtype, out, 3, 40 * 24, image.size)
+    flag = to_device(np.zeros(1, np.int32))
+    kernels.to_uint8(pixels, dtype, out, flag, 3, 40 * 24, image.size)
     expected = images.to_uint8(np.clip(image.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(to_host(out, (2, 40, 24, 3), np.uint8), expected)
+    assert to_host(flag, (1,), np.int32)[0] == 0
+    for bad in (np.nan, np.inf, -np.inf):  # one non-finite value anywhere raises the flag
+        image[1, 2, 39, 23] = bad
+        kernels.to_uint8(to_device(image), dtype, out, flag, 3, 40 * 24, image.size)
+        assert to_host(flag, (1,), np.int32)[0] == 1, bad
+        flag = to_device(np.zeros(1, np.int32))

@@ -135,3 +135,47 @@ def test_the_whole_loop_as_one_cuda_graph(optimized):
     replayed = loop("a lighthouse", **kw).array
     assert loop.backend.device_loop.last_run == "loop-replay"
     assert rel_l2(captured, plain) < 2e-3 and rel_l2(replayed, captured) < 1e-6
+
+
+# --- decoding on the device (VAE → NaN/Inf check → uint8 pixels) -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["off", "step"])
+def test_device_decode_gives_the_pixels_the_host_decode_gives(optimized, pipelines, mode):
+    """The whole "pil" decode on the GPU (unscale kernel, fp16 VAE — a CUDA graph per shape with "step" —, to_uint8
+    kernel) against the same session's host path rounded by images.to_uint8, and against ort-cpu's fp32 VAE."""
+    from sdxl_trt.runtime.images import to_uint8
+
+    _, cpu = pipelines
+    pipe = optimized[mode]
+    latents = np.random.default_rng(1).standard_normal((2, 4, 32, 24)).astype(np.float32)
+    first = pipe.decode_uint8(latents)
+    again = pipe.decode_uint8(latents)  # with "step": ONNX Runtime's graph replayed
+    assert first.dtype == np.uint8 and first.shape == (2, 256, 192, 3)
+    np.testing.assert_array_equal(again, first)
+    host = to_uint8(pipe.decode(latents))
+    reference = to_uint8(cpu.decode(latents))
+    print(f"{mode}: device vs host decode max {np.abs(first.astype(int) - host).max()} LSB, "
+          f"vs ort-cpu fp32 max {np.abs(first.astype(int) - reference).max()} LSB")
+    assert np.abs(first.astype(int) - host).max() <= 1  # other cuDNN algorithms per session, rounding at .5
+    assert np.abs(first.astype(int) - reference).max() <= 4  # fp16 against fp32 (the float test: atol 1e-2)
+    result = pipe("a red bicycle", height=256, width=192, num_inference_steps=2, seed=1, progress=False)
+    assert result.array.dtype == np.uint8 and np.array_equal(np.asarray(result.images[0]), result.array[0])
+
+
+def test_device_decode_falls_back_to_fp32_when_the_fp16_vae_overflows(tiny_optimized, pipelines, caplog):
+    """Latents so large that the VAE's fp16 input is Inf: the kernel flags it, the backend warns and decodes in
+    fp32 from then on; never a black image."""
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.images import to_uint8
+
+    _, cpu = pipelines
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda")
+    latents = np.full((1, 4, 32, 24), 1e5, np.float32)  # / the scaling factor (< 1) > fp16's largest, 65504
+    latents[..., ::2] *= -1
+    images = pipe.decode_uint8(latents)
+    assert "overflowed" in caplog.text and "fp32" in caplog.text
+    assert pipe.backend.session("vae_decoder").fallback is not None
+    reference = to_uint8(cpu.decode(latents))
+    assert np.abs(images.astype(int) - reference).max() <= 2  # fp32 (TF32 convolutions) against fp32 on the CPU
+    assert np.array_equal(pipe.decode_uint8(latents), images)  # the fallback stays
