@@ -104,6 +104,12 @@ def test_optimized_files_match_ort_cpu(optimized, pipelines):
     assert cuda.backend.session("vae_decoder").fallback is None  # the tiny VAE does not overflow fp16
 
 
+# The fused files are not deterministic from run to run on ONNX Runtime 1.31: two plain runs of the same 8-step call
+# differ by rel-L2 1.5e-3 on the H100 (up to 2.3e-3 with euler_a), while the unfused fp16 UNet repeats to the bit.
+# Graph against plain runs is therefore checked to this bound; another seed differs by > 0.1.
+NOISE = 5e-3
+
+
 def test_cuda_graph_steps_compute_what_plain_runs_compute(optimized):
     """"step": a session made for the loop's shape, ONNX Runtime's CUDA graph replayed each step."""
     kw = dict(height=256, width=192, num_inference_steps=8, sampler="dpmpp_2m_karras", seed=3, output_type="latent",
@@ -117,12 +123,10 @@ def test_cuda_graph_steps_compute_what_plain_runs_compute(optimized):
     for name, got in (("first", first), ("replayed", again)):
         error = rel_l2(got, plain)
         print(f"cuda graphs per step ({name}): rel-L2 {error:.2e} against plain runs")
-        assert error < 2e-3, name  # other sessions may pick other cuDNN algorithms; same inputs otherwise
-    # not bit-identical: the fused files are not deterministic from run to run on ONNX Runtime 1.31 (rel-L2 1.5e-3
-    # between two plain runs of the same call on the H100; the unfused fp16 UNet repeats to the bit)
-    assert rel_l2(again, first) < 2e-3
+        assert error < NOISE, name
+    assert rel_l2(again, first) < NOISE
     assert rel_l2(other_seed, plain) > 0.1
-    assert rel_l2(other_seed, optimized["off"]("a lighthouse", **{**kw, "seed": 4}).array) < 2e-3
+    assert rel_l2(other_seed, optimized["off"]("a lighthouse", **{**kw, "seed": 4}).array) < NOISE
 
 
 def test_the_whole_loop_as_one_cuda_graph(optimized):
@@ -137,7 +141,7 @@ def test_the_whole_loop_as_one_cuda_graph(optimized):
     for name, got in (("captured", captured), ("replayed", replayed)):
         error = rel_l2(got, plain)
         print(f"whole loop as one CUDA graph ({name}): rel-L2 {error:.2e} against plain runs")
-        assert error < 2e-3, name  # the fused files' run-to-run noise (see above)
+        assert error < NOISE, name
 
 
 # --- decoding on the device (VAE → NaN/Inf check → uint8 pixels) -------------------------------------------------
