@@ -187,3 +187,22 @@ def test_device_decode_falls_back_to_fp32_when_the_fp16_vae_overflows(tiny_optim
     reference = to_uint8(cpu.decode(latents))
     assert np.abs(images.astype(int) - reference).max() <= 2  # fp32 (TF32 convolutions) against fp32 on the CPU
     assert np.abs(pipe.decode_uint8(latents).astype(int) - images).max() <= 2  # the fallback stays
+
+
+def test_low_memory_on_the_gpu_frees_sessions_and_device_memory(tiny_optimized, pipelines):
+    """--low-memory on ort-cuda: every session (and the device loop's buffers) released after its stage, images
+    larger than a tile decoded in tiles on the host path, the same latents as the normal pipeline."""
+    from sdxl_trt.runtime import Pipeline
+
+    _, cpu = pipelines
+    normal = Pipeline.load(tiny_optimized, backend="ort-cuda")
+    low = Pipeline.load(tiny_optimized, backend="ort-cuda", low_memory=True)
+    low.vae_tile = 16  # tiles of 128 px: a 192x256 image is decoded in tiles
+    kw = dict(height=256, width=192, num_inference_steps=4, seed=8, progress=False, refiner_start=0.5)
+    got, expected = low("a kite", **kw), normal("a kite", **kw)
+    assert got.array.shape == expected.array.shape == (1, 256, 192, 3) and got.array.dtype == np.uint8
+    assert low.backend._sessions == {} and low.backend._shaped == {}
+    assert not low.backend.device_loop._shapes  # the device loop's buffers freed with their UNet
+    assert np.abs(got.array.astype(int) - expected.array).mean() < 0.05 * 255  # tiles: close to the whole decode
+    latents = {name: p("a kite", **kw, output_type="latent").array for name, p in (("low", low), ("normal", normal))}
+    assert rel_l2(latents["low"], latents["normal"]) < NOISE
