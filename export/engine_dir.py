@@ -132,6 +132,11 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
             raise UserError(f"--refiner {refiner!r} is an SDXL {ref.role} model, not a refiner")
         roles["refiner"] = ref
     vae_src = _resolve_vae(vae, allow_pickle) if vae else None
+    produced = [name for role in roles for _, names in PLAN[role] for name in names]
+    absent = [c for c in (components or []) if c not in produced]
+    if absent:
+        hint = "it needs --refiner" if absent[0] == "unet_refiner" else f"{model!r} is a refiner"
+        raise UserError(f"--components {absent[0]}: not among what this export makes ({', '.join(produced)}); {hint}")
 
     report = ExportReport(out)
     manifest = {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,

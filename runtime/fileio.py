@@ -1,12 +1,16 @@
 """Writing files and folders so that a reader never sees them half-written.
 
-Everything goes to a temporary sibling first and is renamed into place at the end: an interrupted
-process leaves at most a `.tmp-*` sibling behind, never a truncated PNG, manifest or engine.
+Everything goes to a temporary sibling first and is renamed into place at the end: an interrupted process leaves
+at most a `.tmp-*` sibling behind, never a truncated PNG, manifest or engine. Two processes writing the same path
+each write their own temporary and the last rename wins whole. A writer holds an advisory lock (flock) on its
+temporary file, or on a `.lock` beside its temporary folder, for as long as it writes; the kernel drops it when the
+process dies, even by SIGKILL, so the next write of the same path removes the temporaries nobody holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -24,15 +28,51 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _unheld(lock: Path) -> bool:
+    """Whether nobody holds the flock on `lock` (its writer finished or died); False if it cannot be opened."""
+    try:
+        with open(lock, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except OSError:  # held (BlockingIOError), gone, or not ours to open
+        return False
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove what dead writers of `path` left beside it: temporary files whose flock nobody holds; for a folder, the
+    temporary `.tmp-<name>-*` and the previous version parked as `<that>.old` during the swap, under a `<that>.lock`
+    nobody holds (the previous version is moved back if the writer died between its two renames)."""
+    path = Path(path)
+    removed = []
+    for entry in sorted(path.parent.glob(f".tmp-{path.name}-*")):
+        if entry.suffix == ".lock":
+            if not _unheld(entry):
+                continue
+            base = entry.with_suffix("")
+            parked = base.with_name(base.name + ".old")
+            if (parked / path.name).exists() and not path.exists():
+                os.replace(parked / path.name, path)
+            for folder in (base, parked):
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            entry.unlink(missing_ok=True)
+        elif entry.is_file() and _unheld(entry):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: the temporary is ours while we live
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -40,6 +80,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -47,19 +88,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (an existing folder is swapped out)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    lock = tmp.with_name(tmp.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
-        old = None
+        parked = tmp.with_name(tmp.name + ".old")  # the previous version, under the same lock while swapping
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-            os.replace(path, old / path.name)
+            parked.mkdir()
+            os.replace(path, parked / path.name)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(parked, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:

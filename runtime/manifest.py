@@ -150,4 +150,23 @@ def load_manifest(root: str | Path) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {data.get('format_version')}; this sdxl-trt reads version "
                         f"{FORMAT_VERSION}: {EXPORT_HINT} with this version")
-    return Manifest(root, data)
+    manifest = Manifest(root, data)
+    _check_file_lists(manifest)
+    return manifest
+
+
+def _check_file_lists(manifest: Manifest) -> None:
+    """Every file a component names stays inside the engine directory and has a size/sha256 record in `files`
+    (which is what every later check reads): a hand-edited or foreign manifest is refused here, in one line."""
+    records = manifest.data.get("files")
+    components = manifest.data.get("components")
+    if not isinstance(records, dict) or not isinstance(components, dict):
+        raise UserError(f"{manifest.root / MANIFEST} lacks its `files` or `components` table; {EXPORT_HINT}")
+    for name, entry in components.items():
+        lists = list((entry.get("files") or {}).values())
+        lists += [record.get("files", []) for record in (entry.get("optimized") or {}).values()]
+        for relative in (r for files in lists for r in files):
+            manifest.path(relative)  # refuses a path that leaves the directory
+            if relative not in records:
+                raise UserError(f"{manifest.root / MANIFEST}: {name} names {relative!r}, which has no size and "
+                                f"sha256 record; {EXPORT_HINT}")

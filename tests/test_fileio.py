@@ -62,3 +62,64 @@ def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch
         assert mf.checked_sha256(path) == real(path)
     finally:
         (tmp_path / "cache").chmod(0o700)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from sdxl_trt.runtime.fileio import atomic_dir, atomic_file
+target = Path(sys.argv[1])
+with (atomic_dir if sys.argv[2] == "dir" else atomic_file)(target) as tmp:
+    if sys.argv[2] == "dir":
+        (tmp / "half.onnx").write_bytes(b"x" * 1000)
+    else:
+        tmp.write_bytes(b"half a png")
+    os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit: what `kill -9` or the OOM killer does
+"""
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_what_a_killed_writer_leaves_is_removed_by_the_next_write(tmp_path, kind):
+    import subprocess
+    import sys
+
+    target = tmp_path / ("engine" if kind == "dir" else "out.png")
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), kind], capture_output=True)
+    assert run.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not target.exists() and left and all(name.startswith(f".tmp-{target.name}-") for name in left)
+    with (atomic_dir if kind == "dir" else atomic_file)(target) as tmp:
+        if kind == "dir":
+            (tmp / "model.onnx").write_text("whole")
+        else:
+            tmp.write_text("a whole png")
+    assert list(tmp_path.iterdir()) == [target]  # the dead writer's temporaries are gone
+
+
+def test_a_live_writers_temporaries_are_left_alone(tmp_path):
+    from sdxl_trt.runtime.fileio import sweep_stale
+
+    target = tmp_path / "engine"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+        with atomic_file(tmp_path / "x.png") as png:
+            png.write_text("png")
+            assert sweep_stale(target) == [] and sweep_stale(tmp_path / "x.png") == []  # both locks held
+            assert tmp.exists() and png.exists()
+    assert [p.name for p in target.iterdir()] == ["a"]
+
+
+def test_a_swap_killed_between_its_renames_gets_the_previous_folder_back(tmp_path):
+    from sdxl_trt.runtime.fileio import sweep_stale
+
+    target = tmp_path / "engine"
+    with atomic_dir(target) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    # the state after `os.replace(path, parked)` and before `os.replace(tmp, path)`, its writer dead
+    (tmp_path / ".tmp-engine-dead.old").mkdir()
+    target.rename(tmp_path / ".tmp-engine-dead.old" / "engine")
+    (tmp_path / ".tmp-engine-dead").mkdir()
+    (tmp_path / ".tmp-engine-dead.lock").touch()
+    assert not target.exists()
+    assert len(sweep_stale(target)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"] and (target / "manifest.json").read_text() == "{}"
