@@ -123,3 +123,31 @@ def test_a_swap_killed_between_its_renames_gets_the_previous_folder_back(tmp_pat
     assert not target.exists()
     assert len(sweep_stale(target)) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["engine"] and (target / "manifest.json").read_text() == "{}"
+
+
+CONCURRENT_WRITER = """
+import sys
+from pathlib import Path
+from sdxl_trt.runtime.fileio import atomic_file
+target, byte = Path(sys.argv[1]), sys.argv[2].encode()
+for _ in range(40):
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(byte * (1 << 20))
+"""
+
+
+def test_two_processes_writing_one_path_never_leave_a_mixed_file(tmp_path):
+    """Two writers race on one file while this process reads it: every read is one writer's whole file."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.png"
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(target), b]) for b in "ab"]
+    reads = 0
+    while any(w.poll() is None for w in writers):
+        if target.exists():
+            data = target.read_bytes()
+            assert len(data) == 1 << 20 and data.count(data[:1]) == len(data)  # whole, and from one writer
+            reads += 1
+    assert [w.returncode for w in writers] == [0, 0]
+    assert list(tmp_path.iterdir()) == [target] and reads > 0

@@ -143,3 +143,24 @@ def test_the_python_api_answers_bad_input_with_one_line(pipe, kwargs, message):
     with pytest.raises(UserError) as error:
         pipe(prompt, **call)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_export_and_generate_never_touch_the_network(tmp_path, monkeypatch):
+    """The whole path (export of the tiny model, engine directory, generate) with every socket connection refused:
+    nothing is downloaded, nothing phones home."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    engine, image = tmp_path / "engine", tmp_path / "cat.png"
+    assert main(["export", "--model", "tiny:base", "--out", str(engine), "--precision", "fp32"]) == 0
+    assert main(["generate", str(engine), "a cat", "--size", "64x64", "--steps", "2", "--out", str(image)]) == 0
+    assert image.is_file() and attempts == []
