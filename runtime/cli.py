@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run
+
+    if args.runs < 1 or args.warmup < 0:
+        raise UserError(f"--runs {args.runs} --warmup {args.warmup}: expected at least one run and no negative warm-up")
+    run(args)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _version() -> str:
     try:
         return metadata.version("sdxl-trt")
@@ -209,10 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timings", action="store_true", help="print the time of each stage")
     g.set_defaults(func=_cmd_generate)
 
-    for name, what, issue in (("bench", "benchmarks", 8), ("serve", "the HTTP server", 10)):
-        s = sub.add_parser(name, help=what)
-        s.add_argument("dir", metavar="DIR")
-        s.set_defaults(func=_not_built(what, issue))
+    bn = sub.add_parser("bench", help="latency and throughput over sweeps (resolution, batch, steps, CFG, refiner, "
+                        "MLPerf offline, host overhead), against diffusers in the same process; writes JSON")
+    bn.add_argument("dir", metavar="DIR", help="engine directory")
+    bn.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx"])
+    bn.add_argument("--cuda-graphs", choices=["step", "loop", "off"], default="step", help="ort-cuda's mode")
+    bn.add_argument("--sweeps", nargs="+", default=["resolution", "batch", "steps", "cfg", "refiner", "throughput"],
+                    choices=["resolution", "batch", "steps", "cfg", "refiner", "throughput", "overhead"], metavar="NAME",
+                    help="some of: resolution batch steps cfg refiner throughput overhead (default: all but overhead; "
+                    "benchmarks/README.md says what each runs)")
+    bn.add_argument("--size", metavar="WxH", help="the size of the non-resolution sweeps (default: the model's)")
+    bn.add_argument("--contenders", nargs="*", metavar="NAME", choices=["diffusers-eager", "diffusers-cudagraph",
+                                                                        "diffusers-compile"],
+                    help="diffusers variants to run beside sdxl-trt (need the export extra): diffusers-eager, "
+                    "diffusers-cudagraph (the UNet under a torch CUDA graph), diffusers-compile (torch.compile)")
+    bn.add_argument("--model", metavar="SRC", help="the weights the directory was exported from, for diffusers "
+                    "(default: the manifest's built-in source)")
+    bn.add_argument("--compile-limit", type=float, default=900.0, metavar="S",
+                    help="give up torch.compile (and record why) if its first call takes longer (default 900 s)")
+    bn.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")
+    bn.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    bn.add_argument("--flops", metavar="JSON", help="FLOP table from benchmarks/unet_flops.py (→ TFLOP/s)")
+    bn.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")
+    bn.add_argument("--out", metavar="JSON", required=True, help="results file (rewritten after every case)")
+    bn.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("serve", help="the HTTP server")
+    s.add_argument("dir", metavar="DIR")
+    s.set_defaults(func=_not_built("the HTTP server", 10))
 
     d = sub.add_parser("demo", help="run the whole path that exists on the tiny model, on the CPU, and write a PNG")
     d.add_argument("--out", default=DEMO_OUT, metavar="PATH", help=f"PNG to write (default ./{DEMO_OUT})")
@@ -243,6 +277,7 @@ def _redeliver_interrupts(hook):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (bench records its command)
     prog = f"sdxl-trt {args.command}"
     previous = None
     if threading.current_thread() is threading.main_thread():

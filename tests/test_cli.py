@@ -42,7 +42,6 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 @pytest.mark.parametrize("argv, issue", [
-    (["bench", "d"], 8),
     (["serve", "d"], 10),
 ])
 def test_commands_not_built_yet_say_so_in_one_line(argv, issue, capsys):

@@ -1,0 +1,109 @@
+"""`sdxl-trt bench` on the tiny model on the CPU: the JSON schema benchmarks/README.md documents, the host-side cost
+per denoising step (the CI benchmark: no memory kept per step), diffusers as a contender in the same process, the
+charts. Timings are recorded, never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sdxl_trt.runtime.bench import Case, flops_per_call, stats_ms, sweep_cases
+from sdxl_trt.runtime.cli import main
+
+CASE_FIELDS = {"contender", "mode", "sweep", "width", "height", "batch", "steps", "guidance", "sampler", "e2e_ms",
+               "e2e_p90_ms", "runs", "text_ms", "denoise_ms", "vae_ms", "loop_per_step_ms", "images_per_s",
+               "peak_memory_gib", "memory_kind"}
+
+
+def test_median_and_p90_are_numpys():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 7, 10, 31):
+        samples = list(rng.uniform(0.5, 2.0, n))
+        got = stats_ms(samples)
+        assert got["median"] == round(float(np.median(samples)) * 1e3, 2)
+        assert got["p90"] == round(float(np.percentile(samples, 90, method="inverted_cdf")) * 1e3, 2)
+
+
+def test_sweeps_cover_the_issue_matrix():
+    size = (1024, 1024)
+    sizes = {(c.width, c.height) for c in sweep_cases("resolution", size)}
+    assert (1536, 640) in sizes and (640, 1536) in sizes and (512, 512) in sizes and len(sizes) == 11
+    assert [c.batch for c in sweep_cases("batch", size)] == [1, 2, 4]
+    assert [c.steps for c in sweep_cases("steps", size)] == [4, 8, 20, 30, 50]
+    assert all(c.guidance == 1.0 for c in sweep_cases("cfg", size))
+    assert {(c.steps, c.guidance) for c in sweep_cases("throughput", size)} == {(20, 8.0)}  # MLPerf offline
+
+
+def test_flops_per_call_from_the_counted_table():
+    table = json.loads(open("benchmarks/results/unet-flops.json").read())
+    per_eval = table["flops"]["base"]["1024x1024"]
+    assert 13.4e12 < 2 * per_eval < 13.6e12  # DEVICE.md: 13.5 TFLOP per CFG step at 1024²
+    assert flops_per_call(Case("steps", 1024, 1024, steps=30), table) == 30 * 2 * per_eval
+    assert flops_per_call(Case("cfg", 1024, 1024, steps=30, guidance=1.0), table) == 30 * per_eval
+    refined = flops_per_call(Case("refiner", 1024, 1024, steps=30, refiner_start=0.8), table)
+    assert refined == pytest.approx(60 * (0.8 * per_eval + 0.2 * table["flops"]["refiner"]["1024x1024"]))
+
+
+def test_bench_writes_the_documented_json(tiny_engine, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny_engine), "--sweeps", "batch", "overhead", "--size", "64x64", "--runs", "2",
+                 "--warmup", "1", "--flops", "benchmarks/results/unet-flops.json", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"device", "command", "git", "date", "cases", "overhead", "complete"} <= set(result) and result["complete"]
+    assert result["device"] == "CPU" and result["command"].startswith("sdxl-trt bench")
+    assert [c["batch"] for c in result["cases"]] == [1, 2, 4]
+    for case in result["cases"]:
+        assert CASE_FIELDS <= set(case), CASE_FIELDS - set(case)
+        assert case["e2e_p90_ms"] >= case["e2e_ms"] > 0 and case["contender"] == "sdxl-trt"
+        assert "achieved_tflops" not in case  # 64x64 is not in the SDXL table: no made-up figure
+    overhead = result["overhead"][0]
+    print(f"host cost per step (tiny, ort-cpu, 64x64): {overhead['step_ms']} ms, kept {overhead['kept_bytes_per_step']}"
+          f" B, peak {overhead['peak_bytes_per_step']} B")
+    assert overhead["kept_bytes_per_step"] < 1024  # the loop keeps nothing per step (a leak would show here)
+
+
+def test_bench_against_diffusers_and_charts(tiny_engine, tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    out = tmp_path / "vs.json"
+    assert main(["bench", str(tiny_engine), "--sweeps", "refiner", "--size", "64x64", "--runs", "1", "--warmup", "0",
+                 "--contenders", "diffusers-eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(c["contender"], c["refiner_start"]) for c in result["cases"] if "e2e_ms" in c}
+    assert rows == {("sdxl-trt", None), ("sdxl-trt", 0.8), ("diffusers", None), ("diffusers", 0.8)}
+    refined = [c for c in result["cases"] if c["refiner_start"] == 0.8]
+    assert all(c["refiner_ms"] > 0 and c["denoise_ms"] > 0 for c in refined)
+    charts = subprocess.run([sys.executable, "benchmarks/charts.py", str(out)], capture_output=True, text=True)
+    assert charts.returncode == 0, charts.stderr
+    assert (tmp_path / "vs-stages.png").stat().st_size > 1000 and (tmp_path / "vs-speedup.png").is_file()
+    assert "| refiner | diffusers (eager, fp32) | 64x64 |" in charts.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--runs", "0"], "--runs"),
+    (["--sweeps", "latency"], "latency"),
+    (["--contenders", "diffusers-magic"], "diffusers-magic"),
+    (["--size", "65x64"], "multiples of 8"),
+])
+def test_bench_bad_input_is_one_line(tiny_engine, tmp_path, argv, says, capsys):
+    try:
+        code = main(["bench", str(tiny_engine), "--out", str(tmp_path / "x.json"), *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_cudagraph_contender_needs_a_gpu(tiny_engine, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", str(tiny_engine), "--sweeps", "batch", "--contenders", "diffusers-cudagraph", "--runs", "1",
+                 "--warmup", "0", "--size", "64x64", "--out", str(tmp_path / "x.json")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
