@@ -57,18 +57,6 @@ def device_used_gib() -> float:
     return (total - free) / 2**30
 
 
-def git_state() -> dict:
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 def time_calls(fn, runs: int, warmup: int, sync) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -316,6 +304,8 @@ def main() -> int:
     device = tensorrt_api.gpu()
     common = {"width": width, "height": height, "steps": args.steps, "batch": 1, "guidance": args.guidance,
               "sampler": "euler"}
+    from sdxl_trt.runtime.bench import git_state
+
     git = git_state() if not args.git else {"commit": args.git, "dirty": False}
     result = {"device": device.name if device else None,
               "compute_capability": device.compute_capability if device else None,
