@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,17 +30,6 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-COLD_START = """
-import json, sys, time
-t0 = time.perf_counter()
-from sdxl_trt.runtime import Pipeline
-pipe = Pipeline.load(sys.argv[1], backend="ort-cuda")
-t1 = time.perf_counter()
-pipe(sys.argv[2], height=int(sys.argv[3]), width=int(sys.argv[4]), num_inference_steps=int(sys.argv[5]), seed=0,
-     progress=False)
-t2 = time.perf_counter()
-print(json.dumps({"load_s": t1 - t0, "first_image_s": t2 - t1, "total_s": t2 - t0}))
-"""
 
 
 def median_ms(samples: list[float]) -> float:
@@ -265,21 +251,6 @@ def bench_diffusers(args, width: int, height: int) -> dict:
     return case
 
 
-def cold_starts(args, width: int, height: int) -> list[dict]:
-    out = []
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "SDXL_TRT_CACHE": cache}
-        for label in ("empty kernel cache", "kernel cache filled"):
-            run = subprocess.run([sys.executable, "-c", COLD_START, args.engine, PROMPT, str(height), str(width),
-                                  str(args.steps)], env=env, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise SystemExit(f"cold start failed: {run.stderr.strip().splitlines()[-1:]}")
-            figures = json.loads(run.stdout.splitlines()[-1])
-            out.append({"cache": label, **{k: round(v, 2) for k, v in figures.items()}})
-            print(f"cold start ({label}): {out[-1]}", flush=True)
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", required=True, help="engine directory exported from --model and optimized for cuda")
@@ -332,7 +303,9 @@ def main() -> int:
         save()
     if "cold-start" not in args.skip:
         gc.collect()  # the children need the device memory the contenders above held
-        result["cold_start"] = cold_starts(args, width, height)
+        from sdxl_trt.runtime.bench import cold_starts
+
+        result["cold_start"] = cold_starts(args.engine, "ort-cuda", width, height, args.steps)
     result["complete"] = True
     save()
     print(json.dumps(result.get("speedup_vs_diffusers", {})))

@@ -10,6 +10,7 @@ Sweeps (each a list of cases; `--size` is the size the non-resolution sweeps use
   refiner     the refiner as the second expert from 0.8 of the schedule
   throughput  MLPerf's offline SDXL scenario: 20 Euler steps, CFG 8, batch 1, 2, 4 → images/s at the best batch
   overhead    host-side cost per denoising step: 2 and 10 steps, (t10 − t2) / 8 and allocations per step (tracemalloc)
+`--cold-start` adds load → first image (30 steps at --size) in fresh processes, with an empty and a filled cache.
 
 Every case: `--warmup` runs, then `--runs` timed runs (device synchronised), median and p90 end to end (prompt →
 PIL images), the stages from the pipeline's own timings (text, denoise, refiner, VAE), peak memory, and, with a
@@ -21,10 +22,13 @@ from).
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import resource
 import shlex
 import statistics
+import sys
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass
@@ -232,6 +236,39 @@ def host_overhead(contender, size: tuple[int, int], timer: Timer) -> dict:
             "peak_bytes_per_step": round((peaks[1] - peaks[0]) / steps), "peak_bytes_10_steps": peaks[1]}
 
 
+COLD_START = """
+import json, sys, time
+t0 = time.perf_counter()
+from sdxl_trt.runtime import Pipeline
+pipe = Pipeline.load(sys.argv[1], backend=sys.argv[2])
+t1 = time.perf_counter()
+pipe(sys.argv[3], height=int(sys.argv[4]), width=int(sys.argv[5]), num_inference_steps=int(sys.argv[6]), seed=0,
+     progress=False)
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "first_image_s": t2 - t1, "total_s": t2 - t0}))
+"""
+
+
+def cold_starts(engine: str | Path, backend: str, width: int, height: int, steps: int) -> list[dict]:
+    """`Pipeline.load` (file hashes checked) → first image, in fresh processes: with an empty cache (compiled
+    kernels, file hashes) and again with the cache the first one filled."""
+    import subprocess
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "SDXL_TRT_CACHE": cache}
+        for label in ("empty cache", "cache filled"):
+            run = subprocess.run([sys.executable, "-c", COLD_START, str(engine), backend, PROMPT, str(height),
+                                  str(width), str(steps)], env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise UserError(f"cold start failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+            figures = json.loads(run.stdout.splitlines()[-1])
+            out.append({"cache": label, "backend": backend, **{k: round(v, 2) for k, v in figures.items()}})
+            print(f"cold start ({label}): {out[-1]}", flush=True)
+    return out
+
+
 def git_state() -> dict:
     import subprocess
 
@@ -296,6 +333,9 @@ def run(args) -> dict:
                 save()
         if hasattr(contender, "close"):
             contender.close()  # diffusers' weights leave the GPU before the next contender
+    if args.cold_start:
+        gc.collect()  # the children need the memory the contenders held
+        result["cold_start"] = cold_starts(engine, args.backend, *size, 30)
     result["complete"] = True
     save()
     return result

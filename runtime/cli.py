@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")
     bn.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     bn.add_argument("--flops", metavar="JSON", help="FLOP table from benchmarks/unet_flops.py (→ TFLOP/s)")
+    bn.add_argument("--cold-start", action="store_true", help="also time load → first image in fresh processes "
+                    "(empty cache, then filled)")
     bn.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")
     bn.add_argument("--out", metavar="JSON", required=True, help="results file (rewritten after every case)")
     bn.set_defaults(func=_cmd_bench)

@@ -49,7 +49,7 @@ def test_flops_per_call_from_the_counted_table():
 def test_bench_writes_the_documented_json(tiny_engine, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(tiny_engine), "--sweeps", "batch", "overhead", "--size", "64x64", "--runs", "2",
-                 "--warmup", "1", "--flops", "benchmarks/results/unet-flops.json", "--out", str(out)]) == 0
+                 "--warmup", "1", "--flops", "benchmarks/results/unet-flops.json", "--cold-start", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"device", "command", "git", "date", "cases", "overhead", "complete"} <= set(result) and result["complete"]
     assert result["device"] == "CPU" and result["command"].startswith("sdxl-trt bench")
@@ -58,6 +58,8 @@ def test_bench_writes_the_documented_json(tiny_engine, tmp_path, capsys):
         assert CASE_FIELDS <= set(case), CASE_FIELDS - set(case)
         assert case["e2e_p90_ms"] >= case["e2e_ms"] > 0 and case["contender"] == "sdxl-trt"
         assert "achieved_tflops" not in case  # 64x64 is not in the SDXL table: no made-up figure
+    assert [c["cache"] for c in result["cold_start"]] == ["empty cache", "cache filled"]
+    assert all(c["total_s"] >= c["load_s"] > 0 and c["backend"] == "ort-cpu" for c in result["cold_start"])
     overhead = result["overhead"][0]
     print(f"host cost per step (tiny, ort-cpu, 64x64): {overhead['step_ms']} ms, kept {overhead['kept_bytes_per_step']}"
           f" B, peak {overhead['peak_bytes_per_step']} B")
