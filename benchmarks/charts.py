@@ -1,11 +1,12 @@
 """Charts and a README table from a `sdxl-trt bench` JSON file (matplotlib, in the `test` extra):
 
-    python benchmarks/charts.py benchmarks/results/h100-matrix.json
+    python benchmarks/charts.py benchmarks/results/h100-matrix.json [more.json …] [--stem PATH]
 
 writes, beside the JSON, `<name>-resolution.png` (latency by size), `-batch.png`, `-steps.png` (latency by batch and
 by steps), `-stages.png` (stage breakdown at the sweeps' size), `-speedup.png` (speedup over diffusers eager per
-case) for the sweeps the file holds, and prints a Markdown table of every case (the README's performance table is
-pasted from it, with the command from the JSON).
+case) for the sweeps the files hold, and prints a Markdown table of every case (the README's performance table is
+pasted from it, with the commands from the JSON). Several files of one device are merged: a matrix too long for one
+device session can be run a contender or a sweep at a time.
 """
 
 from __future__ import annotations
@@ -130,15 +131,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> dict:
+    """Several `sdxl-trt bench` files of one device (e.g. one contender per device session) as one result."""
+    results = [json.loads(p.read_text()) for p in paths]
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise SystemExit(f"charts.py: these files come from different devices ({', '.join(sorted(devices))})")
+    merged = dict(results[0])
+    merged["cases"] = [c for r in results for c in r["cases"]]
+    merged["commands"] = [r["command"] for r in results]
+    return merged
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", help="JSON written by `sdxl-trt bench`")
+    p.add_argument("results", nargs="+", help="JSON written by `sdxl-trt bench` (several: merged, same device)")
+    p.add_argument("--stem", help="path prefix of the PNGs (default: the first JSON's, without .json)")
     args = p.parse_args()
-    path = Path(args.results)
-    result = json.loads(path.read_text())
-    for written in charts(result, path.with_suffix("")):
+    paths = [Path(r) for r in args.results]
+    result = merge(paths)
+    for written in charts(result, Path(args.stem) if args.stem else paths[0].with_suffix("")):
         print(f"wrote {written}")
-    print(f"\n{result['device']}, `{result['command']}` (commit {result['git'].get('commit')})\n")
+    commands = "; ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+    print(f"\n{result['device']}, {commands} (commit {result['git'].get('commit')})\n")
     print(table(result))
     return 0
 
