@@ -28,6 +28,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server import Limits, create_app
+    except ImportError as e:
+        raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install 'sdxl-trt[serve]'") from None
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-n", args.max_n),
+                        ("--max-steps", args.max_steps)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: expected at least 1")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: expected 1-65535")
+    from .manifest import load_manifest
+
+    load_manifest(args.dir)  # a missing or broken directory: said before the server starts
+    limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    timeout_s=args.timeout_s, max_n=args.max_n, max_steps=args.max_steps,
+                    max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_app(args.dir, backend=args.backend, limits=limits)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import run
 
@@ -43,13 +67,6 @@ def _version() -> str:
         return metadata.version("sdxl-trt")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _not_built(what: str, issue: int):
-    def run(args):
-        raise NotBuiltYet(f"{what} is not built yet (planned in issue {issue}); see README.md for what works now")
-
-    return run
 
 
 def _cmd_export(args) -> int:
@@ -246,9 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", metavar="JSON", required=True, help="results file (rewritten after every case)")
     bn.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("serve", help="the HTTP server")
-    s.add_argument("dir", metavar="DIR")
-    s.set_defaults(func=_not_built("the HTTP server", 10))
+    s = sub.add_parser("serve", help="HTTP API (OpenAI-style /v1/images/generations, /health, /metrics) with dynamic "
+                       "batching, on uvicorn (the serve extra)")
+    s.add_argument("dir", metavar="DIR", help="engine directory")
+    s.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx"])
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=4, help="most images in one pipeline call (default 4)")
+    s.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long the first request of a batch waits for compatible ones (default 20)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting, beyond which 429 (default 64)")
+    s.add_argument("--timeout-s", type=float, default=300.0, help="a request's longest wait, then 504 (default 300)")
+    s.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
+    s.add_argument("--max-steps", type=int, default=100, help="most steps per request (default 100)")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="run the whole path that exists on the tiny model, on the CPU, and write a PNG")
     d.add_argument("--out", default=DEMO_OUT, metavar="PATH", help=f"PNG to write (default ./{DEMO_OUT})")

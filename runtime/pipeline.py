@@ -68,7 +68,16 @@ def draw(rngs, shape) -> np.ndarray:
 MAX_SEED = 2**64 - 1  # as torch generators take
 
 
-def image_seeds(seed: int | None, n: int) -> list[int]:
+def image_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+    """One seed per image: `seed`, `seed` + 1, … (a random start if None), or the list given, one per image (the
+    server batches requests this way: each image keeps the stream it would have alone)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise UserError(f"{len(seed)} seeds for {n} images: give one seed, or one per image")
+        for s in seed:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+                raise UserError(f"seed {s!r}: expected a whole number from 0 to {MAX_SEED}")
+        return list(seed)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - n):
         raise UserError(f"seed {seed!r}: expected a whole number from 0 to {MAX_SEED - n}")
     if seed is None:
@@ -262,7 +271,7 @@ class Pipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "euler",
-                 spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
+                 spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
                  latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
                  denoising_end: float | None = None, refiner_start: float | None = None,
                  refine_strength: float | None = None, original_size: tuple[int, int] | None = None,

@@ -41,15 +41,6 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: sdxl-trt {command}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, issue", [
-    (["serve", "d"], 10),
-])
-def test_commands_not_built_yet_say_so_in_one_line(argv, issue, capsys):
-    assert main(argv) == 3
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not built yet" in err and f"issue {issue}" in err
-
-
 @pytest.mark.parametrize("argv, names", [
     (["export", "--out", "d"], "--model is required"),
     (["export", "--model", "nowhere/model", "--out", "d"], "'nowhere/model'"),

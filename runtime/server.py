@@ -1,0 +1,380 @@
+"""`sdxl-trt serve DIR`: an HTTP API for one engine directory (FastAPI on uvicorn, the `serve` extra).
+
+    POST /v1/images/generations   OpenAI's images API where it overlaps (prompt, n, size "WxH", response_format
+                                  b64_json) plus negative_prompt, steps, guidance, sampler, seed, refiner_start,
+                                  init_image (base64 PNG/JPEG) with strength → {"created", "data": [{"b64_json",
+                                  "seed"}], "timings"}
+    GET  /health                  200 once the engines are loaded and warmed up, 503 before
+    GET  /metrics                 Prometheus text: requests by status, queue depth, batch sizes, latency per stage,
+                                  images generated
+
+Requests are checked by the runtime's own checks (the CLI's and the Python API's: sizes, profiles, steps, seeds, …)
+plus the server's limits (n, steps, body size); a bad request is a 400 with {"error": {"message", "type"}}.
+
+Dynamic batching: requests that can share a pipeline call (same size, steps, sampler, guidance, refiner start; no
+init image) are merged, up to --max-batch images, for at most --max-wait-ms after the first one arrives. Each image
+keeps its own seed's noise stream, so a request gets the images it would get alone. The queue holds at most
+--max-queue requests (then 429 with Retry-After); a request waits at most --timeout-s (then 504). On SIGTERM uvicorn
+stops accepting connections and the requests in flight are finished before the process exits.
+"""
+
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_batch: int = 4  # images per pipeline call
+    max_wait_ms: float = 20.0
+    max_queue: int = 64  # requests waiting
+    timeout_s: float = 300.0
+    max_n: int = 4  # images per request
+    max_steps: int = 100
+    max_body_bytes: int = 20 << 20
+
+
+@dataclass
+class Job:
+    """One request's work: its pipeline arguments, the images it asked for and where the answer goes."""
+
+    prompt: str
+    negative: str | None
+    n: int
+    seeds: list[int]
+    kwargs: dict
+    image: object = None  # PIL image (img2img): runs alone
+    future: asyncio.Future | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple | None:
+        """Requests with equal keys share a call; None: alone."""
+        if self.image is not None:
+            return None
+        return tuple(sorted(self.kwargs.items()))
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sdxl_requests", "HTTP requests to the generation endpoint, by status", ["status"],
+                                registry=self.registry)
+        self.queue = Gauge("sdxl_queue_depth", "requests waiting for the pipeline", registry=self.registry)
+        self.batch = Histogram("sdxl_batch_images", "images per pipeline call", buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+                               registry=self.registry)
+        self.batch_requests = Histogram("sdxl_batch_requests", "requests merged into one pipeline call",
+                                        buckets=(1, 2, 3, 4, 6, 8, 16), registry=self.registry)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+        self.latency = Histogram("sdxl_request_seconds", "request latency, queue included", buckets=buckets,
+                                 registry=self.registry)
+        self.stage = Histogram("sdxl_stage_seconds", "pipeline stage time per call", ["stage"], buckets=buckets,
+                               registry=self.registry)
+        self.images = Counter("sdxl_images_generated", "images generated", registry=self.registry)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Batcher:
+    """Queues jobs and runs them on one worker thread (the pipeline is not thread safe), merging compatible ones."""
+
+    def __init__(self, pipe, limits: Limits, metrics: Metrics):
+        self.pipe, self.limits, self.metrics = pipe, limits, metrics
+        self.pending: list[Job] = []
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
+        self.task: asyncio.Task | None = None
+        self.busy = False
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        """After uvicorn has drained the requests: nothing is pending; end the worker."""
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    def submit(self, job: Job) -> asyncio.Future:
+        if len(self.pending) >= self.limits.max_queue:
+            raise QueueFull()
+        job.future = asyncio.get_running_loop().create_future()
+        self.pending.append(job)
+        self.metrics.queue.set(len(self.pending))
+        self.wakeup.set()
+        return job.future
+
+    def cancel(self, job: Job) -> None:
+        if job in self.pending:
+            self.pending.remove(job)
+            self.metrics.queue.set(len(self.pending))
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            first = self.pending[0]
+            deadline = first.enqueued + self.limits.max_wait_ms / 1e3
+            while first.key is not None and self._images(first.key) < self.limits.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take(first)
+            self.metrics.queue.set(len(self.pending))
+            self.busy = True
+            try:
+                outcome = await loop.run_in_executor(self.executor, self._generate, batch)
+            except Exception as e:  # noqa: BLE001 — every job of the batch gets the error
+                outcome = e
+            finally:
+                self.busy = False
+            self._answer(batch, outcome)
+
+    def _images(self, key) -> int:
+        return sum(j.n for j in self.pending if j.key == key)
+
+    def _take(self, first: Job) -> list[Job]:
+        batch, images = [first], first.n
+        if first.key is not None:
+            for job in self.pending[1:]:
+                if job.key == first.key and images + job.n <= self.limits.max_batch:
+                    batch.append(job)
+                    images += job.n
+        for job in batch:
+            self.pending.remove(job)
+        return batch
+
+    def _generate(self, batch: list[Job]) -> list:
+        """On the worker thread: one pipeline call for the whole batch, prompts and seeds image by image. If the
+        merged call is refused (one request's input the pipeline rejects), each request runs alone, so that only
+        the bad one gets the error. Returns, per job, a Result or the exception it ended with."""
+        try:
+            return [self._call(batch)] * len(batch)
+        except UserError as e:
+            if len(batch) == 1:
+                return [e]
+        outcomes = []
+        for job in batch:
+            try:
+                outcomes.append(self._call([job]))
+            except Exception as e:  # noqa: BLE001 — handed to that request
+                outcomes.append(e)
+        return outcomes
+
+    def _call(self, batch: list[Job]):
+        first = batch[0]
+        prompts = [j.prompt for j in batch for _ in range(j.n)]
+        negatives = [j.negative or "" for j in batch for _ in range(j.n)]
+        seeds = [s for j in batch for s in j.seeds]
+        return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
+                         image=first.image, progress=False, **first.kwargs)
+
+    def _answer(self, batch: list[Job], outcomes) -> None:
+        if isinstance(outcomes, BaseException):
+            outcomes = [outcomes] * len(batch)
+        done = {}  # id(Result) → where the next job's images start in it
+        for job, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                if not job.future.done():
+                    job.future.set_exception(outcome)
+                continue
+            if id(outcome) not in done:
+                done[id(outcome)] = 0
+                images = len(outcome.images)
+                merged = sum(1 for o in outcomes if o is outcome)
+                self.metrics.batch.observe(images)
+                self.metrics.batch_requests.observe(merged)
+                self.metrics.images.inc(images)
+                for stage, seconds in outcome.timings.items():
+                    self.metrics.stage.labels(stage).observe(seconds)
+            start = done[id(outcome)]
+            done[id(outcome)] = start + job.n
+            if not job.future.done():
+                job.future.set_result((outcome.images[start:start + job.n], job.seeds, outcome.timings,
+                                       sum(1 for o in outcomes if o is outcome)))
+
+
+class QueueFull(Exception):
+    pass
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(data: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (ValueError, UnidentifiedImageError, OSError) as e:
+        raise UserError(f"init_image: not a base64 PNG or JPEG ({str(e).splitlines()[0][:120]})") from None
+    return image.convert("RGB")
+
+
+def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = None, warmup: bool = True,
+               pipeline=None):
+    """The ASGI app. `pipeline`: an already loaded Pipeline (tests, Ray replicas); else loaded at startup."""
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from .pipeline import Pipeline, image_seeds
+    from .samplers import SAMPLERS
+    from .validate import parse_size
+
+    limits = limits or Limits()
+    metrics = Metrics()
+    state: dict = {"ready": False, "batcher": None}
+
+    class GenerationRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompt: str
+        n: int = Field(1, ge=1)
+        size: str | None = None
+        response_format: str = "b64_json"
+        model: str | None = None  # OpenAI clients send it; one engine directory is served
+        negative_prompt: str | None = None
+        steps: int = Field(30, ge=1)
+        guidance: float | None = None
+        sampler: str = "euler"
+        seed: int | None = Field(None, ge=0)
+        refiner_start: float | None = None
+        init_image: str | None = None
+        strength: float | None = None
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
+        metrics.requests.labels(str(status)).inc()
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        pipe = pipeline
+        if pipe is None:
+            pipe = await loop.run_in_executor(None, lambda: Pipeline.load(engine_dir, backend=backend))
+        if warmup:  # the first call compiles, allocates and picks algorithms: not a user's request
+            await loop.run_in_executor(None, lambda: pipe("warm-up", num_inference_steps=2, progress=False))
+        state["pipe"] = pipe
+        state["batcher"] = Batcher(pipe, limits, metrics)
+        state["batcher"].start()
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await state["batcher"].stop()
+
+    app = FastAPI(title="sdxl-trt", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            return error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({first['msg']})"
+        return error(400, message)
+
+    @app.get("/health")
+    async def health():
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "engine": str(engine_dir), "backend": backend}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/images/generations")
+    async def generate(body: GenerationRequest):
+        started = time.perf_counter()
+        if not state["ready"]:
+            return error(503, "the engines are still loading", "unavailable")
+        try:
+            job = make_job(body, state["pipe"])
+        except UserError as e:
+            return error(400, str(e))
+        batcher = state["batcher"]
+        try:
+            future = batcher.submit(job)
+        except QueueFull:
+            return error(429, f"the queue is full ({limits.max_queue} requests)", "rate_limit",
+                         headers={"Retry-After": "1"})
+        try:
+            images, seeds, timings, merged = await asyncio.wait_for(asyncio.shield(future), limits.timeout_s)
+        except asyncio.TimeoutError:
+            batcher.cancel(job)
+            return error(504, f"not done within {limits.timeout_s:g} s", "timeout")
+        except UserError as e:
+            return error(400, str(e))
+        except Exception as e:  # noqa: BLE001 — a bug or the machine: a 500 with its first line, logged whole
+            log.exception("generation failed")
+            return error(500, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", "server_error")
+        metrics.requests.labels("200").inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return {"created": int(time.time()),
+                "data": [{"b64_json": png_base64(image), "seed": seed} for image, seed in zip(images, seeds)],
+                "timings": {**{k: round(v, 4) for k, v in timings.items()}, "batched_requests": merged,
+                            "total": round(time.perf_counter() - started, 4)}}
+
+    def make_job(body, pipe) -> Job:
+        if body.response_format != "b64_json":
+            raise UserError(f"response_format {body.response_format!r}: only b64_json is served")
+        if body.n > limits.max_n:
+            raise UserError(f"n {body.n}: at most {limits.max_n} images per request")
+        if body.steps > limits.max_steps:
+            raise UserError(f"steps {body.steps}: at most {limits.max_steps}")
+        kwargs = {"num_inference_steps": body.steps, "sampler": body.sampler}
+        if body.size:
+            width, height = parse_size(body.size, "size")
+            kwargs.update(width=width, height=height)
+        if body.guidance is not None:
+            kwargs["guidance_scale"] = body.guidance
+        if body.refiner_start is not None:
+            kwargs["refiner_start"] = body.refiner_start
+        image = None
+        if body.init_image is not None:
+            image = decode_image(body.init_image)
+            kwargs["strength"] = body.strength
+        elif body.strength is not None:
+            raise UserError("strength goes with init_image")
+        if body.sampler not in SAMPLERS:
+            raise UserError(f"sampler {body.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image)
+
+    return app
