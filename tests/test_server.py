@@ -1,0 +1,204 @@
+"""`sdxl-trt serve` for real: the server process on loopback with the tiny model, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+prometheus = pytest.importorskip("prometheus_client.parser")
+from PIL import Image  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, engine, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.devnull, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "serve", str(engine), "--port",
+                                         str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server exited while starting"
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("the server did not become healthy in 120 s")
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.status, r.read()
+
+    def post(self, body, raw: bytes | None = None, timeout=120):
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + "/v1/images/generations", data=data,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+    def metrics(self) -> dict:
+        families = prometheus.text_string_to_metric_families(self.get("/metrics")[1].decode())
+        return {s.name + json.dumps(s.labels, sort_keys=True): s.value for f in families for s in f.samples}
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    s = Server(tiny_engine, "--max-wait-ms", "400", "--max-batch", "4", "--max-n", "3", "--max-steps", "40",
+               "--max-body-mb", "1")
+    yield s
+    s.stop()
+
+
+def image_of(item) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_health_and_one_request(server):
+    assert json.loads(server.get("/health")[1])["status"] == "ok"
+    status, body, _ = server.post({"prompt": "a red bicycle", "size": "64x96", "steps": 2, "n": 2, "seed": 11})
+    assert status == 200 and [d["seed"] for d in body["data"]] == [11, 12]
+    for item in body["data"]:
+        with image_of(item) as image:
+            assert image.size == (64, 96) and image.mode == "RGB"
+    assert {"text", "base", "vae", "total"} <= set(body["timings"]) and body["created"] > 0
+
+
+def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
+    before = server.metrics()
+    bodies = [{"prompt": p, "size": "64x64", "steps": 3, "seed": 100 + i}
+              for i, p in enumerate(["a cat", "a dog", "a ship", "a lighthouse"])]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(server.post, bodies))
+    assert [a[0] for a in answers] == [200] * 4
+    assert max(a[1]["timings"]["batched_requests"] for a in answers) > 1
+    after = server.metrics()
+    calls = after['sdxl_batch_requests_count{}'] - before.get('sdxl_batch_requests_count{}', 0)
+    merged = after['sdxl_batch_requests_sum{}'] - before.get('sdxl_batch_requests_sum{}', 0)
+    assert merged == 4 and calls < 4  # four requests in fewer pipeline calls
+    assert after['sdxl_images_generated_total{}'] - before.get('sdxl_images_generated_total{}', 0) == 4
+    # a request answered alone gets the images it got inside the merged call (same seed → same noise stream)
+    status, alone, _ = server.post(bodies[2])
+    assert status == 200 and alone["timings"]["batched_requests"] == 1
+    import numpy as np
+
+    with image_of(alone["data"][0]) as a, image_of(answers[2][1]["data"][0]) as b:
+        assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 2  # batch size may change float sums
+
+
+@pytest.mark.parametrize("body, raw, status, says", [
+    (None, b"{not json", 400, "not valid JSON"),
+    ({"prompt": "a cat", "colour": "red"}, None, 400, "colour"),
+    ({"size": "64x64"}, None, 400, "prompt"),
+    ({"prompt": "a cat", "size": "65x64"}, None, 400, "multiples of 8"),
+    ({"prompt": "a cat", "size": "big"}, None, 400, "size"),
+    ({"prompt": "a cat", "n": 4}, None, 400, "at most 3"),
+    ({"prompt": "a cat", "n": 0}, None, 400, "n"),
+    ({"prompt": "a cat", "steps": 41}, None, 400, "at most 40"),
+    ({"prompt": "a cat", "steps": 0}, None, 400, "steps"),
+    ({"prompt": "a cat", "sampler": "plms"}, None, 400, "plms"),
+    ({"prompt": "a cat", "seed": -1}, None, 400, "seed"),
+    ({"prompt": "a cat", "guidance": "high"}, None, 400, "guidance"),
+    ({"prompt": "a cat", "response_format": "url"}, None, 400, "b64_json"),
+    ({"prompt": "a cat", "strength": 0.5}, None, 400, "init_image"),
+    ({"prompt": "a cat", "init_image": "not base64!"}, None, 400, "init_image"),
+    ({"prompt": "a cat", "size": "64x64", "refiner_start": 1.5}, None, 400, "refiner start"),
+    ({"prompt": "x" * (2 << 20)}, None, 413, "over the limit"),
+])
+def test_bad_requests_get_4xx_with_a_message(server, body, raw, status, says):
+    got, answer, _ = server.post(body, raw)
+    assert got == status and says in answer["error"]["message"], answer
+
+
+def test_one_bad_request_does_not_fail_the_requests_merged_with_it(server):
+    good = {"prompt": "a cat", "size": "64x64", "steps": 2, "seed": 1}
+    bad = {"prompt": "a cat", "size": "64x64", "steps": 2, "seed": 2, "guidance": float("nan")}
+    raw_bad = json.dumps(bad).replace("NaN", "1e999").encode()  # JSON has no NaN: an infinite number instead
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(server.post, good)
+        b = pool.submit(server.post, None, raw_bad)
+        answers = a.result(), b.result()
+    assert answers[0][0] == 200 and answers[1][0] == 400 and "guidance" in answers[1][1]["error"]["message"]
+
+
+def test_img2img_through_the_api(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    status, body, _ = server.post({"prompt": "a red square", "steps": 4, "strength": 0.5, "seed": 3,
+                                   "init_image": base64.b64encode(buffer.getvalue()).decode()})
+    assert status == 200
+    with image_of(body["data"][0]) as image:
+        assert image.size == (64, 64)
+
+
+def test_metrics_parse(server):
+    metrics = server.metrics()
+    assert any(k.startswith("sdxl_requests_total") for k in metrics)
+    assert 'sdxl_stage_seconds_count{"stage": "base"}' in metrics and "sdxl_queue_depth{}" in metrics
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_engine):
+    s = Server(tiny_engine, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0")
+    try:
+        body = {"prompt": "a cat", "size": "128x128", "steps": 30}
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(s.post, [body] * 6))
+        codes = sorted(a[0] for a in answers)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        assert all(a[2].get("retry-after") == "1" for a in answers if a[0] == 429)
+    finally:
+        s.stop()
+
+
+def test_sigterm_finishes_the_requests_in_flight(tiny_engine):
+    s = Server(tiny_engine)
+    answer = {}
+
+    def request():
+        answer["r"] = s.post({"prompt": "a cat", "size": "256x256", "steps": 100})
+        answer["done"] = time.monotonic()
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    time.sleep(1.0)  # the request is in the pipeline (100 steps at 256x256: several seconds here)
+    signalled = time.monotonic()
+    s.process.send_signal(signal.SIGTERM)
+    worker.join(120)
+    assert answer["r"][0] == 200 and len(answer["r"][1]["data"]) == 1
+    assert answer["done"] > signalled + 0.2, "the request was not in flight when the signal came"
+    assert s.process.wait(60) == 0
+    s.stop()
