@@ -47,6 +47,25 @@ def _cmd_serve(args) -> int:
     limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                     timeout_s=args.timeout_s, max_n=args.max_n, max_steps=args.max_steps,
                     max_body_bytes=int(args.max_body_mb * 2**20))
+    if args.ray:
+        import json
+
+        from .serve_ray import serve_with_ray
+
+        if args.replicas < 1:
+            raise UserError(f"--replicas {args.replicas}: expected at least 1")
+        autoscaling = None
+        if args.autoscaling:
+            try:
+                autoscaling = json.loads(args.autoscaling)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--autoscaling: not JSON ({e})") from None
+            if not isinstance(autoscaling, dict):
+                raise UserError("--autoscaling: expected a JSON object (Ray Serve's autoscaling_config)")
+        serve_with_ray(str(args.dir), args.backend, limits, args.host, args.port, args.replicas, autoscaling)
+        return 0
+    elif args.replicas != 1 or args.autoscaling:
+        raise UserError("--replicas and --autoscaling go with --ray")
     app = create_app(args.dir, backend=args.backend, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
@@ -277,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
     s.add_argument("--max-steps", type=int, default=100, help="most steps per request (default 100)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each on GPU backends)")
+    s.add_argument("--autoscaling", metavar="JSON", help="with --ray: Ray Serve's autoscaling_config instead of "
+                   "--replicas, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="run the whole path that exists on the tiny model, on the CPU, and write a PNG")

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -314,7 +315,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     async def health():
         if not state["ready"]:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "engine": str(engine_dir), "backend": backend}
+        return {"status": "ok", "engine": str(engine_dir), "backend": backend, "replica": os.getpid()}
 
     @app.get("/metrics")
     async def metrics_text():

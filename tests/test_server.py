@@ -202,3 +202,42 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_engine):
     assert answer["done"] > signalled + 0.2, "the request was not in flight when the signal came"
     assert s.process.wait(60) == 0
     s.stop()
+
+
+def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
+    """`serve --ray --replicas 2`: a local Ray instance, two replicas of the tiny model behind Ray's proxy."""
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "serve", str(tiny_engine), "--ray",
+                                "--replicas", "2", "--port", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    s = Server.__new__(Server)  # the HTTP helpers only
+    s.url, s.process = url, process
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, "serve --ray exited while starting"
+            try:
+                if s.get("/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Ray Serve did not become healthy in 240 s"
+            time.sleep(1)
+        replicas = {json.loads(s.get("/health")[1])["replica"] for _ in range(40)}
+        assert len(replicas) == 2, replicas  # Ray's proxy spreads requests over both
+        bodies = [{"prompt": f"a kite {i}", "size": "64x96", "steps": 2, "seed": i} for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(s.post, bodies))
+        assert [a[0] for a in answers] == [200] * 4
+        for answer in answers:
+            with image_of(answer[1]["data"][0]) as image:
+                assert image.size == (64, 96)
+        status, bad, _ = s.post({"prompt": "a kite", "size": "65x64"})
+        assert status == 400 and "multiples of 8" in bad["error"]["message"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,58 @@
+"""`sdxl-trt serve DIR --ray`: the same app (server.py) as a Ray Serve deployment, N replicas behind Ray's HTTP
+proxy — same API, same checks; each replica loads the engines, batches its own requests and keeps its own metrics
+(Ray's proxy spreads requests over the replicas; /metrics and /health answer for the replica that gets the request,
+and name it by `replica`).
+
+On a GPU backend each replica takes one GPU (`num_gpus: 1`); on `ort-cpu` half a CPU. `--autoscaling JSON` passes
+Ray Serve's autoscaling_config through (e.g. '{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}')
+instead of a fixed --replicas. Ray runs locally (a new instance) unless RAY_ADDRESS names a cluster. SIGTERM or
+Ctrl-C shuts Serve down, which lets each replica finish its requests first.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from .errors import UserError
+
+
+def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, replicas: int,
+                   autoscaling: dict | None = None) -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UserError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+    from .server import create_app
+
+    def build():  # evaluated on each replica
+        return create_app(engine_dir, backend=backend, limits=limits)
+
+    actor = {"num_gpus": 1} if backend != "ort-cpu" else {"num_cpus": 0.5}
+    options = {"name": "sdxl-trt", "ray_actor_options": actor, "max_ongoing_requests": limits.max_queue,
+               "graceful_shutdown_timeout_s": limits.timeout_s}
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    ray.init(include_dashboard=False, log_to_driver=False)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = serve.deployment(serve.ingress(build)(), **options).bind()
+        serve.run(app, name="sdxl-trt", route_prefix="/", blocking=False)
+        print(f"sdxl-trt serve: Ray Serve on http://{host}:{port} with "
+              f"{'autoscaling ' + str(autoscaling) if autoscaling else f'{replicas} replicas'}", flush=True)
+        while not stop["now"]:
+            time.sleep(0.2)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
