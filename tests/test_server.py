@@ -241,3 +241,37 @@ def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine):
+    s = Server(tiny_engine, "--timeout-s", "0.5")
+    try:
+        status, body, _ = s.post({"prompt": "a cat", "size": "256x256", "steps": 100})
+        assert status == 504 and "0.5 s" in body["error"]["message"]
+        status, body, _ = s.post({"prompt": "a cat", "size": "64x64", "steps": 1})
+        assert status in (200, 504)  # the server still answers (the slow call may still hold the pipeline)
+        assert s.get("/health")[0] == 200
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--replicas", "2"], "go with --ray"),
+    (["--ray", "--autoscaling", "{max: 4}"], "--autoscaling: not JSON"),
+    (["--ray", "--autoscaling", "[1, 2]"], "JSON object"),
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--port", "70000"], "--port 70000"),
+])
+def test_serve_bad_flags_are_one_line(tiny_engine, argv, says, capsys):
+    from sdxl_trt.runtime.cli import main
+
+    assert main(["serve", str(tiny_engine), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_serve_on_a_missing_directory_says_so_before_starting(tmp_path, capsys):
+    from sdxl_trt.runtime.cli import main
+
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
