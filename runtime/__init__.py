@@ -4,8 +4,8 @@ This package must never import torch, diffusers or transformers (a test checks i
 interpreter); everything here runs on numpy and the inference backends.
 """
 
-from .errors import NotBuiltYet, UserError, VerificationError
+from .errors import UserError, VerificationError
 from .pipeline import Pipeline
 from .tokenizer import ClipTokenizer
 
-__all__ = ["ClipTokenizer", "NotBuiltYet", "Pipeline", "UserError", "VerificationError"]
+__all__ = ["ClipTokenizer", "Pipeline", "UserError", "VerificationError"]

@@ -16,7 +16,7 @@ import sys
 import threading
 from importlib import metadata
 
-from .errors import NotBuiltYet, UserError, VerificationError
+from .errors import UserError, VerificationError
 
 MODEL_HELP = ("SRC: a diffusers SDXL folder, a single-file SDXL .safetensors checkpoint, random:base, "
               "random:refiner (full size, random weights) or tiny:base, tiny:refiner (tiny, for tests)")
@@ -348,9 +348,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, prog: str) -> int:
     try:
         return args.func(args) or 0
-    except NotBuiltYet as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 3
     except VerificationError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 4

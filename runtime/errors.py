@@ -9,9 +9,5 @@ class UserError(Exception):
     """Bad input from the user: a path, a flag value, a model that is not SDXL."""
 
 
-class NotBuiltYet(UserError):
-    """A capability the CLI names but this version does not have yet (exit status 3)."""
-
-
 class VerificationError(UserError):
     """An exported model disagrees with torch beyond its stated tolerance (exit status 4)."""
