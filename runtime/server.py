@@ -142,6 +142,8 @@ class Batcher:
                     await asyncio.wait_for(self.wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
+            if first not in self.pending:  # it timed out while waiting for company
+                continue
             batch = self._take(first)
             self.metrics.queue.set(len(self.pending))
             self.busy = True
@@ -151,7 +153,13 @@ class Batcher:
                 outcome = e
             finally:
                 self.busy = False
-            self._answer(batch, outcome)
+            try:
+                self._answer(batch, outcome)
+            except Exception as e:  # noqa: BLE001 — a bug here must not stop the worker: those requests get a 500
+                log.exception("answering a batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
     def _images(self, key) -> int:
         return sum(j.n for j in self.pending if j.key == key)
@@ -280,14 +288,16 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loop = asyncio.get_running_loop()
+        batcher = Batcher(pipeline, limits, metrics)  # its one thread loads, warms up and runs the pipeline
         pipe = pipeline
         if pipe is None:
-            pipe = await loop.run_in_executor(None, lambda: Pipeline.load(engine_dir, backend=backend))
+            pipe = await loop.run_in_executor(batcher.executor, lambda: Pipeline.load(engine_dir, backend=backend))
         if warmup:  # the first call compiles, allocates and picks algorithms: not a user's request
-            await loop.run_in_executor(None, lambda: pipe("warm-up", num_inference_steps=2, progress=False))
-        state["pipe"] = pipe
-        state["batcher"] = Batcher(pipe, limits, metrics)
-        state["batcher"].start()
+            await loop.run_in_executor(batcher.executor, lambda: pipe("warm-up", num_inference_steps=2,
+                                                                      progress=False))
+        batcher.pipe = state["pipe"] = pipe
+        state["batcher"] = batcher
+        batcher.start()
         state["ready"] = True
         yield
         state["ready"] = False

@@ -275,3 +275,36 @@ def test_serve_on_a_missing_directory_says_so_before_starting(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_batcher_survives_a_request_that_times_out_while_waiting_for_company():
+    """Batcher logic alone, with a stand-in pipeline that records its calls (the real one is tested above)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sdxl_trt.runtime.server import Batcher, Job, Limits, Metrics
+
+    calls = []
+
+    def pipe(prompts, negatives, seed, image, progress, **kwargs):
+        calls.append(list(prompts))
+        return SimpleNamespace(images=[f"image of {p}" for p in prompts], timings={"base": 0.01})
+
+    async def scenario():
+        batcher = Batcher(pipe, Limits(max_batch=4, max_wait_ms=300, timeout_s=0.05), Metrics())
+        batcher.start()
+        lonely = Job("lonely", None, 1, [1], {"num_inference_steps": 2})
+        future = batcher.submit(lonely)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), 0.05)
+        except asyncio.TimeoutError:
+            batcher.cancel(lonely)  # what the endpoint does on its timeout
+        await asyncio.sleep(0.4)  # the worker's wait for company ends with its first job gone
+        jobs = [Job(p, None, 1, [i], {"num_inference_steps": 2}) for i, p in enumerate(["a", "b"])]
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(j) for j in jobs)), 10)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r[0] for r in results] == [["image of a"], ["image of b"]] and results[0][3] == 2  # merged, answered
+    assert calls == [["a", "b"]]  # the timed-out request never ran
