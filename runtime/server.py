@@ -309,6 +309,9 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     async def body_limit(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            if int(length) <= 8 * limits.max_body_bytes:  # read and drop it, so the client reads our answer (an
+                async for _ in request.stream():         # unread body makes the close a reset); larger: just close
+                    pass
             return error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
         return await call_next(request)
 
