@@ -303,12 +303,15 @@ def run(args) -> dict:
               "model": manifest.data.get("sources", {}), "runs": args.runs, "warmup": args.warmup,
               "prompt": PROMPT, "cases": [], "overhead": [], "load_s": {}, "complete": False}
     out = Path(args.out)
+    if args.resume and out.exists():
+        resume(result, out)
 
     def save() -> None:
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
 
-    makers = [lambda: OursContender(engine, args.backend, args.cuda_graphs)]
+    makers = [(f"sdxl-trt:{args.backend}:{args.cuda_graphs}", lambda: OursContender(engine, args.backend,
+                                                                                   args.cuda_graphs))]
     for name in args.contenders or []:
         def make(name=name):
             from ..export.bench_diffusers import DiffusersContender  # torch side: only when asked for
@@ -316,21 +319,26 @@ def run(args) -> dict:
             refiner = manifest.data.get("sources", {}).get("refiner", {}).get("spec")
             return DiffusersContender(args.model or manifest_source(manifest), name, refiner=refiner,
                                       compile_limit=args.compile_limit)
-        makers.append(make)
-    for make in makers:  # one at a time: each frees its memory before the next loads
+        makers.append((name, make))
+    for ident, make in makers:  # one at a time: each frees its memory before the next loads
+        done = {case_key(r) for r in result["cases"] + result["overhead"] if r.get("contender_id") == ident}
+        todo = [c for sweep in args.sweeps for c in sweep_cases(sweep, size) if case_key(asdict(c)) not in done]
+        if not todo:
+            print(f"{ident}: every case is in {out} already", flush=True)
+            continue
         contender = make()
         result["load_s"][f"{contender.name} ({contender.mode})"] = round(contender.load_s, 2)
         timer.sync = contender.sync or (lambda: None)
-        for sweep in args.sweeps:
-            if sweep == "overhead":
-                result["overhead"].append(host_overhead(contender, size, timer))
-                print(json.dumps(result["overhead"][-1]), flush=True)
+        for case in todo:
+            if case.sweep == "overhead":
+                if case.steps == 2:  # one measurement covers the sweep's two cases
+                    result["overhead"].append({**host_overhead(contender, size, timer), "contender_id": ident})
+                    print(json.dumps(result["overhead"][-1]), flush=True)
                 continue
-            for case in sweep_cases(sweep, size):
-                row = measure(contender, case, timer, flops)
-                result["cases"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in ("sweep", "sampler")}), flush=True)
-                save()
+            row = {**measure(contender, case, timer, flops), "contender_id": ident}
+            result["cases"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("sweep", "sampler")}), flush=True)
+            save()
         if hasattr(contender, "close"):
             contender.close()  # diffusers' weights leave the GPU before the next contender
     if args.cold_start:
@@ -339,6 +347,30 @@ def run(args) -> dict:
     result["complete"] = True
     save()
     return result
+
+
+def case_key(row: dict) -> tuple:
+    """What identifies a case in results (a row, or a Case as a dict); overhead rows stand for the whole sweep."""
+    if row.get("sweep") == "overhead":
+        return ("overhead", row["width"], row["height"])
+    return tuple(row.get(k) for k in ("sweep", "width", "height", "batch", "steps", "guidance", "sampler",
+                                      "refiner_start"))
+
+
+def resume(result: dict, out: Path) -> None:
+    """--resume: keep what an earlier run of the same device wrote to `out` (measured cases only)."""
+    from .fileio import read_json
+
+    earlier = read_json(out, "--resume")
+    if earlier.get("device") != result["device"]:
+        raise UserError(f"--resume: {out} was measured on {earlier.get('device')!r}, this is {result['device']!r}")
+    result["cases"] = [c for c in earlier.get("cases", []) if "e2e_ms" in c and c.get("contender_id")]
+    result["overhead"] = [c for c in earlier.get("overhead", []) if c.get("contender_id")]
+    result["load_s"] = earlier.get("load_s", {})
+    result["resumed"] = [*earlier.get("resumed", []), {"date": earlier.get("date"), "command": earlier.get("command"),
+                                                       "git": earlier.get("git")}]
+    if "cold_start" in earlier:
+        result["cold_start"] = earlier["cold_start"]
 
 
 def manifest_source(manifest) -> str:

@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")
     bn.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     bn.add_argument("--flops", metavar="JSON", help="FLOP table from benchmarks/unet_flops.py (→ TFLOP/s)")
+    bn.add_argument("--resume", action="store_true", help="keep the cases --out already holds (same device) and "
+                    "measure only the others: a matrix can be run in parts")
     bn.add_argument("--cold-start", action="store_true", help="also time load → first image in fresh processes "
                     "(empty cache, then filled)")
     bn.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")

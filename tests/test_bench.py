@@ -109,3 +109,23 @@ def test_the_cudagraph_contender_needs_a_gpu(tiny_engine, tmp_path, capsys):
     assert main(["bench", str(tiny_engine), "--sweeps", "batch", "--contenders", "diffusers-cudagraph", "--runs", "1",
                  "--warmup", "0", "--size", "64x64", "--out", str(tmp_path / "x.json")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_resume_measures_only_what_is_missing(tiny_engine, tmp_path, capsys):
+    out = tmp_path / "parts.json"
+    common = ["bench", str(tiny_engine), "--size", "64x64", "--runs", "1", "--warmup", "0", "--out", str(out)]
+    assert main([*common, "--sweeps", "batch"]) == 0
+    first = json.loads(out.read_text())["cases"]
+    assert main([*common, "--sweeps", "batch", "cfg", "--resume"]) == 0
+    second = json.loads(out.read_text())
+    assert second["cases"][:3] == first  # kept as measured, not run again
+    assert [c["sweep"] for c in second["cases"]] == ["batch"] * 3 + ["cfg"] * 2
+    assert second["resumed"][0]["command"].endswith("--sweeps batch") and second["complete"]
+    capsys.readouterr()
+    assert main([*common, "--sweeps", "batch", "--resume"]) == 0
+    assert "every case is in" in capsys.readouterr().out
+    foreign = json.loads(out.read_text())
+    foreign["device"] = "NVIDIA H100 80GB HBM3"
+    out.write_text(json.dumps(foreign))
+    assert main([*common, "--sweeps", "batch", "--resume"]) == 2
+    assert "was measured on 'NVIDIA H100 80GB HBM3'" in capsys.readouterr().err
