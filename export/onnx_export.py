@@ -39,17 +39,60 @@ def export_onnx(component: Component, folder: Path, precision: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".trace-{component.name}-", dir=folder) as raw:
         raw_path = Path(raw) / "model.onnx"
+        wrapper = component.wrapper()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about size-dependent Python branches, checked above
-            torch.onnx.export(component.wrapper(), args, str(raw_path), dynamo=False, opset_version=OPSET,
+            torch.onnx.export(wrapper, args, str(raw_path), dynamo=False, opset_version=OPSET,
                               input_names=[t.name for t in component.inputs()],
                               output_names=[t.name for t in component.outputs()],
                               dynamic_axes=component.dynamic_axes(), do_constant_folding=True)
         model = onnx.load(str(raw_path), load_external_data=False)
+        name_weights(model, wrapper, Path(raw))
         with contextlib.chdir(raw):  # lazily loaded external weights are found relative to the raw export
             model = clean_graph(model)
         write_model(model, path, Path(raw))
     return path
+
+
+TRANSPOSED = ".T"  # suffix of an initializer that holds a parameter transposed (a Linear weight under MatMul)
+
+
+def name_weights(model: onnx.ModelProto, module, raw_dir: Path) -> int:
+    """Give the weights that constant folding left anonymous (`onnx::MatMul_123`: a Linear's weight, transposed for
+    MatMul) the name of the parameter they hold, with TRANSPOSED appended when transposed — matched by value, so
+    names are the same in every export of the same architecture (TensorRT refit and LoRA find weights by them).
+    A value two parameters share stays anonymous. Returns the number renamed."""
+    import hashlib
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    anonymous = [t for t in model.graph.initializer if t.name.startswith("onnx::") and len(t.dims) >= 2]
+    if not anonymous:
+        return 0
+    shapes = {tuple(t.dims) for t in anonymous}
+    candidates: dict[str, list[str]] = {}
+    for name, param in module.named_parameters():
+        value = param.detach().cpu().numpy()
+        for suffix, array in (("", value), (TRANSPOSED, value.T if value.ndim == 2 else None)):
+            if array is not None and tuple(array.shape) in shapes:
+                key = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+                candidates.setdefault(key, []).append(name + suffix)
+    renames = {}
+    for tensor in anonymous:
+        data = numpy_helper.to_array(tensor, base_dir=str(raw_dir))
+        names = candidates.get(hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest(), [])
+        if len(names) == 1:
+            renames[tensor.name] = names[0]
+    taken = {t.name for t in model.graph.initializer}
+    targets = [new for new in renames.values()]
+    renames = {old: new for old, new in renames.items() if new not in taken and targets.count(new) == 1}
+    for tensor in model.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    return len(renames)
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:

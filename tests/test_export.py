@@ -287,3 +287,33 @@ def test_duplicate_casts_of_older_onnxruntime_converters_are_shared():
     share_duplicate_casts(model)
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Cast", "Sin", "Cos"]
+
+
+def test_every_linear_weight_is_named_after_its_parameter(engine_dir, tiny_base):
+    """Constant folding leaves MatMul weights anonymous (`onnx::MatMul_…`); the export names each after the Linear
+    it holds, + ".T" (transposed), so that refit and LoRA find them: every attention / feed-forward / CLIP projection
+    of the tiny models, in the fp32 and fp16 files, with the parameter's values."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = load_manifest(engine_dir)
+    for component, module, prefix in (("unet", tiny_base.unet, "unet."), ("clip_l", tiny_base.clip_l, "model."),
+                                      ("clip_g", tiny_base.clip_g, "model.")):
+        linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert len(linears) > 10
+        for precision in ("fp32", "fp16"):
+            path = manifest.path(manifest.components[component]["precisions"][precision])
+            graph = onnx.load(str(path)).graph
+            weights = {t.name: t for t in graph.initializer}
+            for name, linear in linears.items():
+                if linear.bias is not None and f"{prefix}{name}.bias" not in weights:
+                    continue  # not in the graph at all (CLIP's last layer: the penultimate state is the output)
+                key = f"{prefix}{name}.weight.T"
+                if key not in weights:  # a Linear ONNX keeps as Gemm takes its weight untransposed
+                    key = f"{prefix}{name}.weight"
+                assert key in weights, (component, precision, name)
+                value = numpy_helper.to_array(weights[key]).astype(np.float32)
+                expected = linear.weight.detach().numpy()
+                expected = expected.T if key.endswith(".T") else expected
+                np.testing.assert_allclose(value, expected, rtol=1e-3, atol=1e-3)  # fp16 files: rounded
