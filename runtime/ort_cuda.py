@@ -14,6 +14,7 @@ the fp32 file from then on.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -66,11 +67,11 @@ class OrtCudaBackend:
         """The component's session for any shape (plain runs)."""
         if component not in self._sessions:
             entry = self.manifest.components.get(component, {})
-            session = OrtCudaSession(self.manifest, component, self.stream)
-            if session.file == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
-                session = CheckedSession(session, lambda: OrtCudaSession(self.manifest, component, self.stream,
-                                                                          file="fp32"))
-            self._sessions[component] = session
+            make = functools.partial(OrtCudaSession, self.manifest, component, self.stream)
+            if session_file(entry)[0] == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
+                self._sessions[component] = CheckedSession(component, make, functools.partial(make, file="fp32"))
+            else:
+                self._sessions[component] = make()
         return self._sessions[component]
 
     def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
@@ -196,10 +197,19 @@ class OrtCudaSession(OrtSession):
 
 class CheckedSession:
     """A VAE on an fp16 file that may overflow: every output is checked for NaN / Inf; on the first bad one, a
-    warning, and the fp32 file computes this and every later call (so no black image is ever returned)."""
+    warning, and the fp32 file computes this and every later call (so no black image is ever returned). Both
+    sessions are made when first needed: a decode on the device (device_loop.decode) that overflows switches to fp32
+    without ever loading the fp16 file for any shape here."""
 
-    def __init__(self, fast: OrtCudaSession, make_fallback):
-        self.fast, self.make_fallback, self.fallback = fast, make_fallback, None
+    def __init__(self, name: str, make_fast, make_fallback):
+        self.name, self.make_fast, self.make_fallback = name, make_fast, make_fallback
+        self._fast = self.fallback = None
+
+    @property
+    def fast(self):
+        if self._fast is None:
+            self._fast = self.make_fast()
+        return self._fast
 
     def __getattr__(self, name):
         return getattr(self.fallback or self.fast, name)
@@ -214,5 +224,5 @@ class CheckedSession:
 
     def fall_back(self) -> None:
         log.warning("%s: the fp16 VAE overflowed (NaN/Inf in the image); decoding in fp32 from now on "
-                    "(slower; export with --vae an fp16-safe VAE to avoid this)", self.fast.name)
-        self.fallback = self.make_fallback()
+                    "(slower; export with --vae an fp16-safe VAE to avoid this)", self.name)
+        self.fallback, self._fast = self.make_fallback(), None  # the fp16 session's memory goes

@@ -185,7 +185,7 @@ def test_a_vae_that_overflows_is_decoded_again_in_fp32(caplog):
             return {"image": np.full((1, 3, 8, 8), self.value, np.float32)}
 
     fast, fp32 = Fake(0.5), Fake(0.25)
-    session = CheckedSession(fast, lambda: fp32)
+    session = CheckedSession("vae_decoder", lambda: fast, lambda: fp32)
     assert session.run(latent=None)["image"][0, 0, 0, 0] == 0.5 and fp32.calls == 0
     fast.value = np.nan
     with caplog.at_level(logging.WARNING):
