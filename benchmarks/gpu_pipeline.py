@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import shlex
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,31 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-
-
-def median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1e3, 2)
-
-
-def device_used_gib() -> float:
-    from cuda.bindings import runtime as rt
-
-    _, free, total = rt.cudaMemGetInfo()
-    return (total - free) / 2**30
+from sdxl_trt.runtime.bench import PROMPT, Timer, cold_starts, device_used_gib, git_state, median_ms
 
 
 def time_calls(fn, runs: int, warmup: int, sync) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t)
-    return samples
+    return Timer(runs, warmup, sync)(fn)[0]
 
 
 def kernel_profile(fn, sync, runs: int = 3, top: int = 12) -> dict:
@@ -275,8 +254,6 @@ def main() -> int:
     device = tensorrt_api.gpu()
     common = {"width": width, "height": height, "steps": args.steps, "batch": 1, "guidance": args.guidance,
               "sampler": "euler"}
-    from sdxl_trt.runtime.bench import git_state
-
     git = git_state() if not args.git else {"commit": args.git, "dirty": False}
     result = {"device": device.name if device else None,
               "compute_capability": device.compute_capability if device else None,
@@ -303,8 +280,6 @@ def main() -> int:
         save()
     if "cold-start" not in args.skip:
         gc.collect()  # the children need the device memory the contenders above held
-        from sdxl_trt.runtime.bench import cold_starts
-
         result["cold_start"] = cold_starts(args.engine, "ort-cuda", width, height, args.steps)
     result["complete"] = True
     save()

@@ -26,12 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sdxl_trt.runtime.bench import percentile
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, -(-int(q * len(ordered)) // 100) - 1))]
 
 
 def post(url: str, body: dict, timeout: float) -> tuple[int, float, dict]:

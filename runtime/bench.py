@@ -74,11 +74,19 @@ def sweep_cases(sweep: str, size: tuple[int, int]) -> list[Case]:
     raise UserError(f"--sweeps {sweep!r}: expected some of {', '.join(SWEEPS)}")
 
 
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile by nearest rank (a value that occurred: numpy's method="inverted_cdf")."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, -(-q * len(ordered) // 100) - 1))]
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 2)
+
+
 def stats_ms(samples: list[float]) -> dict:
     """Median and p90 (nearest rank) of samples in seconds, as milliseconds."""
-    ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, max(0, -(-9 * len(ordered) // 10) - 1))]
-    return {"median": round(statistics.median(ordered) * 1e3, 2), "p90": round(p90 * 1e3, 2)}
+    return {"median": median_ms(samples), "p90": round(percentile(samples, 90) * 1e3, 2)}
 
 
 def unet_evaluations(case: Case) -> int:
@@ -177,7 +185,7 @@ def device_used_gib() -> float | None:
     except ImportError:
         return None
     err, free, total = rt.cudaMemGetInfo()
-    return round((total - free) / 2**30, 2) if int(err) == 0 else None
+    return (total - free) / 2**30 if int(err) == 0 else None
 
 
 def measure(contender, case: Case, timer: Timer, flops: dict | None) -> dict:
