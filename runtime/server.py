@@ -21,6 +21,7 @@ stops accepting connections and the requests in flight are finished before the p
 
 import asyncio
 import base64
+import collections
 import io
 import logging
 import os
@@ -99,7 +100,6 @@ class Batcher:
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self.task: asyncio.Task | None = None
-        self.busy = False
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._work())
@@ -146,15 +146,12 @@ class Batcher:
                 continue
             batch = self._take(first)
             self.metrics.queue.set(len(self.pending))
-            self.busy = True
             try:
-                outcome = await loop.run_in_executor(self.executor, self._generate, batch)
+                outcomes = await loop.run_in_executor(self.executor, self._generate, batch)
             except Exception as e:  # noqa: BLE001 — every job of the batch gets the error
-                outcome = e
-            finally:
-                self.busy = False
+                outcomes = [e] * len(batch)
             try:
-                self._answer(batch, outcome)
+                self._answer(batch, outcomes)
             except Exception as e:  # noqa: BLE001 — a bug here must not stop the worker: those requests get a 500
                 log.exception("answering a batch failed")
                 for job in batch:
@@ -200,29 +197,27 @@ class Batcher:
         return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
                          image=first.image, progress=False, **first.kwargs)
 
-    def _answer(self, batch: list[Job], outcomes) -> None:
-        if isinstance(outcomes, BaseException):
-            outcomes = [outcomes] * len(batch)
-        done = {}  # id(Result) → where the next job's images start in it
+    def _answer(self, batch: list[Job], outcomes: list) -> None:
+        """Each job its images (its slice of the Result it shared) or its exception; metrics once per pipeline call."""
+        merged = collections.Counter(id(o) for o in outcomes)  # requests per Result
+        start: dict[int, int] = {}  # id(Result) → where the next of its jobs' images begin
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 if not job.future.done():
                     job.future.set_exception(outcome)
                 continue
-            if id(outcome) not in done:
-                done[id(outcome)] = 0
-                images = len(outcome.images)
-                merged = sum(1 for o in outcomes if o is outcome)
-                self.metrics.batch.observe(images)
-                self.metrics.batch_requests.observe(merged)
-                self.metrics.images.inc(images)
+            key = id(outcome)
+            if key not in start:
+                start[key] = 0
+                self.metrics.batch.observe(len(outcome.images))
+                self.metrics.batch_requests.observe(merged[key])
+                self.metrics.images.inc(len(outcome.images))
                 for stage, seconds in outcome.timings.items():
                     self.metrics.stage.labels(stage).observe(seconds)
-            start = done[id(outcome)]
-            done[id(outcome)] = start + job.n
+            images = outcome.images[start[key]:start[key] + job.n]
+            start[key] += job.n
             if not job.future.done():
-                job.future.set_result((outcome.images[start:start + job.n], job.seeds, outcome.timings,
-                                       sum(1 for o in outcomes if o is outcome)))
+                job.future.set_result((images, job.seeds, outcome.timings, merged[key]))
 
 
 class QueueFull(Exception):
@@ -295,7 +290,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         if warmup:  # the first call compiles, allocates and picks algorithms: not a user's request
             await loop.run_in_executor(batcher.executor, lambda: pipe("warm-up", num_inference_steps=2,
                                                                       progress=False))
-        batcher.pipe = state["pipe"] = pipe
+        batcher.pipe = pipe
         state["batcher"] = batcher
         batcher.start()
         state["ready"] = True
@@ -340,7 +335,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         if not state["ready"]:
             return error(503, "the engines are still loading", "unavailable")
         try:
-            job = make_job(body, state["pipe"])
+            job = make_job(body)
         except UserError as e:
             return error(400, str(e))
         batcher = state["batcher"]
@@ -366,7 +361,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
                 "timings": {**{k: round(v, 4) for k, v in timings.items()}, "batched_requests": merged,
                             "total": round(time.perf_counter() - started, 4)}}
 
-    def make_job(body, pipe) -> Job:
+    def make_job(body) -> Job:
         if body.response_format != "b64_json":
             raise UserError(f"response_format {body.response_format!r}: only b64_json is served")
         if body.n > limits.max_n:

@@ -31,13 +31,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, engine, *flags):
+    """`sdxl-trt serve ENGINE FLAGS` in a child process (its own session: signals go to it alone), healthy."""
+
+    def __init__(self, engine, *flags, start_timeout: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "serve", str(engine), "--port",
-                                         str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+                                         str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, "the server exited while starting"
             try:
@@ -46,7 +49,8 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError("the server did not become healthy in 120 s")
+        self.stop()
+        raise TimeoutError(f"the server did not become healthy in {start_timeout:g} s")
 
     def get(self, path):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
@@ -72,7 +76,7 @@ class Server:
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # and whatever it started (Ray's processes)
         self.log.close()
 
 
@@ -207,24 +211,8 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_engine):
 def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
     """`serve --ray --replicas 2`: a local Ray instance, two replicas of the tiny model behind Ray's proxy."""
     pytest.importorskip("ray.serve")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "serve", str(tiny_engine), "--ray",
-                                "--replicas", "2", "--port", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    s = Server.__new__(Server)  # the HTTP helpers only
-    s.url, s.process = url, process
+    s = Server(tiny_engine, "--ray", "--replicas", "2", start_timeout=240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, "serve --ray exited while starting"
-            try:
-                if s.get("/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Ray Serve did not become healthy in 240 s"
-            time.sleep(1)
         replicas = {json.loads(s.get("/health")[1])["replica"] for _ in range(40)}
         assert len(replicas) == 2, replicas  # Ray's proxy spreads requests over both
         bodies = [{"prompt": f"a kite {i}", "size": "64x96", "steps": 2, "seed": i} for i in range(4)]
@@ -236,11 +224,10 @@ def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
                 assert image.size == (64, 96)
         status, bad, _ = s.post({"prompt": "a kite", "size": "65x64"})
         assert status == 400 and "multiples of 8" in bad["error"]["message"]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(120) == 0
+        s.process.send_signal(signal.SIGTERM)
+        assert s.process.wait(120) == 0
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        s.stop()
 
 
 def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine):
