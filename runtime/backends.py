@@ -15,6 +15,7 @@ from .errors import UserError
 from .manifest import Manifest
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
+CUDA_GRAPH_MODES = ("step", "loop", "off")  # ort-cuda's --cuda-graphs (device_loop.py says what each does)
 DTYPES = {"float": {"fp32": np.float32, "fp16": np.float16}, "float32": np.float32, "int32": np.int32}
 
 

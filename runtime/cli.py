@@ -1,8 +1,7 @@
 """`sdxl-trt`: the command line (subcommands as in ARCHITECTURE.md).
 
-Exit status: 0 done; 2 a user error (one line on stderr naming the input and what is accepted);
-3 a capability this version does not have yet; 4 an exported model failed verification; 130 interrupted (Ctrl-C or
-SIGTERM: what was being written is removed).
+Exit status: 0 done; 2 a user error (one line on stderr naming the input and what is accepted); 4 an exported model
+failed verification; 130 interrupted (Ctrl-C or SIGTERM: what was being written is removed).
 Bugs keep their traceback.
 This module imports nothing heavy at start-up: torch is imported only by the subcommands that need it.
 """
@@ -159,6 +158,9 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import BACKENDS, CUDA_GRAPH_MODES
+    from .bench import SWEEPS
+
     p = _Parser(prog="sdxl-trt", description="Stable Diffusion XL as exported engines and a lean runtime.")
     p.add_argument("--version", action="version", version=f"sdxl-trt {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), ort-cuda (a GPU; fastest after `sdxl-trt "
                    "optimize`), tensorrt or tensorrt-rtx (engines from `sdxl-trt build`, on a GPU)")
-    g.add_argument("--cuda-graphs", choices=["step", "loop", "off"], default="step",
+    g.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step",
                    help="ort-cuda: ONNX Runtime's CUDA graph of the UNet replayed each step (step, default), the whole "
                    "denoising loop as one CUDA graph (loop: experimental), or none (off)")
     g.add_argument("--low-memory", action="store_true", help="load each model when its stage starts and free it "
@@ -258,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="latency and throughput over sweeps (resolution, batch, steps, CFG, refiner, "
                         "MLPerf offline, host overhead), against diffusers in the same process; writes JSON")
     bn.add_argument("dir", metavar="DIR", help="engine directory")
-    bn.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx"])
-    bn.add_argument("--cuda-graphs", choices=["step", "loop", "off"], default="step", help="ort-cuda's mode")
-    bn.add_argument("--sweeps", nargs="+", default=["resolution", "batch", "steps", "cfg", "refiner", "throughput"],
-                    choices=["resolution", "batch", "steps", "cfg", "refiner", "throughput", "overhead"], metavar="NAME",
+    bn.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
+    bn.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step", help="ort-cuda's mode")
+    bn.add_argument("--sweeps", nargs="+", default=[s for s in SWEEPS if s != "overhead"], choices=SWEEPS,
+                    metavar="NAME",
                     help="some of: resolution batch steps cfg refiner throughput overhead (default: all but overhead; "
                     "benchmarks/README.md says what each runs)")
     bn.add_argument("--size", metavar="WxH", help="the size of the non-resolution sweeps (default: the model's)")
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP API (OpenAI-style /v1/images/generations, /health, /metrics) with dynamic "
                        "batching, on uvicorn (the serve extra)")
     s.add_argument("dir", metavar="DIR", help="engine directory")
-    s.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx"])
+    s.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=4, help="most images in one pipeline call (default 4)")

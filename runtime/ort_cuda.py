@@ -20,7 +20,8 @@ import logging
 import numpy as np
 
 from . import tensorrt_api
-from .backends import OrtSession, check_onnxruntime_install, output_shapes, session_file, symbol_values
+from .backends import (CUDA_GRAPH_MODES, OrtSession, check_onnxruntime_install, output_shapes, session_file,
+                       symbol_values)
 from .cuda import BufferPool, Stream
 from .errors import UserError
 from .manifest import Manifest
@@ -119,7 +120,6 @@ class OrtCudaBackend:
             self._loop.forget(component)
 
 
-CUDA_GRAPH_MODES = ("step", "loop", "off")
 # the CUDA execution provider's options for every session (benchmarks/gpu_pipeline.py --profile times alternatives)
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
 
