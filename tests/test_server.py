@@ -213,7 +213,10 @@ def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
     pytest.importorskip("ray.serve")
     s = Server(tiny_engine, "--ray", "--replicas", "2", start_timeout=240)
     try:
-        replicas = {json.loads(s.get("/health")[1])["replica"] for _ in range(40)}
+        replicas, deadline = set(), time.monotonic() + 120  # a replica may finish its warm-up after the other
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            replicas.add(json.loads(s.get("/health")[1])["replica"])
+            time.sleep(0.05)
         assert len(replicas) == 2, replicas  # Ray's proxy spreads requests over both
         bodies = [{"prompt": f"a kite {i}", "size": "64x96", "steps": 2, "seed": i} for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
