@@ -67,11 +67,18 @@ class OptimizeReport:
 
 
 def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components: list[str] | None = None,
-                        progress: bool = True) -> OptimizeReport:
+                        progress: bool = True, jobs: int = 1) -> OptimizeReport:
+    """Optimize the components of `engine_dir` (all, or `components`) for `target`; up-to-date ones are skipped.
+
+    `jobs` > 1 optimizes that many components at once in worker processes (the passes are single-threaded
+    Python; a full-size UNet's peak memory is a few GB, so base + refiner + the rest fit a GPU server's RAM).
+    The manifest is updated by this process as each one finishes, under the engine directory's lock."""
     started = time.perf_counter()
     root = Path(engine_dir)
     if target not in TARGETS:
         raise UserError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: expected 1 or more")
     manifest = load_manifest(root)
     names = list(manifest.components) if components is None else components
     for name in names:
@@ -81,35 +88,66 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             raise UserError(f"{root}: {name} has no fp32 file to optimize from; re-export it")
     report = OptimizeReport(root)
     with eng.locked(root):
-        for name in tqdm(names, desc=f"optimize for {target}", unit="model", disable=not progress):
-            manifest = load_manifest(root)
+        todo = []
+        for name in names:
             entry = manifest.components[name]
             source = eng.onnx_sha256(manifest, name, "fp32")
             done = entry.get("optimized", {}).get(target)
-            if done and done["from"] == source and all(
-                    manifest.path(f).is_file() for f in done["files"]):
+            if done and done["from"] == source and all(manifest.path(f).is_file() for f in done["files"]):
                 report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
                                     None))
                 continue
             manifest.check_files(only=entry["files"]["fp32"])
-            t = time.perf_counter()
             src = manifest.path(entry["precisions"]["fp32"])
-            dest = src.with_name(FILE_NAMES[target])
-            fused = optimize_file(src, dest, MODEL_TYPES[entry["contract"]], keep_io_types=_fp32_io(entry))
-            files = model_files(dest)
-            records = dict(file_record(root, f) for f in files)
-            overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
-            record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
-                      "from": source, "fused": fused, "overflow_check": overflow}
-
-            def change(data: dict, name=name, records=records, record=record) -> None:
-                data["files"].update(records)
-                data["components"][name].setdefault("optimized", {})[target] = record
-
-            eng.update_manifest(root, change)
-            report.rows.append((name, fused, sum(r["size"] for r in records.values()), time.perf_counter() - t))
+            todo.append((name, source, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
+                         _fp32_io(entry)))
+        bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
+        for name, source, dest, fused, seconds in _run_jobs(todo, jobs):
+            _record(root, target, name, source, dest, fused)
+            report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
+            bar.update()
+        bar.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _run_jobs(todo: list[tuple], jobs: int):
+    """Yields (name, source sha, dest, fused counts, seconds) per job, in order of completion."""
+    if jobs == 1 or len(todo) < 2:
+        for name, source, *job in todo:
+            yield name, source, job[1], *_timed_optimize_file(*job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_timed_optimize_file, *job[2:]): job for job in todo}
+        for future in as_completed(futures):
+            name, source, _, dest, _, _ = futures[future]
+            fused, seconds = future.result()
+            yield name, source, dest, fused, seconds
+
+
+def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str]) -> tuple[dict, float]:
+    t = time.perf_counter()
+    return optimize_file(src, dest, model_type, keep_io_types=keep), time.perf_counter() - t
+
+
+def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: dict) -> None:
+    """The optimized files of `name` into the manifest: sizes and hashes, the fp32 file they came from."""
+    manifest = load_manifest(root)
+    entry = manifest.components[name]
+    files = model_files(dest)
+    records = dict(file_record(root, f) for f in files)
+    overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
+    record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
+              "from": source, "fused": fused, "overflow_check": overflow}
+
+    def change(data: dict) -> None:
+        data["files"].update(records)
+        data["components"][name].setdefault("optimized", {})[target] = record
+
+    eng.update_manifest(root, change)
 
 
 def _fp32_io(entry: dict) -> list[str]:

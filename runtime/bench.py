@@ -277,6 +277,20 @@ def cold_starts(engine: str | Path, backend: str, width: int, height: int, steps
     return out
 
 
+def versions() -> dict:
+    """Python and the packages that decide the figures (those installed; nothing is imported)."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("onnxruntime-gpu", "onnxruntime", "numpy", "cuda-python", "cuda-bindings", "tensorrt",
+                 "tensorrt-rtx", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def git_state() -> dict:
     import subprocess
 
@@ -307,7 +321,8 @@ def run(args) -> dict:
     gpu = tensorrt_api.gpu()
     result = {"device": gpu.name if gpu else "CPU", "command": shlex.join(["sdxl-trt", *args.argv]),
               "git": {"commit": args.git, "dirty": False} if args.git else git_state(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": str(engine),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+              "engine": str(engine),
               "model": manifest.data.get("sources", {}), "runs": args.runs, "warmup": args.warmup,
               "prompt": PROMPT, "cases": [], "overhead": [], "load_s": {}, "complete": False}
     out = Path(args.out)

@@ -110,7 +110,7 @@ def _cmd_optimize(args) -> int:
                         "(or [export,cpu]; optimizing needs no GPU)")
     from ..export.optimize import optimize_engine_dir
 
-    print(optimize_engine_dir(args.dir, target=args.target, components=args.components).summary())
+    print(optimize_engine_dir(args.dir, target=args.target, components=args.components, jobs=args.jobs).summary())
     return 0
 
 
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
     o.add_argument("--target", choices=["cuda"], default="cuda", help="what to optimize for (default and only: cuda)")
     o.add_argument("--components", nargs="+", metavar="NAME", help="optimize only these (default: every exported one)")
+    o.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="optimize N components at once in worker processes (default 1; each full-size UNet needs a "
+                        "few GB of RAM)")
     o.set_defaults(func=_cmd_optimize)
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory's ONNX files")

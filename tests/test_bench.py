@@ -53,6 +53,7 @@ def test_bench_writes_the_documented_json(tiny_engine, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {"device", "command", "git", "date", "cases", "overhead", "complete"} <= set(result) and result["complete"]
     assert result["device"] == "CPU" and result["command"].startswith("sdxl-trt bench")
+    assert {"python", "numpy", "onnxruntime"} <= set(result["versions"])
     assert [c["batch"] for c in result["cases"]] == [1, 2, 4]
     for case in result["cases"]:
         assert CASE_FIELDS <= set(case), CASE_FIELDS - set(case)

@@ -142,6 +142,23 @@ def test_optimize_again_skips_what_is_up_to_date(tiny_optimized, tmp_path, capsy
     load_manifest(root).check_files()
 
 
+def test_optimize_in_worker_processes_writes_the_same_files(tiny_engine, tiny_optimized, tmp_path, capsys):
+    """--jobs 3: components optimized at once in spawned workers, the manifest updated as each finishes; the files
+    and records are those of the one-at-a-time run, byte for byte."""
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, root)
+    assert main(["optimize", str(root), "--jobs", "3"]) == 0
+    assert "cached" not in capsys.readouterr().out
+    ours, serial = load_manifest(root), load_manifest(tiny_optimized)
+    for name, entry in serial.components.items():
+        assert ours.components[name]["optimized"] == entry["optimized"], name
+        for f in entry["optimized"]["cuda"]["files"]:
+            assert ours.data["files"][f] == serial.data["files"][f], f
+    ours.check_files()
+    assert main(["optimize", str(root), "--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
+
+
 def test_optimize_refuses_bad_input(tiny_engine, tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
