@@ -157,6 +157,14 @@ class OursContender:
         return None
 
     def call(self, case: Case):
+        shape = (case.width, case.height, case.batch, case.guidance > 1.0)
+        if self.gpu and shape != getattr(self, "_shape", shape) and hasattr(self.pipe.backend, "release"):
+            # a new shape: free every session made for the last one (per-shape UNet / VAE sessions with their CUDA
+            # graphs and arenas), or device memory grows shape by shape (OOM after 7 sizes on the H100)
+            for name in self.pipe.manifest.components:
+                self.pipe.backend.release(name)
+            gc.collect()
+        self._shape = shape
         kw = dict(height=case.height, width=case.width, num_inference_steps=case.steps, guidance_scale=case.guidance,
                   sampler=case.sampler, num_images_per_prompt=case.batch, seed=0, progress=False)
         return self.pipe(PROMPT, refiner_start=case.refiner_start, **kw)  # None: the base alone
