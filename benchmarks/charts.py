@@ -47,7 +47,8 @@ def bar_chart(path: Path, title: str, groups: list[str], values: dict[str, list]
     for i, (name, ys) in enumerate(values.items()):
         xs = [g + i * width for g in range(len(groups))]
         bars = ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=name)
-        ax.bar_label(bars, labels=[f"{y:.0f}" if y is not None else "–" for y in ys], fontsize=6)
+        ax.bar_label(bars, labels=[(f"{y:.0f}" if y >= 100 else f"{y:.3g}") if y is not None else "–" for y in ys],
+                     fontsize=6)  # milliseconds whole, ratios with their decimals
     ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups, rotation=30, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -131,6 +132,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(result: dict) -> str:
+    """One row per sdxl-trt case: its figures, every other contender's median on the same case, and the speedup over
+    diffusers eager (the README's performance table)."""
+    others = sorted({label(c) for c in result["cases"] if c["contender"] != "sdxl-trt" and "e2e_ms" in c})
+    by_case = {(label(c), case_key(c)): c for c in result["cases"] if "e2e_ms" in c}
+    head = ("| sweep | size | batch | steps | CFG | refiner | sdxl-trt ms (p90) | per step ms | TFLOP/s | images/s | "
+            + " | ".join(f"{o} ms" for o in others) + " | speedup over diffusers eager |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in result["cases"]:
+        if c["contender"] != "sdxl-trt" or "e2e_ms" not in c:
+            continue
+        theirs = [by_case.get((o, case_key(c))) for o in others]
+        eager = next((t for o, t in zip(others, theirs) if t and "eager" in o), None)
+        speedup = f"{eager['e2e_ms'] / c['e2e_ms']:.2f}×" if eager else ""
+        lines.append(f"| {c['sweep']} | {c['width']}x{c['height']} | {c['batch']} | {c['steps']} | "
+                     f"{'off' if c['guidance'] <= 1 else c['guidance']} | {c.get('refiner_start') or ''} | "
+                     f"{c['e2e_ms']:.0f} ({c['e2e_p90_ms']:.0f}) | {c.get('loop_per_step_ms', '')} | "
+                     f"{c.get('achieved_tflops', '')} | {c['images_per_s']} | "
+                     + " | ".join(f"{t['e2e_ms']:.0f}" if t else "not run" for t in theirs)
+                     + f" | {speedup} |")
+    return "\n".join(lines)
+
+
 def merge(paths: list[Path]) -> dict:
     """Several `sdxl-trt bench` files of one device (e.g. one contender per device session) as one result."""
     results = [json.loads(p.read_text()) for p in paths]
@@ -155,6 +179,8 @@ def main() -> int:
     commands = "; ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
     print(f"\n{result['device']}, {commands} (commit {result['git'].get('commit')})\n")
     print(table(result))
+    print("\nSide by side:\n")
+    print(side_by_side(result))
     return 0
 
 
