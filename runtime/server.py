@@ -196,7 +196,7 @@ class Batcher:
         prompts = [j.prompt for j in batch for _ in range(j.n)]
         negatives = [j.negative or "" for j in batch for _ in range(j.n)]
         seeds = [s for j in batch for s in j.seeds]
-        if tuple(first.loras) != tuple(self.pipe.loras):  # merged weights are cached: switching back is cheap
+        if tuple(first.loras) != tuple(getattr(self.pipe, "loras", ())):  # merged weights cached: switching back is cheap
             self.pipe.set_loras(first.loras)
         return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
                          image=first.image, progress=False, **first.kwargs)
