@@ -61,10 +61,11 @@ class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
     def __init__(self, manifest: Manifest, component: str, precision: str, providers: list, path: str | None = None,
-                 dims: dict[str, int] | None = None):
+                 dims: dict[str, int] | None = None, adapters=None):
         """`path`: a file other than the component's `precision` file (an optimized one), in that precision.
         `dims`: values for the contract's symbolic dimensions (B, S, h, w): a session for that one shape, in which
-        ONNX Runtime folds the shape arithmetic away."""
+        ONNX Runtime folds the shape arithmetic away. `adapters` (lora.Adapters): LoRA weights merged into the
+        file's initializers, given to ONNX Runtime as overrides (the file is not changed)."""
         import onnxruntime as ort
 
         entry = manifest.components.get(component)
@@ -83,7 +84,16 @@ class OrtSession:
             options.add_free_dimension_override_by_name(name, int(value))
         self.dims = dict(dims or {})
         self.path = manifest.path(path or entry["precisions"][precision])
-        self._session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self._overrides = {}  # the arrays must outlive the session: ONNX Runtime may use their memory in place
+        overrides = adapters.overrides(component, self.path) if adapters else {}
+        for name, array in overrides.items():
+            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array)
+            options.add_initializer(name, self._overrides[name])
+        # the CPU provider's NCHWc layout pass reorders convolution weights from the file's values, not the overrides
+        # (seen with ONNX Runtime 1.32: a convolution LoRA had no effect); without it the overrides hold
+        disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
+        self._session = ort.InferenceSession(str(self.path), options, providers=providers,
+                                             disabled_optimizers=disabled)
 
     def dtype(self, input_name: str):
         return self.spec_dtype(self.inputs[input_name])
@@ -103,14 +113,23 @@ class OrtCpuBackend:
     precision = "fp32"
 
     def __init__(self, manifest: Manifest):
+        from .lora import Adapters
+
         check_onnxruntime_install()
         self.manifest = manifest
+        self.adapters = Adapters()
         self._sessions: dict[str, OrtSession] = {}
 
     def session(self, component: str) -> OrtSession:
         if component not in self._sessions:
-            self._sessions[component] = OrtSession(self.manifest, component, self.precision, ["CPUExecutionProvider"])
+            self._sessions[component] = OrtSession(self.manifest, component, self.precision, ["CPUExecutionProvider"],
+                                                   adapters=self.adapters)
         return self._sessions[component]
+
+    def set_loras(self, adapters) -> None:
+        """Apply these LoRA adapters (lora.Adapter) from the next call on; () for the model as exported."""
+        for component in self.adapters.set(adapters, self.manifest):
+            self.release(component)
 
     def release(self, component: str) -> None:
         self._sessions.pop(component, None)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from importlib import metadata
 
 from .errors import UserError, VerificationError
@@ -45,7 +46,9 @@ def _cmd_serve(args) -> int:
     load_manifest(args.dir)  # a missing or broken directory: said before the server starts
     limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                     timeout_s=args.timeout_s, max_n=args.max_n, max_steps=args.max_steps,
-                    max_body_bytes=int(args.max_body_mb * 2**20))
+                    max_body_bytes=int(args.max_body_mb * 2**20), lora_dir=args.lora_dir)
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UserError(f"--lora-dir {args.lora_dir}: not a folder")
     if args.ray:
         import json
 
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "denoising loop as one CUDA graph (loop: experimental), or none (off)")
     g.add_argument("--low-memory", action="store_true", help="load each model when its stage starts and free it "
                    "after; decode images larger than the model's size (1024x1024) in tiles")
+    g.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="apply a LoRA adapter (.safetensors: "
+                   "diffusers/PEFT or kohya) to the UNet and text encoders with this scale (default 1); repeat to "
+                   "stack adapters. Backends ort-cpu and ort-cuda; no re-export")
     g.add_argument("--refiner-start", type=float, help="fraction of the schedule after which the refiner takes over")
     g.add_argument("--refine-strength", type=float, help="after the base, run the refiner as img2img on its latents "
                    "with this strength (e.g. 0.3)")
@@ -303,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
     s.add_argument("--max-steps", type=int, default=100, help="most steps per request (default 100)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    s.add_argument("--lora-dir", metavar="DIR", help="LoRA adapters requests may apply by name: DIR/<name>.safetensors "
+                   "(request field lora: [{\"name\", \"scale\"}]); requests with the same adapters are batched")
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
     s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each on GPU backends)")
     s.add_argument("--autoscaling", metavar="JSON", help="with --ray: Ray Serve's autoscaling_config instead of "

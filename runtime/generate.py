@@ -65,7 +65,8 @@ def generate(args) -> list[Path]:
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory)
+    pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
+                         loras=args.lora)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
@@ -88,6 +89,7 @@ def generate(args) -> list[Path]:
                 "refiner_start": args.refiner_start, "refine_strength": args.refine_strength,
                 "init_image": args.init_image, "mask": args.mask, "strength": args.strength if args.init_image else None,
                 "backend": args.backend, "model": pipe.manifest.data["sources"],
+                "loras": [{"file": str(a.path), "scale": a.scale} for a in pipe.loras] or None,
                 "manifest_sha256": pipe.manifest.sha256})
     if args.timings:
         print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))

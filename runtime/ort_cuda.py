@@ -48,7 +48,10 @@ class OrtCudaBackend:
                             "onnxruntime-gpu, then pip install 'sdxl-trt[gpu]'")
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
+        from .lora import Adapters
+
         self.manifest = manifest
+        self.adapters = Adapters()
         self.stream = stream or Stream()
         self.cuda_graphs = cuda_graphs
         self._sessions: dict[str, OrtCudaSession | CheckedSession] = {}
@@ -68,7 +71,7 @@ class OrtCudaBackend:
         """The component's session for any shape (plain runs)."""
         if component not in self._sessions:
             entry = self.manifest.components.get(component, {})
-            make = functools.partial(OrtCudaSession, self.manifest, component, self.stream)
+            make = functools.partial(OrtCudaSession, self.manifest, component, self.stream, adapters=self.adapters)
             if session_file(entry)[0] == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
                 self._sessions[component] = CheckedSession(component, make, functools.partial(make, file="fp32"))
             else:
@@ -88,7 +91,7 @@ class OrtCudaBackend:
         if current is None or current.dims != dims:
             self._shaped.pop(component, None)  # one full-size UNet's weights at a time
             self._shaped[component] = OrtCudaSession(self.manifest, component, self.stream, cuda_graph=True,
-                                                     dims=dims)
+                                                     dims=dims, adapters=self.adapters)
         return self._shaped[component]
 
     def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> OrtCudaSession:
@@ -109,6 +112,12 @@ class OrtCudaBackend:
             raise UserError(f"{component}: the VAE produced NaN/Inf (an fp16 overflow?); nothing was written")
         session.fall_back()
 
+    def set_loras(self, adapters) -> None:
+        """Apply these LoRA adapters (lora.Adapter) from the next call on; () for the model as exported. The affected
+        sessions are made again (their merged weights are kept for the last sets, so switching back is cheap)."""
+        for component in self.adapters.set(adapters, self.manifest):
+            self.release(component)
+
     def drop_loop_sessions(self) -> None:
         self._shaped.clear()
 
@@ -126,7 +135,7 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_work
 
 class OrtCudaSession(OrtSession):
     def __init__(self, manifest: Manifest, component: str, stream: Stream, file: str | None = None,
-                 cuda_graph: bool = False, dims: dict[str, int] | None = None):
+                 cuda_graph: bool = False, dims: dict[str, int] | None = None, adapters=None):
         entry = manifest.components.get(component, {})
         self.file, precision, path = session_file(entry, file)
         cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS}
@@ -134,14 +143,16 @@ class OrtCudaSession(OrtSession):
         if self.cuda_graph:
             cuda["enable_cuda_graph"] = "1"
         try:
-            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims)
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims,
+                             adapters=adapters)
         except Exception as e:  # ONNX Runtime refuses CUDA graphs when a node needs a host copy (shape arithmetic)
             if not self.cuda_graph:
                 raise
             log.warning("%s: no CUDA graphs (%s)", component, str(e).splitlines()[0][:200])
             self.cuda_graph = False
             del cuda["enable_cuda_graph"]
-            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims)
+            super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims,
+                             adapters=adapters)
         self.stream = stream
         self.buffers = BufferPool()
         self.binding = self._session.io_binding()

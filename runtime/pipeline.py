@@ -121,6 +121,7 @@ def text_list(value, what: str) -> list[str]:
 class Pipeline:
     device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
     low_memory = False  # free each model once its stage is done and decode in tiles (see `load`)
+    loras: tuple = ()  # the LoRA adapters applied (lora.Adapter; see `set_loras`)
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
 
     def __init__(self, manifest, backend):
@@ -133,16 +134,34 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
-             cuda_graphs: str = "step", low_memory: bool = False) -> Pipeline:
+             cuda_graphs: str = "step", low_memory: bool = False, loras=None) -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
         by default). `cuda_graphs`: ort-cuda's mode (step, loop, off: see device_loop.py). `low_memory`: models are
         loaded when their stage starts and freed when it ends (text encoders, then the UNets, then the VAE), and
-        images larger than the model's default size are decoded in tiles (tiling.py)."""
+        images larger than the model's default size are decoded in tiles (tiling.py). `loras`: LoRA adapters to
+        apply (see `set_loras`)."""
         manifest = load_manifest(engine_dir)
         manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
         pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))
         pipe.low_memory = low_memory
+        if loras:
+            pipe.set_loras(loras)
         return pipe
+
+    def set_loras(self, loras) -> None:
+        """Apply LoRA adapters to the base UNet and the text encoders from the next call on, replacing the ones
+        applied before: "path[:scale]" strings, (path, scale) pairs or lora.Adapter; None or [] for the model as
+        exported. Files are read and checked now; the weights are merged when a session is next made (lora.py)."""
+        from .lora import as_adapters
+
+        adapters = as_adapters(loras)
+        if not hasattr(self.backend, "set_loras"):
+            if adapters:
+                raise UserError(f"LoRA adapters on {self.backend.name} need engine refit, which is not supported yet; "
+                                "use --backend ort-cpu or ort-cuda")
+            return
+        self.backend.set_loras(adapters)
+        self.loras = adapters
 
     def _components(self, role: str, *kinds: str) -> list[str]:
         """The engine directory's names for a role's components of these kinds (those it has)."""

@@ -2,8 +2,8 @@
 
     POST /v1/images/generations   OpenAI's images API where it overlaps (prompt, n, size "WxH", response_format
                                   b64_json) plus negative_prompt, steps, guidance, sampler, seed, refiner_start,
-                                  init_image (base64 PNG/JPEG) with strength → {"created", "data": [{"b64_json",
-                                  "seed"}], "timings"}
+                                  init_image (base64 PNG/JPEG) with strength, lora ([{"name", "scale"}]: adapters
+                                  from --lora-dir) → {"created", "data": [{"b64_json", "seed"}], "timings"}
     GET  /health                  200 once the engines are loaded and warmed up, 503 before
     GET  /metrics                 Prometheus text: requests by status, queue depth, batch sizes, latency per stage,
                                   images generated
@@ -11,9 +11,9 @@
 Requests are checked by the runtime's own checks (the CLI's and the Python API's: sizes, profiles, steps, seeds, …)
 plus the server's limits (n, steps, body size); a bad request is a 400 with {"error": {"message", "type"}}.
 
-Dynamic batching: requests that can share a pipeline call (same size, steps, sampler, guidance, refiner start; no
-init image) are merged, up to --max-batch images, for at most --max-wait-ms after the first one arrives. Each image
-keeps its own seed's noise stream, so a request gets the images it would get alone. The queue holds at most
+Dynamic batching: requests that can share a pipeline call (same size, steps, sampler, guidance, refiner start, LoRA
+adapters; no init image) are merged, up to --max-batch images, for at most --max-wait-ms after the first one arrives.
+Each image keeps its own seed's noise stream, so a request gets the images it would get alone. The queue holds at most
 --max-queue requests (then 429 with Retry-After); a request waits at most --timeout-s (then 504). On SIGTERM uvicorn
 stops accepting connections and the requests in flight are finished before the process exits.
 """
@@ -43,6 +43,7 @@ class Limits:
     max_n: int = 4  # images per request
     max_steps: int = 100
     max_body_bytes: int = 20 << 20
+    lora_dir: str | None = None  # the folder of the LoRA adapters requests may name (None: requests name none)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Job:
     seeds: list[int]
     kwargs: dict
     image: object = None  # PIL image (img2img): runs alone
+    loras: tuple = ()  # lora.Adapter: applied to the pipeline before the call (jobs with other adapters wait)
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -63,7 +65,7 @@ class Job:
         """Requests with equal keys share a call; None: alone."""
         if self.image is not None:
             return None
-        return tuple(sorted(self.kwargs.items()))
+        return self.loras, tuple(sorted(self.kwargs.items()))
 
 
 class Metrics:
@@ -194,6 +196,8 @@ class Batcher:
         prompts = [j.prompt for j in batch for _ in range(j.n)]
         negatives = [j.negative or "" for j in batch for _ in range(j.n)]
         seeds = [s for j in batch for s in j.seeds]
+        if tuple(first.loras) != tuple(getattr(self.pipe, "loras", ())):  # merged weights cached: switching back is cheap
+            self.pipe.set_loras(first.loras)
         return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
                          image=first.image, progress=False, **first.kwargs)
 
@@ -260,6 +264,11 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     metrics = Metrics()
     state: dict = {"ready": False, "batcher": None}
 
+    class LoraChoice(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        scale: float = 1.0
+
     class GenerationRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         prompt: str
@@ -275,6 +284,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         refiner_start: float | None = None
         init_image: str | None = None
         strength: float | None = None
+        lora: list[LoraChoice] | None = None
 
     def error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
         metrics.requests.labels(str(status)).inc()
@@ -384,6 +394,29 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
             raise UserError("strength goes with init_image")
         if body.sampler not in SAMPLERS:
             raise UserError(f"sampler {body.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image)
+        return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image,
+                   loras=request_loras(body.lora or []))
+
+    def request_loras(choices) -> tuple:
+        """A request's adapters: files `<name>.safetensors` of --lora-dir, nothing outside it."""
+        import math
+        import re
+        from pathlib import Path
+
+        from .lora import Adapter
+
+        if choices and not limits.lora_dir:
+            raise UserError("lora: this server serves no adapters (start it with --lora-dir)")
+        adapters = []
+        for choice in choices:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", choice.name):
+                raise UserError(f"lora {choice.name!r}: names of --lora-dir's files only (letters, digits, . _ -)")
+            path = Path(limits.lora_dir) / f"{choice.name}.safetensors"
+            if not path.is_file():
+                raise UserError(f"lora {choice.name!r}: no such adapter on this server")
+            if not math.isfinite(choice.scale):
+                raise UserError(f"lora {choice.name!r}: scale must be a finite number")
+            adapters.append(Adapter(path, choice.scale))
+        return tuple(adapters)
 
     return app

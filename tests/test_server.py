@@ -141,6 +141,8 @@ def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
     ({"prompt": "a cat", "strength": 0.5}, None, 400, "init_image"),
     ({"prompt": "a cat", "init_image": "not base64!"}, None, 400, "init_image"),
     ({"prompt": "a cat", "size": "64x64", "refiner_start": 1.5}, None, 400, "refiner start"),
+    ({"prompt": "a cat", "lora": [{"name": "style"}]}, None, 400, "--lora-dir"),
+    ({"prompt": "a cat", "lora": [{"name": "style", "weight": 1}]}, None, 400, "weight"),
     ({"prompt": "x" * (2 << 20)}, None, 413, "over the limit"),
 ])
 def test_bad_requests_get_4xx_with_a_message(server, body, raw, status, says):
@@ -251,6 +253,7 @@ def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine):
     (["--ray", "--autoscaling", "[1, 2]"], "JSON object"),
     (["--max-batch", "0"], "--max-batch 0"),
     (["--port", "70000"], "--port 70000"),
+    (["--lora-dir", "/nowhere/at/all"], "--lora-dir /nowhere/at/all: not a folder"),
 ])
 def test_serve_bad_flags_are_one_line(tiny_engine, argv, says, capsys):
     from sdxl_trt.runtime.cli import main

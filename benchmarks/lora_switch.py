@@ -1,0 +1,120 @@
+"""What switching LoRA adapters costs, against re-exporting the model (issue: LoRA without re-export).
+
+    python benchmarks/lora_switch.py --engine DIR --out RESULT.json [--backend ort-cuda] [--rank 64]
+        [--size 1024x1024] [--steps 4] [--reexport tiny:base]
+
+Writes a random rank-R adapter (diffusers/PEFT names, every attention and feed-forward projection of the base UNet's
+transformer blocks, shapes read from the engine directory) and times, in one process:
+  call          a warm call with the adapter set unchanged (the baseline)
+  apply         set_loras(adapter) + the next call, less `call`: reading the file, merging, new sessions
+  to_base       set_loras(None) + the next call, less `call` (no merging: the exported weights)
+  back          set_loras(adapter) again + the next call, less `call` (the merged weights are cached)
+and, with --reexport SRC, `sdxl-trt export` of that source to a temporary folder (what a switch costs without this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+           "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def write_adapter(engine: Path, rank: int, path: Path) -> int:
+    """A random rank-`rank` PEFT-named adapter for every transformer projection of the base UNet; returns layers."""
+    from safetensors.numpy import save_file
+
+    from sdxl_trt.runtime.lora import Weights
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(engine)
+    weights = Weights(manifest.path(next(iter(manifest.components["unet"]["precisions"].values()))), "unet")
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, name in weights.modules.items():
+        if "transformer_blocks" not in module or not module.endswith(MODULES):
+            continue
+        shape = weights.shape(name)
+        out, inp = (shape[1], shape[0]) if name.endswith(".weight.T") else shape[:2]
+        tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((rank, inp)) / np.sqrt(inp)).astype(np.float16)
+        tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.01).astype(np.float16)
+    save_file(tensors, str(path))
+    return len(tensors) // 2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backend", default="ort-cpu")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--size", default=None, help="WxH (default: the model's)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--reexport", metavar="SRC", help="also time `sdxl-trt export --model SRC` (needs torch)")
+    args = p.parse_args()
+
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.bench import versions
+    from sdxl_trt.runtime.validate import parse_size
+
+    engine = Path(args.engine)
+    pipe = Pipeline.load(engine, backend=args.backend)
+    side = pipe.manifest.data["model"]["default_size"]
+    width, height = parse_size(args.size) if args.size else (side, side)
+    sync = pipe.backend.stream.synchronize if hasattr(pipe.backend, "stream") else (lambda: None)
+
+    def call() -> float:
+        started = time.perf_counter()
+        pipe("a lighthouse on a cliff", height=height, width=width, num_inference_steps=args.steps, seed=0,
+             output_type="latent", progress=False)
+        sync()
+        return time.perf_counter() - started
+
+    def switched(loras) -> float:
+        started = time.perf_counter()
+        pipe.set_loras(loras)
+        return time.perf_counter() - started + call()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / f"random-rank{args.rank}.safetensors"
+        layers = write_adapter(engine, args.rank, adapter)
+        call()  # warm: sessions, kernels
+        rows = []
+        for _ in range(args.runs):
+            base = float(np.median([call() for _ in range(2)]))
+            apply = switched([adapter])
+            steady = float(np.median([call() for _ in range(2)]))
+            to_base = switched(None)
+            back = switched([adapter])
+            pipe.set_loras(None)
+            pipe.backend.adapters._merged.clear()  # the next run merges again
+            call()  # the base's sessions made again before the next baseline
+            rows.append({"call_s": base, "call_with_adapter_s": steady, "apply_s": apply - steady,
+                         "to_base_s": to_base - base, "back_s": back - steady})
+        result = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": platform.node(),
+                  "versions": versions(), "backend": args.backend, "engine": str(engine),
+                  "model": pipe.manifest.data.get("sources", {}), "size": f"{width}x{height}", "steps": args.steps,
+                  "rank": args.rank, "layers": layers, "adapter_mb": round(adapter.stat().st_size / 1e6, 1),
+                  "runs": rows, "median": {k: round(float(np.median([r[k] for r in rows])), 3) for k in rows[0]}}
+        if args.reexport:
+            from sdxl_trt.export.engine_dir import export_engine_dir
+
+            started = time.perf_counter()
+            export_engine_dir(args.reexport, Path(tmp) / "reexport", progress=False)
+            result["reexport_s"] = round(time.perf_counter() - started, 2)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median"]), result.get("reexport_s"))
+
+
+if __name__ == "__main__":
+    main()
