@@ -138,6 +138,13 @@ class DiffusersContender:
         return {"text_ms": result["text"], "denoise_ms": result["base"], "refiner_ms": result["refiner"],
                 "vae_ms": result["vae"]}
 
+    def begin_case(self) -> None:
+        """torch's allocator keeps what earlier (larger) cases cached: hand it back, so that the memory measured after
+        this case is this case's (the H100 matrix's diffusers rows stayed at their batch-4 peak without this)."""
+        if self.cuda:
+            gc.collect()
+            self.torch.cuda.empty_cache()
+
     def memory_gib(self) -> float | None:
         if not self.cuda:
             return None

@@ -202,6 +202,8 @@ def measure(contender, case: Case, timer: Timer, flops: dict | None) -> dict:
     row = {"contender": contender.name, "mode": contender.mode, **asdict(case)}
     if skip:
         return {**row, "skipped": skip}
+    if hasattr(contender, "begin_case"):
+        contender.begin_case()
     try:
         samples, results = timer(lambda: contender.call(case))
     except UserError as e:

@@ -104,6 +104,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_refit(args) -> int:
+    from ..export.refit import refit_engine_dir
+
+    report = refit_engine_dir(args.dir, args.out, args.model, refiner=args.refiner, verify=args.verify,
+                              force=args.force, allow_pickle=args.allow_pickle)
+    print(report.summary())
+    return 0
+
+
 def _cmd_optimize(args) -> int:
     import importlib.util
 
@@ -184,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
     e.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser("refit", help="a fine-tune of the model DIR was exported from, as a new engine directory made "
+                       "from DIR's ONNX files (no tracing; same architecture, checked)")
+    r.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
+    r.add_argument("--model", metavar="SRC", required=True,
+                   help="the fine-tuned weights (diffusers folder or single-file .safetensors) of DIR's base or refiner")
+    r.add_argument("--refiner", metavar="SRC", help="fine-tuned refiner weights as well")
+    r.add_argument("--out", metavar="DIR", required=True, help="engine directory to write")
+    r.add_argument("--verify", action="store_true", help="check the fp16 files against torch too (the fp32 files "
+                   "always are)")
+    r.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    r.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle checkpoints (.ckpt/.pt/.bin), which can run code when loaded")
+    r.set_defaults(func=_cmd_refit)
 
     o = sub.add_parser("optimize", help="fused fp16 ONNX files for ONNX Runtime's CUDA provider (backend ort-cuda)")
     o.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
