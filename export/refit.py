@@ -1,13 +1,13 @@
 """`sdxl-trt refit DIR --model SRC --out NEW`: an engine directory for a fine-tune of the model DIR was exported from,
 made from DIR's ONNX files with the fine-tune's weights put in: no tracing, no fp16 conversion.
 
-The architecture must be the same (checked): the fine-tune's UNet and VAE configs equal those the directory was
-made from, and every weight the files hold is matched to one parameter of the model DIR was exported from
-(SRC_OLD, named in the manifest, which must still be loadable) by value — as it is, transposed (MatMul weights),
-or reshaped (GroupNorm scales folded into [C, 1, 1] constants) — in the file's dtype. Each matched initializer takes
-the fine-tune's value of that parameter, in the same layout and dtype; the rest (constants of the architecture:
-position ids, timestep frequencies) stay. A weight two parameters share the value of is taken only if the fine-tune
-kept them equal too; otherwise, and whenever the configs differ, the answer is to re-export.
+The architecture must be the same (checked): each module's config (defaults filled in) and parameter shapes equal
+those of the model the directory was exported from (named in the manifest; it must still be loadable), and every
+weight the files hold is matched to one of that model's parameters by value — as it is, transposed (MatMul
+weights), or reshaped (GroupNorm scales folded into [C, 1, 1] constants) — in the file's dtype. Each matched
+initializer takes the fine-tune's value of that parameter, in the same layout and dtype; the rest (constants of the
+architecture: position ids, timestep frequencies) stay. A weight two parameters share the value of is taken only
+if the fine-tune kept them equal too; otherwise, and whenever the architectures differ, the answer is to re-export.
 
 Every refitted fp32 file is then run on ONNX Runtime CPU against torch with the fine-tune's weights at the export's
 verification shapes (verify.py's tolerances), so a weight the matching missed cannot pass silently; `--verify` also
@@ -29,12 +29,12 @@ import numpy as np
 from ..runtime import manifest as mf
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_dir
-from .engine_dir import PLAN, _check_out, _contract_role, _load_module, _source_configs, weights_sha256
+from .engine_dir import PLAN, _check_out, _contract_role, _load_module, weights_sha256
 from .models import COMPONENTS
 from .onnx_export import write_model
 from .sources import resolve
 
-COMPARED = ("unet", "vae")  # the configs that fix the architecture (the text encoders' are fixed for SDXL)
+METADATA = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache")
 
 
 @dataclass
@@ -80,12 +80,6 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
         except UserError as e:
             raise UserError(f"refit matches weights against the model {root} was exported from "
                             f"({sources[role]['spec']!r}), which cannot be loaded ({e}); re-export instead") from None
-        for name in COMPARED:
-            a, b = _source_configs(old[role])[name], _source_configs(new[role])[name]
-            diff = next((k for k in sorted(set(a) | set(b)) if not k.startswith("_") and a.get(k) != b.get(k)), None)
-            if diff is not None:
-                raise UserError(f"{new[role].spec!r} is not the architecture {root} was exported from ({name} "
-                                f"{diff}: {b.get(diff)!r} vs {a.get(diff)!r}); re-export it with `sdxl-trt export`")
     report = RefitReport(out)
     data = mf.load_manifest(root).data
     for record in data["components"].values():
@@ -107,6 +101,10 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
                     continue
                 before = _load_module(old[role], module_name, allow_pickle)
                 after = _load_module(src, module_name, allow_pickle)
+                difference = architecture_difference(before, after)
+                if difference:
+                    raise UserError(f"{src.spec!r} is not the architecture {root} was exported from ({module_name} "
+                                    f"{difference}); re-export it with `sdxl-trt export`")
                 digest = weights_sha256(after)
                 for target in wanted:
                     if target in done:  # shared by base and refiner
@@ -165,6 +163,25 @@ def _refit_component(root: Path, tmp: Path, data: dict, target: str, before, aft
             report.verify_lines += check_onnx(dest, component, refs, precision)
     with torch.no_grad():  # fp16 is lossy: the fp32 weights back for the next component of this module
         after.float().load_state_dict(weights)
+
+
+def architecture_difference(before, after) -> str | None:
+    """The first difference between two modules' configs (defaults filled in; file metadata ignored) or parameter
+    shapes, as "key: new vs old"; None when they are the same architecture."""
+    def config(module) -> dict:
+        c = module.config
+        items = c.to_dict() if hasattr(c, "to_dict") and not isinstance(c, dict) else dict(c)
+        return {k: v for k, v in items.items() if not k.startswith("_") and k not in METADATA}
+
+    a, b = config(before), config(after)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: {b.get(key)!r} vs {a.get(key)!r}"
+    shapes = [{n: tuple(t.shape) for n, t in m.state_dict().items()} for m in (before, after)]
+    for name in sorted(set(shapes[0]) | set(shapes[1])):
+        if shapes[0].get(name) != shapes[1].get(name):
+            return f"{name}: {shapes[1].get(name)} vs {shapes[0].get(name)}"
+    return None
 
 
 def _component_name(contract: str) -> str:

@@ -80,9 +80,12 @@ def test_refit_gives_what_a_fresh_export_gives(models, tmp_path):
 def test_refit_refuses_another_architecture_or_a_missing_original(models, tiny_refiner, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(models / "finetune", other)
+    import diffusers
+
     config = json.loads((other / "unet" / "config.json").read_text())
-    config["transformer_layers_per_block"] = 2
-    (other / "unet" / "config.json").write_text(json.dumps(config))
+    config["transformer_layers_per_block"] = 2  # a deeper UNet of its own (weights and config agree)
+    shutil.rmtree(other / "unet")
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(other / "unet")
     args = ["refit", str(models / "engine"), "--out", str(tmp_path / "out")]
     assert main([*args, "--model", str(other)]) == 2
     err = capsys.readouterr().err
@@ -108,3 +111,12 @@ def test_refit_cli_writes_the_directory_and_says_what_to_rebuild(models, tmp_pat
     assert "refitted into" in out and "sdxl-trt optimize" in out
     assert "optimized" not in json.dumps(load_manifest(tmp_path / "cli").components)
     assert np.isfinite(Pipeline.load(tmp_path / "cli")("a cat", **KW).array).all()
+
+
+def test_weights_the_original_shared_must_stay_shared(tiny_engine, tiny_base, tmp_path):
+    """tiny:base's norms are freshly initialised (all ones: one value, many parameters); a fine-tune that moves them
+    apart cannot be put into initializers that hold that value for several parameters: re-export."""
+    perturbed(tiny_base, 0.2, 5).save_pretrained(tmp_path / "finetune")
+    with pytest.raises(UserError, match="does not keep equal; re-export"):
+        refit_engine_dir(tiny_engine, tmp_path / "out", str(tmp_path / "finetune"), progress=False)
+    assert not (tmp_path / "out").exists()
