@@ -157,8 +157,8 @@ class Pipeline:
         adapters = as_adapters(loras)
         if not hasattr(self.backend, "set_loras"):
             if adapters:
-                raise UserError(f"LoRA adapters on {self.backend.name} need engine refit, which is not supported yet; "
-                                "use --backend ort-cpu or ort-cuda")
+                raise UserError(f"LoRA adapters are not supported on {self.backend.name}; use --backend ort-cpu, "
+                                "ort-cuda or a TensorRT backend")
             return
         self.backend.set_loras(adapters)
         self.loras = adapters

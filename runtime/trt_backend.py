@@ -75,6 +75,9 @@ class TensorRTBackend:
         if name == "tensorrt-rtx":
             cache_file = manifest.root / eng.ENGINES / name / f"runtime-cache.{self.device.sm}.bin"
             self.runtime_cache = RuntimeCache(self.trt, cache_file)
+        from .lora import Adapters
+
+        self.adapters = Adapters()
         self._sessions: dict[str, TrtEngine] = {}
         # engines hold no reference to the backend, so it can be collected; then (or at exit) this releases them
         self._finalizer = weakref.finalize(self, _release, self.runtime_cache, self._sessions,
@@ -84,6 +87,15 @@ class TensorRTBackend:
         if component not in self._sessions:
             self._sessions[component] = TrtEngine(self, component)
         return self._sessions[component]
+
+    def set_loras(self, adapters) -> None:
+        """Apply LoRA adapters (lora.Adapter) by refitting the loaded engines of the affected components (built with
+        `--refittable`); engines loaded later are refitted when they load."""
+        changed = self.adapters.set(adapters, self.manifest)
+        self.stream.synchronize()  # no run in flight while weights change
+        for component in changed:
+            if component in self._sessions:
+                self._sessions[component].apply_loras(self.adapters)
 
     def close(self) -> None:
         """Save the runtime cache and free every engine's device memory."""
@@ -119,6 +131,9 @@ class TrtEngine:
             raise UserError(f"{component}: {backend.name} could not load {path}: {self.logger.last_error()}; {hint}")
         if self.record["options"].get("strip_weights"):
             self._refit(manifest.path(self.record["onnx"]))
+        self.root, self.onnx_path = manifest.root, manifest.path(self.record["onnx"])
+        self.overridden: set[str] = set()  # weights LoRA adapters changed (lora.py)
+        self.apply_loras(backend.adapters)
         if self.engine.num_optimization_profiles != len(self.record["profiles"]):
             raise UserError(f"{component}: {path} holds {self.engine.num_optimization_profiles} profiles, its manifest "
                             f"record {len(self.record['profiles'])}; {hint}")
@@ -140,6 +155,22 @@ class TrtEngine:
         if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
             raise UserError(f"{self.name}: refitting the weight-stripped engine from {onnx_path} failed: "
                             f"{logger.last_error()}")
+
+    def apply_loras(self, adapters) -> None:
+        """Refit the engine with the active adapters' merged weights, and the exported weights back where an earlier
+        set changed some that this one does not."""
+        overrides = adapters.overrides(self.name, self.onnx_path)
+        if not overrides and not self.overridden:
+            return
+        if not self.record["options"].get("refittable"):
+            raise UserError(f"{self.name}: LoRA adapters need an engine built with --refittable (this one was not): "
+                            f"rebuild with `sdxl-trt build {self.root} --backend {self.backend_name} "
+                            "--refittable`")
+        exported = adapters.weights(self.onnx_path, self.name)
+        refit_named(self.trt, self.engine, self.logger,
+                    {**{name: exported.read(name) for name in self.overridden - overrides.keys()}, **overrides},
+                    what=self.name)
+        self.overridden = set(overrides)
 
     def _context(self, profile: int):
         if profile not in self.contexts:
@@ -212,3 +243,17 @@ class TrtEngine:
         self.contexts.clear()
         for buffer in (*self.buffers.values(), self.scratch):
             buffer.free()
+
+
+def refit_named(trt, engine, logger, weights: dict, what: str) -> None:
+    """Set these named weights (ONNX initializer names: the parser's names for refittable weights) and refit."""
+    import numpy as np
+
+    logger.clear()
+    refitter = trt.Refitter(engine, logger)
+    arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}  # alive until the refit is done
+    for name, array in arrays.items():
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise UserError(f"{what}: the engine has no refittable weight {name!r} ({logger.last_error()}); rebuild it")
+    if not refitter.refit_cuda_engine():
+        raise UserError(f"{what}: refitting the engine with LoRA weights failed: {logger.last_error()}")

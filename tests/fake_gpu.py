@@ -7,7 +7,9 @@ cache. These fakes let that code run for real against:
     allocations;
   - `fake_trt(real)`: the real `tensorrt_rtx` module (header checks, enums, version) except for deserializing:
     an "engine" is its manifest record, and its contexts execute the engine's ONNX file on ONNX Runtime CPU,
-    reading and writing the bound addresses, after checking shapes against the selected profile as TensorRT does.
+    reading and writing the bound addresses, after checking shapes against the selected profile as TensorRT does;
+    its `Refitter` takes named weights (ONNX initializer names, as TensorRT's parser names refittable weights) and
+    the engine runs with them from then on.
 What this cannot show is whether TensorRT itself computes the right thing: that is the `gpu` tests' job.
 """
 
@@ -105,9 +107,34 @@ class FakeEngine:
 
         manifest = load_manifest(root)
         self.record, self.contract = record, manifest.components[record["component"]]
-        self.session = ort.InferenceSession(str(manifest.path(record["onnx"])), providers=["CPUExecutionProvider"])
+        self.path = manifest.path(record["onnx"])
+        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         self.num_optimization_profiles = len(record["profiles"])
         self.contexts = 0
+        self.weights: dict[str, np.ndarray] = {}  # refitted so far
+        self.refits = 0
+
+    def refit(self, named: dict) -> bool:
+        import onnx
+        import onnxruntime as ort
+
+        known = {t.name: (tuple(t.dims), t.data_type) for t in onnx.load(str(self.path), load_external_data=False)
+                 .graph.initializer}
+        for name, array in named.items():  # TensorRT's Weights are flat: the engine knows the shapes
+            if name not in known or int(np.prod(known[name][0])) != array.size:
+                return False
+            self.weights[name] = array.reshape(known[name][0])
+        options = ort.SessionOptions()
+        # on the CPU the fp16 MatMuls run behind inserted Casts, which constant folding computes from the file's
+        # weights, not the overrides (ONNX Runtime 1.32): no graph optimizations for the refitted stand-in
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.weights.items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._values = values
+        self.refits += 1
+        return True
 
     def create_runtime_config(self):
         cache = types.SimpleNamespace(serialize=lambda: b"kernels", deserialize=lambda blob: blob == b"kernels")
@@ -140,8 +167,20 @@ def fake_trt(real, root):
             self.engines.append(FakeEngine(root, record))
             return self.engines[-1]
 
+    class Refitter:
+        def __init__(self, engine, logger):
+            self.engine, self.named = engine, {}
+
+        def set_named_weights(self, name, weights):
+            self.named[name] = weights.numpy().copy()
+            return True
+
+        def refit_cuda_engine(self):
+            return self.engine.refit(self.named)
+
     module = types.ModuleType(real.__name__)
     module.__dict__.update({k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
     module.__version__ = real.__version__
     module.Runtime = Runtime
+    module.Refitter = Refitter
     return module

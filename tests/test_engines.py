@@ -478,6 +478,51 @@ def test_backend_runs_the_pipeline_like_onnx_runtime_on_a_stand_in_gpu(fake_gpu)
     assert not cudart.memory  # every buffer freed
 
 
+def test_lora_adapters_refit_refittable_engines(fake_gpu, tmp_path):
+    """LoRA on a TensorRT backend: the merged weights go to the engine through the Refitter by their ONNX names (the
+    stand-in engine then runs with them); switching back puts the exported weights back. Not run on TensorRT."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.lora import Weights
+
+    root, _ = fake_gpu
+    manifest = load_manifest(root)
+    weights = Weights(manifest.path(manifest.components["unet"]["precisions"]["fp32"]), "unet")
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, name in weights.modules.items():
+        if "transformer_blocks" in module and module.endswith(("to_q", "to_v", "ff.net.2")):
+            inp, out = weights.shape(name)  # MatMul weights, stored transposed
+            tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((4, inp)) / np.sqrt(inp)).astype(np.float32)
+            tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+    save_file(tensors, tmp_path / "style.safetensors")
+    lora = [(tmp_path / "style.safetensors", 0.9)]
+    kw = dict(width=512, height=512, num_inference_steps=2, seed=3, output_type="np", progress=False)
+    data = json.loads((root / "manifest.json").read_text())
+    unet_engine = next(p for p, r in data["engines"].items() if r["component"] == "unet")
+    engine = Pipeline.load(root, backend="tensorrt-rtx")
+    with pytest.raises(UserError, match="--refittable"):  # built without it
+        engine.set_loras(lora)
+        engine("a red bicycle", **kw)
+    engine.backend.close()
+    data["engines"][unet_engine]["options"]["refittable"] = True
+    (root / "manifest.json").write_text(json.dumps(data))
+    engine = Pipeline.load(root, backend="tensorrt-rtx")
+    base = engine("a red bicycle", **kw).array
+    engine.set_loras(lora)
+    got = engine("a red bicycle", **kw).array
+    expected = Pipeline.load(root, backend="ort-cpu", loras=lora)("a red bicycle", **kw).array
+    assert np.abs(got - expected).max() < 0.02 and np.abs(got - base).max() > 0.05  # fp16 vs fp32 files
+    assert engine.backend.session("unet").engine.refits == 1
+    engine.set_loras(None)  # the exported weights back
+    np.testing.assert_allclose(engine("a red bicycle", **kw).array, base, atol=1e-2)  # fp16, unoptimized stand-in session
+    assert engine.backend.session("unet").overridden == set()
+    engine.backend.close()
+
+
 def test_backend_refuses_a_changed_engine_before_loading_it(fake_gpu, capsys):
     root, _ = fake_gpu
     path, _ = _record(root, "clip_l")

@@ -181,8 +181,8 @@ def test_clip_l_names_with_and_without_text_model(pipe, lora_files, tmp_path):
 
 def test_backends_without_overrides_say_so(pipe, lora_files):
     other = copy.copy(pipe)
-    other.backend = types.SimpleNamespace(name="tensorrt")
-    with pytest.raises(UserError, match="tensorrt need engine refit"):
+    other.backend = types.SimpleNamespace(name="stand-in")
+    with pytest.raises(UserError, match="not supported on stand-in"):
         other.set_loras([lora_files / "unet_peft.safetensors"])
     other.set_loras(None)  # nothing to apply: fine
 
