@@ -17,6 +17,7 @@ optimize` / `build` on the new directory (TensorRT refit of built engines needs 
 
 from __future__ import annotations
 
+import copy
 import gc
 import shutil
 import time
@@ -81,7 +82,7 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
             raise UserError(f"refit matches weights against the model {root} was exported from "
                             f"({sources[role]['spec']!r}), which cannot be loaded ({e}); re-export instead") from None
     report = RefitReport(out)
-    data = mf.load_manifest(root).data
+    data = copy.deepcopy(manifest.data)
     for record in data["components"].values():
         record.pop("optimized", None)
     data.pop("engines", None)
@@ -106,6 +107,9 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
                     raise UserError(f"{src.spec!r} is not the architecture {root} was exported from ({module_name} "
                                     f"{difference}); re-export it with `sdxl-trt export`")
                 digest = weights_sha256(after)
+                index = ValueIndex(before)  # once per module: its fp32 and fp16 files (and the VAE's two) use it
+                new_params = {n: p.detach().float().numpy().copy() for n, p in after.state_dict().items()}
+                del before
                 for target in wanted:
                     if target in done:  # shared by base and refiner
                         if done[target] != digest:
@@ -114,10 +118,10 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
                         continue
                     bar = tqdm(total=len(data["components"][target]["precisions"]), desc=f"refit {target}",
                                disable=not progress, leave=False)
-                    _refit_component(root, tmp, data, target, before, after, verify, report, bar)
+                    _refit_component(root, tmp, data, target, index, new_params, after, verify, report, bar)
                     data["components"][target]["weights_sha256"] = done[target] = digest
                     bar.close()
-                del before, after
+                del index, new_params, after
                 gc.collect()
         for target in data["components"]:  # components the refit does not touch: copied
             if target not in done:
@@ -136,14 +140,14 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
     return report
 
 
-def _refit_component(root: Path, tmp: Path, data: dict, target: str, before, after, verify: bool,
-                     report: RefitReport, bar) -> None:
+def _refit_component(root: Path, tmp: Path, data: dict, target: str, index: ValueIndex, new_params: dict, after,
+                     verify: bool, report: RefitReport, bar) -> None:
     from .verify import add_fp16_errors, check_onnx, torch_references
 
     import torch
 
     record = data["components"][target]
-    component = COMPONENTS[_component_name(record["contract"])](after)
+    component = COMPONENTS[record["contract"]](after)  # the export names components by their contract
     refs = torch_references(component)
     weights = {n: p.detach().clone() for n, p in after.state_dict().items()}
     for precision in ("fp32", "fp16"):
@@ -153,7 +157,7 @@ def _refit_component(root: Path, tmp: Path, data: dict, target: str, before, aft
         src = root / record["precisions"][precision]
         dest = tmp / record["precisions"][precision]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        replaced, kept = refit_file(src, dest, before, after, target)
+        replaced, kept = refit_file(src, dest, index, new_params, target)
         report.rows.append((target, precision, replaced, kept, time.perf_counter() - t))
         bar.update()
         if precision == "fp32" or verify:
@@ -184,18 +188,13 @@ def architecture_difference(before, after) -> str | None:
     return None
 
 
-def _component_name(contract: str) -> str:
-    return next(name for name, cls in COMPONENTS.items() if cls.name == contract)
-
-
-def refit_file(src: Path, dest: Path, before, after, target: str) -> tuple[int, int]:
-    """`dest`: the ONNX file `src` with every weight of `before` replaced by `after`'s; (replaced, kept)."""
+def refit_file(src: Path, dest: Path, index: ValueIndex, new_params: dict, target: str) -> tuple[int, int]:
+    """`dest`: the ONNX file `src` with every weight `index` (the original module's parameters) finds replaced by
+    that parameter's value in `new_params` (the fine-tune's, fp32: cast per file); (replaced, kept)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(src), load_external_data=False)
-    index = ValueIndex(before)
-    new_params = {n: p.detach().float().numpy() for n, p in after.state_dict().items()}  # fp32: cast per file
     replaced = kept = 0
     for tensor in model.graph.initializer:
         value = numpy_helper.to_array(tensor, base_dir=str(src.parent))

@@ -150,6 +150,7 @@ class OursContender:
         self.gpu = backend != "ort-cpu"
         self.sync = self.pipe.backend.stream.synchronize if hasattr(self.pipe.backend, "stream") else None
         self.before = before
+        self._shape = None  # (width, height, batch, CFG) of the last case
 
     def supports(self, case: Case) -> str | None:
         if case.refiner_start is not None and not self.pipe.has_refiner:
@@ -158,7 +159,7 @@ class OursContender:
 
     def call(self, case: Case):
         shape = (case.width, case.height, case.batch, case.guidance > 1.0)
-        if self.gpu and shape != getattr(self, "_shape", shape) and hasattr(self.pipe.backend, "release"):
+        if self.gpu and self._shape not in (None, shape) and hasattr(self.pipe.backend, "release"):
             # a new shape: free every session made for the last one (per-shape UNet / VAE sessions with their CUDA
             # graphs and arenas), or device memory grows shape by shape (OOM after 7 sizes on the H100)
             for name in self.pipe.manifest.components:

@@ -21,6 +21,7 @@ fp32 and stored in the file's dtype.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -220,34 +221,39 @@ class Weights:
 
     def resolve(self, module: str, flattened: bool) -> str | None:
         """The module path in this file for a LoRA module path (diffusers naming, or kohya's with `_` for `.`)."""
-        strip = PREFIXES[self.component][0]
-        if not flattened:
-            return module.removeprefix(strip) if module.removeprefix(strip) in self.modules else None
-        return self.flat().get(module)
+        if flattened:
+            return self.flat.get(module)
+        module = module.removeprefix(PREFIXES[self.component][0])
+        return module if module in self.modules else None
 
-    def unused(self, module: str, flattened: bool) -> bool:
+    def unused(self, module: str) -> bool:
         """A text encoder layer past the last one the file has: SDXL reads CLIP-L's penultimate hidden states, so the
         export drops its last layer (and LoRA files adapt it anyway); changing it changes nothing."""
-        layers = [int(m[1]) for m in map(re.compile(r"encoder\.layers\.(\d+)\.").search, self.modules) if m]
         found = re.search(r"encoder[._]layers[._](\d+)[._]", module)
-        return self.component.startswith("clip") and bool(layers) and found is not None and \
-            int(found[1]) > max(layers)
+        return found is not None and self.last_layer is not None and int(found[1]) > self.last_layer
 
+    @functools.cached_property
+    def last_layer(self) -> int | None:
+        """A text encoder's last layer in this file (None for other components)."""
+        if not self.component.startswith("clip"):
+            return None
+        layers = [int(m[1]) for m in map(re.compile(r"encoder\.layers\.(\d+)\.").search, self.modules) if m]
+        return max(layers, default=None)
+
+    @functools.cached_property
     def flat(self) -> dict[str, str]:
         """kohya's names: every module path with `_` for `.` (with and without the dropped prefix), and for a UNet
         also its original (SGM) checkpoint name."""
-        if not hasattr(self, "_flat"):
-            strip = PREFIXES[self.component][0]
-            out = {}
-            for module in self.modules:
-                out[module.replace(".", "_")] = module
-                if strip:
-                    out[(strip + module).replace(".", "_")] = module
-            if self.component == "unet":
-                for module, sgm in sgm_names(self.modules).items():
-                    out.setdefault(sgm.replace(".", "_"), module)
-            self._flat = out
-        return self._flat
+        strip = PREFIXES[self.component][0]
+        out = {}
+        for module in self.modules:
+            out[module.replace(".", "_")] = module
+            if strip:
+                out[(strip + module).replace(".", "_")] = module
+        if self.component == "unet":
+            for module, sgm in sgm_names(self.modules).items():
+                out.setdefault(sgm.replace(".", "_"), module)
+        return out
 
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -314,7 +320,7 @@ class Adapters:
                     raise UserError(f"--lora {adapter.path}: adapts {component}, which this engine directory does "
                                     "not have")
                 weights = self.weights(manifest.path(next(iter(entry["precisions"].values()))), component)
-                if weights.resolve(module, flat) is None and not weights.unused(module, flat):
+                if weights.resolve(module, flat) is None and not weights.unused(module):
                     raise UserError(f"--lora {adapter.path}: {module} ({component}) matches no layer of this model "
                                     "(an adapter for another architecture?)")
         before = self.components(self.active)
@@ -351,7 +357,7 @@ class Adapters:
                 if target != component or adapter.scale == 0.0:
                     continue
                 found = weights.resolve(module, flat)
-                if found is None and weights.unused(module, flat):
+                if found is None and weights.unused(module):
                     continue
                 if found is None:
                     raise UserError(f"--lora {adapter.path}: {module} ({component}) matches no layer of this model "
