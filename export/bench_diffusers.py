@@ -86,7 +86,7 @@ class DiffusersContender:
         if self.too_slow:
             return self.too_slow
         if case.refiner_start is not None and not self.refiner_source:
-            return "the engine directory has no refiner"
+            return "no refiner weights (the engine directory has no refiner; bench --refiner SRC)"
         return None
 
     def call(self, case: Case):

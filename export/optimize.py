@@ -6,7 +6,9 @@ From each component's fp32 file (the reference), in memory:
      BiasSplitGelu, GroupNorm and SkipGroupNorm (channels-last), NhwcConv, BiasAdd; its own attention fusion and
      Q/K/V packing are off (they do not match this export, and packing would stop LoRA from changing one of them),
   3. ONNX Runtime's float16 conversion with the blocks of fp16.py (timestep embeddings, Resize scales in fp32),
-     type information from its symbolic shape inference (which knows the fused operators).
+     type information from its symbolic shape inference (which knows the fused operators),
+  4. CLIP-G's end-of-text ArgMax on fp32 token ids (the CUDA provider has no integer ArgMax; a node left on the CPU
+     would keep the encoder from running as a CUDA graph).
 This is ONNX Runtime's own recipe for Stable Diffusion (`onnxruntime.transformers.models.stable_diffusion`) plus the
 attention pass it is missing for this export. The fused operators run on the CUDA provider (GroupNorm, NhwcConv
 and BiasSplitGelu have no CPU kernels), so the result is checked on the GPU (tests/test_ort_cuda.py).
@@ -184,6 +186,7 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
     transposed = _fold_weight_transposes(model, stubs)
     drop_dead_nodes(model.graph)  # the folded Transposes, and initializers the fusions replaced
     tidy_converted(model)
+    _argmax_on_floats(model)
     del model.graph.value_info[:]  # types only, and some from before the conversion: ORT infers them again
 
     def transform(tensor, data: bytes) -> bytes:
@@ -196,6 +199,30 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
     with atomic_file(dest) as tmp_path:  # the model file appears last, once its weights are complete
         write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=data_path)
     return fused
+
+
+def _argmax_on_floats(model: onnx.ModelProto) -> int:
+    """CLIP's pooled output picks the end-of-text token with an ArgMax over the int32 token ids, which the CUDA
+    provider has no kernel for (float types only): that node would run on the CPU, with copies, and keep the encoder
+    from being captured as a CUDA graph. Cast its input to fp32 first (token ids < 2^24 are exact; ties still go
+    to the first index). Returns how many were rewritten."""
+    ints = {onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+            onnx.TensorProto.INT16}
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    types.update({n.output[0]: a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute
+                  if a.name == "to"})
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        if node.op_type == "ArgMax" and types.get(node.input[0]) in ints:
+            cast = f"{node.input[0]}_as_float_for_{node.name or 'ArgMax'}"
+            nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast], to=onnx.TensorProto.FLOAT,
+                                               name=f"{node.name}_cast_input"))
+            node.input[0] = cast
+            rewritten += 1
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
 
 
 LOAD_BELOW = 1 << 20  # bytes: weights smaller than this are read for the fusions (norm scales, biases)

@@ -350,7 +350,7 @@ def run(args) -> dict:
         def make(name=name):
             from ..export.bench_diffusers import DiffusersContender  # torch side: only when asked for
 
-            refiner = manifest.data.get("sources", {}).get("refiner", {}).get("spec")
+            refiner = args.refiner or manifest.data.get("sources", {}).get("refiner", {}).get("spec")
             return DiffusersContender(args.model or manifest_source(manifest), name, refiner=refiner,
                                       compile_limit=args.compile_limit)
         makers.append((name, make))

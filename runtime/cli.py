@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "diffusers-cudagraph (the UNet under a torch CUDA graph), diffusers-compile (torch.compile)")
     bn.add_argument("--model", metavar="SRC", help="the weights the directory was exported from, for diffusers "
                     "(default: the manifest's built-in source)")
+    bn.add_argument("--refiner", metavar="SRC", help="the refiner weights for diffusers' refiner cases (default: the "
+                    "manifest's refiner source)")
     bn.add_argument("--compile-limit", type=float, default=900.0, metavar="S",
                     help="give up torch.compile (and record why) if its first call takes longer (default 900 s)")
     bn.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")

@@ -16,6 +16,9 @@ CUDA graphs (the backend's `cuda_graphs`), on a UNet session made for the loop's
 Every buffer a graph reads sits at a fixed address per shape (the timestep too: `select_timestep` copies the
 current step's row into it), so the per-step work is the same each time and only the counter on the device moves.
 
+The text encoders (`encode`) and the VAE (`decode`) run here too, each on a session made for its shape with ONNX
+Runtime's CUDA graph, so that a prompt's hundreds of small kernels are one launch.
+
 The kernels (kernels/step.cu) compute exactly what the numpy loop of pipeline.py computes; per-step noise is drawn
 in advance on the host from each image's own generator in the order the numpy loop draws it, so the streams are
 the CPU runtime's. Not here: inpainting, guidance rescale, heun / dpmpp_sde_karras / tcd (the pipeline keeps its
@@ -191,8 +194,41 @@ class DeviceLoop:
         stream.synchronize()
         return None if flag[0] else out
 
+    def encode(self, encoder: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """A text encoder on token ids [B, 77], as its session's `run` computes it, on a session made for this shape
+        with ONNX Runtime's CUDA graph (the encoders are hundreds of small kernels each: launched one by one they
+        take far longer than they compute): the ids are uploaded into the same device buffer every call and the
+        outputs read back. Without graphs (--cuda-graphs off, no optimized file, graphs refused) a plain run."""
+        from .backends import output_shapes
+
+        session = self.backend.loop_session(encoder, {"input_ids": ids.shape})
+        if not session.cuda_graph:
+            return session.run(input_ids=ids)
+        key = (encoder, ids.shape)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        stream, pool = self.backend.stream, shape.buffers
+        ids = np.ascontiguousarray(ids, dtype=session.dtype("input_ids"))
+        pool.put("input_ids", ids, stream)
+        out = {name: np.empty(dims, session.output_dtypes[name])
+               for name, dims in output_shapes(session.entry, {"input_ids": ids.shape}).items()}
+        for name, array in out.items():
+            pool.reserve(name, array.nbytes)
+        addresses = {name: buffer.ptr for name, buffer in pool.items()}
+        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
+            binding = session.new_binding()
+            session.bind(binding, {"input_ids": (addresses["input_ids"], ids.shape, ids.dtype)},
+                         {name: (addresses[name], array.shape, array.dtype) for name, array in out.items()})
+            shape.binding = (binding, addresses, session)
+        session.run_bound(shape.binding[0], shape.graph_id)
+        for name, array in out.items():
+            pool[name].download(array, stream)
+        stream.synchronize()
+        return out
+
     def forget(self, unet: str) -> None:
-        """Drop the buffers, bindings and graphs kept for a component's shapes (a UNet's or a VAE's)."""
+        """Drop the buffers, bindings and graphs kept for a component's shapes (a UNet's, a VAE's, a text encoder's)."""
         for key in [k for k in self._shapes if k[0] == unet]:
             shape = self._shapes.pop(key)
             for graph, _ in shape.loops.values():

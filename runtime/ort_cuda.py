@@ -4,12 +4,12 @@ runs and our kernels are ordered without host synchronisation. `run` takes and r
 backend.
 
 Files: a component's GPU-optimized file (`sdxl-trt optimize DIR --target cuda`: fused attention, GroupNorm, NHWC
-convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets on an
-optimized file run in the device loop (device_loop.py) on a session made for the loop's shape (free dimensions
-fixed, so ONNX Runtime folds the shape arithmetic that would otherwise need host copies) with ONNX Runtime's CUDA
-graphs (`enable_cuda_graph`, a `gpu_graph_id` per shape). A VAE whose optimized fp16 file may overflow (the SDXL
-1.0 VAE: `overflow_check` in the manifest) is checked after every decode: NaN or Inf in the image → a warning and
-the fp32 file from then on.
+convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets, text
+encoders and the VAE on an optimized file run in the device loop (device_loop.py) on a session made for the shape
+(free dimensions fixed, so ONNX Runtime folds the shape arithmetic that would otherwise need host copies) with ONNX
+Runtime's CUDA graphs (`enable_cuda_graph`, a `gpu_graph_id` per shape). A VAE whose optimized fp16 file may
+overflow (the SDXL 1.0 VAE: `overflow_check` in the manifest) is checked after every decode: NaN or Inf in the
+image → a warning and the fp32 file from then on.
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ class OrtCudaBackend:
         return self._sessions[component]
 
     def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
-        """The session the device loop runs `component` (a UNet) with at these input shapes: with CUDA graphs on and
-        an optimized file, a session made for exactly this shape (ONNX Runtime then folds the shape arithmetic that
-        would otherwise run on the host, which CUDA graphs require), the last one kept per component; otherwise
-        the component's session for any shape."""
+        """The session the device loop runs `component` (a UNet, a text encoder, the VAE) with at these input shapes:
+        with CUDA graphs on and an optimized file, a session made for exactly this shape (ONNX Runtime then folds the
+        shape arithmetic that would otherwise run on the host, which CUDA graphs require), the last one kept per
+        component; otherwise the component's session for any shape."""
         entry = self.manifest.components[component]
         if self.cuda_graphs == "off" or session_file(entry)[0] != "cuda":
             return self.session(component)

@@ -120,6 +120,7 @@ def text_list(value, what: str) -> list[str]:
 
 class Pipeline:
     device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
+    graph_text_encoders = True  # with the device loop, the text encoders as CUDA graphs (benchmarks turn it off)
     low_memory = False  # free each model once its stage is done and decode in tiles (see `load`)
     loras: tuple = ()  # the LoRA adapters applied (lora.Adapter; see `set_loras`)
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
@@ -204,13 +205,21 @@ class Pipeline:
                 ids = tokens.ids
             else:
                 ids = tokenizer.windows(prompts, windows).reshape(-1, tokenizer.max_length)
-            out = self.backend.session(components[encoder]).run(input_ids=ids)
+            out = self._run_encoder(components[encoder], ids, fixed_shape=windows is None)
             hidden = out["hidden_states"]
             states.append(hidden.reshape(len(prompts), -1, hidden.shape[-1]))
             pooled = out.get("text_embeds")
             if windows is not None and pooled is not None:
                 pooled = pooled.reshape(len(prompts), windows, -1)[:, 0]
         return np.concatenate(states, axis=-1).astype(np.float32), pooled.astype(np.float32)
+
+    def _run_encoder(self, component: str, ids: np.ndarray, fixed_shape: bool) -> dict[str, np.ndarray]:
+        """A text encoder's outputs for token ids; on a backend with a device loop, prompts of one window (a shape
+        that repeats) run through a CUDA graph (device_loop.encode), unless `graph_text_encoders` is off."""
+        if (fixed_shape and self.graph_text_encoders and self.device_loop and hasattr(self.backend, "device_loop")
+                and not self.low_memory):
+            return self.backend.device_loop.encode(component, ids)
+        return self.backend.session(component).run(input_ids=ids)
 
     def prompt_windows(self, prompts: list[str], negatives: list[str | None]) -> int:
         """Windows a call needs: enough for its longest prompt or negative prompt, at most the contract's bound."""

@@ -87,6 +87,25 @@ def test_bench_against_diffusers_and_charts(tiny_engine, tmp_path):
     assert "| refiner | diffusers (eager, fp32) | 64x64 |" in charts.stdout
 
 
+def test_diffusers_refiner_weights_for_a_directory_without_a_refiner(tmp_path):
+    """bench --refiner: diffusers runs the refiner cases from those weights; sdxl-trt records why it cannot."""
+    pytest.importorskip("diffusers")
+    from sdxl_trt.export.engine_dir import export_engine_dir
+
+    engine = tmp_path / "base-only"
+    export_engine_dir("tiny:base", engine, progress=False)
+    out = tmp_path / "r.json"
+    common = ["bench", str(engine), "--sweeps", "refiner", "--size", "64x64", "--runs", "1", "--warmup", "0",
+              "--contenders", "diffusers-eager", "--out", str(out)]
+    assert main(common) == 0
+    cases = {(c["contender"], c["refiner_start"]): c for c in json.loads(out.read_text())["cases"]}
+    assert "--refiner SRC" in cases[("diffusers", 0.8)]["skipped"]
+    assert main([*common, "--refiner", "tiny:refiner"]) == 0
+    cases = {(c["contender"], c["refiner_start"]): c for c in json.loads(out.read_text())["cases"]}
+    assert cases[("diffusers", 0.8)]["refiner_ms"] > 0 and "e2e_ms" in cases[("diffusers", None)]
+    assert "no refiner" in cases[("sdxl-trt", 0.8)]["skipped"]
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--runs", "0"], "--runs"),
     (["--sweeps", "latency"], "latency"),

@@ -128,6 +128,34 @@ def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
     assert inspect_dir(tiny_optimized).count("cuda fp16") == len(manifest.components)
 
 
+def test_the_pooled_text_embedding_picks_the_end_token_on_floats(tiny_optimized):
+    """CLIP-G's end-of-text ArgMax reads fp32 (the CUDA provider has no int32 ArgMax: on the CPU it would keep the
+    encoder from being a CUDA graph); ONNX Runtime's CPU provider runs the optimized file: the pooled embedding of
+    rows whose end token sits at different places is the fp32 file's, within fp16 rounding."""
+    import onnxruntime as ort
+
+    manifest = load_manifest(tiny_optimized)
+    entry = manifest.components["clip_g"]
+    path = manifest.path(entry["optimized"]["cuda"]["path"])
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    argmax = [node for node in model.graph.node if node.op_type == "ArgMax"]
+    assert len(argmax) == 1
+    cast = producers[argmax[0].input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT and cast.input[0] == "input_ids"
+    ids = np.zeros((3, 77), np.int32)
+    ids[:, 0] = 49406
+    for row, words in enumerate(([320, 1125, 539], [530], list(range(400, 460)))):
+        ids[row, 1:len(words) + 1] = words
+        ids[row, len(words) + 1] = 49407
+    fast = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    reference = ort.InferenceSession(str(manifest.path(entry["precisions"]["fp32"])),
+                                     providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    for got, expected in zip(fast, reference):
+        np.testing.assert_allclose(got.astype(np.float32), expected, atol=1e-2)
+    assert not np.allclose(reference[1][0], reference[1][1], atol=0.1)  # the rows' pooled embeddings differ
+
+
 def test_optimize_again_skips_what_is_up_to_date(tiny_optimized, tmp_path, capsys):
     root = tmp_path / "tiny"
     shutil.copytree(tiny_optimized, root)

@@ -129,6 +129,39 @@ def test_cuda_graph_steps_compute_what_plain_runs_compute(optimized):
     assert rel_l2(other_seed, optimized["off"]("a lighthouse", **{**kw, "seed": 4}).array) < NOISE
 
 
+def test_text_encoders_as_cuda_graphs_compute_what_plain_runs_compute(optimized, pipelines):
+    """"step": each text encoder on a session made for [B, 77] with ONNX Runtime's CUDA graph (captured, then
+    replayed with other prompts uploaded into the same buffer) against plain runs of the same optimized file and
+    against ort-cpu's fp32 encoders; long prompts (windows: another shape each time) keep plain runs."""
+    _, cpu = pipelines
+    step, plain = optimized["step"], optimized["off"]
+    prompts = [["a red bicycle", "a lighthouse at dawn"], ["two cats on a sofa", ""], ["a red bicycle", "a kite"]]
+    results, graphed = {}, []
+    for texts in prompts:
+        for name, pipe in (("graph", step), ("plain", plain), ("cpu", cpu)):
+            results[name] = pipe.encode_prompt("base", texts, [None] * 2, guidance=False)
+        graphed.append(results["graph"])
+        assert step.backend._shaped["clip_g"].cuda_graph and ("clip_g", (2, 77)) in step.backend.device_loop._shapes
+        for part, (got, expected, reference) in enumerate(zip(results["graph"], results["plain"], results["cpu"])):
+            error, fp32 = rel_l2(got, expected), rel_l2(got, reference)
+            print(f"{texts}: {('context', 'pooled')[part]} graph vs plain rel-L2 {error:.1e}, vs ort-cpu {fp32:.1e}")
+            assert error < 1e-3 and fp32 < 1e-2
+    # replays read the ids uploaded for them: the same first prompt, a different second one
+    assert rel_l2(graphed[2][0][0], graphed[0][0][0]) < 1e-3 and rel_l2(graphed[2][0][1], graphed[0][0][1]) > 0.05
+    step.graph_text_encoders = False
+    try:
+        off = step.encode_prompt("base", prompts[-1], [None] * 2, guidance=False)
+    finally:
+        step.graph_text_encoders = True
+    assert rel_l2(off[0], results["graph"][0]) < 1e-3
+    long = ["a castle, " * 40] * 2  # 3 windows of 77 tokens: [6, 77] through the plain session
+    windows = step.prompt_windows(long, [None] * 2)
+    assert windows >= 2
+    got = step.encode_prompt("base", long, [None] * 2, guidance=False, windows=windows)
+    assert rel_l2(got[0], cpu.encode_prompt("base", long, [None] * 2, guidance=False, windows=windows)[0]) < 1e-2
+    assert ("clip_g", (2 * windows, 77)) not in step.backend.device_loop._shapes
+
+
 def test_the_whole_loop_as_one_cuda_graph(optimized):
     kw = dict(height=256, width=192, num_inference_steps=8, sampler="euler_a", seed=3, output_type="latent",
               progress=False)
