@@ -89,9 +89,16 @@ class OrtSession:
         for name, array in overrides.items():
             self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array)
             options.add_initializer(name, self._overrides[name])
-        # the CPU provider's NCHWc layout pass reorders convolution weights from the file's values, not the overrides
-        # (seen with ONNX Runtime 1.32: a convolution LoRA had no effect); without it the overrides hold
-        disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
+        # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
+        # the CPU provider's NCHWc pass (a convolution LoRA had no effect on fp32 files, 1.32) and, on fp16 files,
+        # whatever takes the weights at that level (CPU: a text-encoder LoRA had no effect on the optimized files;
+        # the same on the CUDA provider). fp32 files on the CPU keep every pass but NCHWc; others stop one level lower
+        # (the optimized files are fused already)
+        disabled = None
+        if overrides and providers == ["CPUExecutionProvider"] and precision == "fp32":
+            disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
+        elif overrides:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self._session = ort.InferenceSession(str(self.path), options, providers=providers,
                                              disabled_optimizers=disabled)
 
