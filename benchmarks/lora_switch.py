@@ -7,6 +7,7 @@ Writes a random rank-R adapter (diffusers/PEFT names, every attention and feed-f
 transformer blocks, shapes read from the engine directory) and times, in one process:
   call          a warm call with the adapter set unchanged (the baseline)
   apply         set_loras(adapter) + the next call, less `call`: reading the file, merging, new sessions
+                (apply_merge: the part spent reading and merging weights)
   to_base       set_loras(None) + the next call, less `call` (no merging: the exported weights)
   back          set_loras(adapter) again + the next call, less `call` (the merged weights are cached)
 and, with --reexport SRC, `sdxl-trt export` of that source to a temporary folder (what a switch costs without this).
@@ -92,14 +93,16 @@ def main() -> None:
         rows = []
         for _ in range(args.runs):
             base = float(np.median([call() for _ in range(2)]))
+            merged_before = pipe.backend.adapters.merge_s
             apply = switched([adapter])
+            merge = pipe.backend.adapters.merge_s - merged_before
             steady = float(np.median([call() for _ in range(2)]))
             to_base = switched(None)
             back = switched([adapter])
             pipe.set_loras(None)
             pipe.backend.adapters._merged.clear()  # the next run merges again
             call()  # the base's sessions made again before the next baseline
-            rows.append({"call_s": base, "call_with_adapter_s": steady, "apply_s": apply - steady,
+            rows.append({"call_s": base, "call_with_adapter_s": steady, "apply_s": apply - steady, "apply_merge_s": merge,
                          "to_base_s": to_base - base, "back_s": back - steady})
         result = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": platform.node(),
                   "versions": versions(), "backend": args.backend, "engine": str(engine),

@@ -86,8 +86,12 @@ class OrtSession:
         self.path = manifest.path(path or entry["precisions"][precision])
         self._overrides = {}  # the arrays must outlive the session: ONNX Runtime may use their memory in place
         overrides = adapters.overrides(component, self.path) if adapters else {}
+        # an override must sit where ONNX Runtime plans the weight: on the GPU for the CUDA provider (one in host
+        # memory is ignored there, with a warning below our log level: seen with 1.31 on the H100)
+        device = next((("cuda", int(dict(p[1]).get("device_id", 0))) for p in providers
+                       if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), ("cpu", 0))
         for name, array in overrides.items():
-            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array)
+            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array, *device)
             options.add_initializer(name, self._overrides[name])
         # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
         # the CPU provider's NCHWc pass (a convolution LoRA had no effect on fp32 files, 1.32) and, on fp16 files,

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +310,7 @@ class Adapters:
         self._layers: dict[Path, tuple[float, dict]] = {}  # adapter file → (mtime, its layers)
         self._merged: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
         self._weights: dict[tuple[Path, str], Weights] = {}
+        self.merge_s = 0.0  # time spent reading and merging weights so far (benchmarks/lora_switch.py reports it)
 
     def set(self, adapters: tuple[Adapter, ...], manifest) -> set[str]:
         """Make `adapters` the active set, read and checked against `manifest`'s models now (every adapted module must
@@ -350,6 +352,7 @@ class Adapters:
         if key in self._merged:
             self._merged.move_to_end(key)
             return self._merged[key]
+        started = time.perf_counter()
         weights = self.weights(path, component)
         deltas: dict[str, np.ndarray] = {}
         for adapter in self.active:
@@ -373,6 +376,7 @@ class Adapters:
             base = weights.read(name)
             merged[name] = np.ascontiguousarray((base.astype(np.float32) + delta).astype(base.dtype))
         self._merged[key] = merged
+        self.merge_s += time.perf_counter() - started
         while len(self._merged) > self.keep * len(PREFIXES):
             self._merged.popitem(last=False)
         log.info("%s: %d weights merged from %s", component, len(merged), ", ".join(a.label for a in self.active))
