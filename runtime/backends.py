@@ -95,9 +95,10 @@ class OrtSession:
             options.add_initializer(name, self._overrides[name])
         # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
         # the CPU provider's NCHWc pass (a convolution LoRA had no effect on fp32 files, 1.32) and, on fp16 files,
-        # whatever takes the weights at that level (CPU: a text-encoder LoRA had no effect on the optimized files;
-        # the same on the CUDA provider). fp32 files on the CPU keep every pass but NCHWc; others stop one level lower
-        # (the optimized files are fused already)
+        # whatever takes the weights at that level (a text-encoder LoRA had no effect on the optimized files on the
+        # CPU). fp32 files on the CPU keep every pass but NCHWc; other sessions stop one level lower, the CUDA
+        # provider's too (the optimized files are fused already; whether ENABLE_ALL would keep GPU overrides there
+        # is not measured)
         disabled = None
         if overrides and providers == ["CPUExecutionProvider"] and precision == "fp32":
             disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
