@@ -11,12 +11,14 @@ transformer blocks, shapes read from the engine directory) and times, in one pro
   to_base       set_loras(None) + the next call, less `call` (no merging: the exported weights)
   back          set_loras(adapter) again + the next call, less `call` (the merged weights are cached)
 and, with --reexport SRC, `sdxl-trt export` of that source to a temporary folder (what a switch costs without this).
+With --merge-only, only the reading and merging of the adapter into the UNet file (no sessions).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -52,6 +54,38 @@ def write_adapter(engine: Path, rank: int, path: Path) -> int:
     return len(tensors) // 2
 
 
+def merge_only(args) -> None:
+    """--merge-only: Adapters.set + Adapters.overrides for the base UNet's session file, --runs times (each from a
+    fresh Adapters: nothing cached), without making a session."""
+    from sdxl_trt.runtime.backends import session_file
+    from sdxl_trt.runtime.bench import versions
+    from sdxl_trt.runtime.lora import Adapters, as_adapters
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    engine = Path(args.engine)
+    manifest = load_manifest(engine)
+    entry = manifest.components["unet"]
+    kind, precision, relative = session_file(entry, None if args.backend == "ort-cuda" else "fp32")
+    path = manifest.path(relative or entry["precisions"][precision])
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / f"random-rank{args.rank}.safetensors"
+        layers = write_adapter(engine, args.rank, adapter)
+        runs = []
+        for _ in range(args.runs):
+            adapters = Adapters()
+            started = time.perf_counter()
+            adapters.set(as_adapters([adapter]), manifest)
+            merged = adapters.overrides("unet", path)
+            runs.append({"set_and_merge_s": time.perf_counter() - started, "merge_s": adapters.merge_s})
+        result = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": platform.node(),
+                  "cpus": os.cpu_count(), "versions": versions(), "engine": str(engine), "file": str(path),
+                  "file_kind": kind, "model": manifest.data.get("sources", {}), "rank": args.rank, "layers": layers,
+                  "merged_gb": round(sum(a.nbytes for a in merged.values()) / 1e9, 2), "runs": runs,
+                  "median": {k: round(float(np.median([r[k] for r in runs])), 2) for k in runs[0]}}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median"]), result["merged_gb"], "GB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", required=True)
@@ -62,7 +96,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--reexport", metavar="SRC", help="also time `sdxl-trt export --model SRC` (needs torch)")
+    p.add_argument("--merge-only", action="store_true", help="time only reading and merging the adapter into the "
+                   "UNet file the backend would load (no sessions: e.g. a full-size UNet on a CPU)")
     args = p.parse_args()
+    if args.merge_only:
+        return merge_only(args)
 
     from sdxl_trt.runtime import Pipeline
     from sdxl_trt.runtime.bench import versions

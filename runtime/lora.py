@@ -24,10 +24,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import struct
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +129,20 @@ class Layer:
     up: np.ndarray | None = None
     alpha: float | None = None
 
-    def delta(self) -> np.ndarray:
-        """alpha / rank · up @ down, in the module's weight shape ([out, in] or [out, in, kh, kw])."""
+    def delta(self, scale: float = 1.0, layout: str = ".weight") -> np.ndarray:
+        """scale · alpha / rank · up @ down in fp32, formed directly in the layout the file stores the weight in
+        (`layout`, a suffix of SUFFIXES): ".weight" the module's own ([out, in] or [out, in, kh, kw]), ".weight.T"
+        [in, out] (MatMul's transposed weight), ".weight_nhwc" [out, kh, kw, in] (optimized convolutions). The scales
+        multiply the small factor and the large product is written once, contiguous (no strided copy of it)."""
         rank = self.down.shape[0]
-        scale = (self.alpha if self.alpha is not None else rank) / rank
-        product = self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)
-        return scale * product.reshape(self.up.shape[0], *self.down.shape[1:])
+        factor = scale * (self.alpha if self.alpha is not None else rank) / rank
+        up = self.up.reshape(self.up.shape[0], rank) * np.float32(factor)
+        down = self.down
+        if layout == ".weight.T":
+            return down.reshape(rank, -1).T @ up.T
+        if layout == ".weight_nhwc" and down.ndim == 4:
+            down = np.ascontiguousarray(down.transpose(0, 2, 3, 1))
+        return (up @ down.reshape(rank, -1)).reshape(up.shape[0], *down.shape[1:])
 
 
 # the forms of one key: (component prefix, module, part) with part down / up / alpha
@@ -212,13 +222,9 @@ class Weights:
 
         return numpy_helper.to_array(self.tensors[name], base_dir=str(self.path.parent))
 
-    def in_layout(self, name: str, delta: np.ndarray) -> np.ndarray:
-        """`delta` ([out, in] or [out, in, kh, kw]) in the layout the file stores `name` in."""
-        if name.endswith(".weight.T"):
-            return delta.T
-        if name.endswith(".weight_nhwc"):
-            return delta.transpose(0, 2, 3, 1)
-        return delta
+    def layout(self, name: str) -> str:
+        """How the file stores `name`: its suffix (".weight.T", ".weight_nhwc" or ".weight"; see Layer.delta)."""
+        return next(suffix for suffix in SUFFIXES if name.endswith(suffix))
 
     def resolve(self, module: str, flattened: bool) -> str | None:
         """The module path in this file for a LoRA module path (diffusers naming, or kohya's with `_` for `.`)."""
@@ -354,7 +360,7 @@ class Adapters:
             return self._merged[key]
         started = time.perf_counter()
         weights = self.weights(path, component)
-        deltas: dict[str, np.ndarray] = {}
+        parts: dict[str, list[tuple[Adapter, str, Layer]]] = {}  # initializer → the adapter layers that change it
         for adapter in self.active:
             for (target, module, flat), layer in self.layers(adapter.path).items():
                 if target != component or adapter.scale == 0.0:
@@ -365,16 +371,24 @@ class Adapters:
                 if found is None:
                     raise UserError(f"--lora {adapter.path}: {module} ({component}) matches no layer of this model "
                                     "(an adapter for another architecture?)")
-                name = weights.modules[found]
-                delta = weights.in_layout(name, layer.delta())
+                parts.setdefault(weights.modules[found], []).append((adapter, module, layer))
+
+        def merge(name: str) -> np.ndarray:
+            """The file's weight plus every delta for it, added in fp32, stored in the file's dtype."""
+            total = None
+            for adapter, module, layer in parts[name]:
+                delta = layer.delta(adapter.scale, weights.layout(name))
                 if delta.shape != weights.shape(name):
                     raise UserError(f"--lora {adapter.path}: {module} ({component}) changes a weight of shape "
                                     f"{list(weights.shape(name))} by one of {list(delta.shape)}")
-                deltas[name] = deltas.get(name, 0.0) + adapter.scale * delta
-        merged = {}
-        for name, delta in deltas.items():
+                total = delta if total is None else np.add(total, delta, out=total)
             base = weights.read(name)
-            merged[name] = np.ascontiguousarray((base.astype(np.float32) + delta).astype(base.dtype))
+            np.add(total, base, out=total)  # the base widened to fp32 as it is added
+            return total.astype(base.dtype, copy=False)
+
+        # numpy releases the GIL in matmul, additions and casts: the layers merge in parallel
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            merged = dict(zip(parts, pool.map(merge, parts)))
         self._merged[key] = merged
         self.merge_s += time.perf_counter() - started
         while len(self._merged) > self.keep * len(PREFIXES):

@@ -187,6 +187,30 @@ def test_backends_without_overrides_say_so(pipe, lora_files):
     other.set_loras(None)  # nothing to apply: fine
 
 
+def test_deltas_are_formed_in_the_layout_the_file_stores():
+    """Layer.delta writes up @ down straight into the stored layout (MatMul's [in, out], NHWC convolutions) with the
+    scales on the small factor: the same numbers as forming [out, in] and rearranging it."""
+    from sdxl_trt.runtime.lora import Layer
+
+    rng = np.random.default_rng(3)
+    linear = Layer(down=rng.standard_normal((4, 24)).astype(np.float32),
+                   up=rng.standard_normal((40, 4)).astype(np.float32), alpha=2.0)
+    reference = 0.7 * 2.0 / 4 * (linear.up.astype(np.float64) @ linear.down)
+    np.testing.assert_allclose(linear.delta(0.7), reference, rtol=1e-5, atol=1e-6)
+    transposed = linear.delta(0.7, ".weight.T")
+    assert transposed.flags.c_contiguous and transposed.shape == (24, 40)
+    np.testing.assert_allclose(transposed, reference.T, rtol=1e-5, atol=1e-6)
+    conv = Layer(down=rng.standard_normal((4, 8, 3, 3)).astype(np.float32),
+                 up=rng.standard_normal((16, 4, 1, 1)).astype(np.float32))
+    own = conv.delta(1.5)
+    assert own.shape == (16, 8, 3, 3)
+    np.testing.assert_allclose(own, 1.5 * np.einsum("or,rikl->oikl", conv.up[:, :, 0, 0], conv.down), rtol=1e-5,
+                               atol=1e-5)
+    nhwc = conv.delta(1.5, ".weight_nhwc")
+    assert nhwc.flags.c_contiguous and nhwc.shape == (16, 3, 3, 8)
+    np.testing.assert_allclose(nhwc, own.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_spec_parsing():
     assert parse_spec("a/b.safetensors:0.5") == Adapter(Path("a/b.safetensors"), 0.5)
     assert parse_spec("a/b.safetensors").scale == 1.0
