@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,37 @@ def test_backends_without_overrides_say_so(pipe, lora_files):
     with pytest.raises(UserError, match="not supported on stand-in"):
         other.set_loras([lora_files / "unet_peft.safetensors"])
     other.set_loras(None)  # nothing to apply: fine
+
+
+def test_overrides_are_placed_where_the_provider_keeps_the_weights(tiny_engine, lora_files, monkeypatch):
+    """ONNX Runtime ignores an override in host memory for a weight it places on the GPU (seen on the H100: the
+    adapters had no effect on ort-cuda), so sessions for the CUDA provider make them on the GPU. Checked here through
+    the values' placement (this ONNX Runtime has no CUDA provider: it falls back to the CPU one and the values are
+    made on the host, as asked placements are recorded)."""
+    import onnxruntime as ort
+
+    from sdxl_trt.runtime.backends import OrtSession
+    from sdxl_trt.runtime.lora import Adapters, as_adapters
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_engine)
+    adapters = Adapters()
+    adapters.set(as_adapters([lora_files / "unet_peft.safetensors"]), manifest)
+    placed, make = [], ort.OrtValue.ortvalue_from_numpy
+
+    def record(array, device_type="cpu", device_id=0):
+        placed.append((device_type, device_id))
+        return make(array)
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(record))
+    OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"], adapters=adapters)
+    assert placed and set(placed) == {("cpu", 0)}
+    placed.clear()
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "prefer_nhwc": "1"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDAExecutionProvider is not available"
+        OrtSession(manifest, "unet", "fp32", [cuda, "CPUExecutionProvider"], adapters=adapters)
+    assert placed and set(placed) == {("cuda", 0)}
 
 
 def test_deltas_are_formed_in_the_layout_the_file_stores():
