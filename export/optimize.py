@@ -201,28 +201,26 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
     return fused
 
 
-def _argmax_on_floats(model: onnx.ModelProto) -> int:
+def _argmax_on_floats(model: onnx.ModelProto) -> None:
     """CLIP's pooled output picks the end-of-text token with an ArgMax over the int32 token ids, which the CUDA
     provider has no kernel for (float types only): that node would run on the CPU, with copies, and keep the encoder
     from being captured as a CUDA graph. Cast its input to fp32 first (token ids < 2^24 are exact; ties still go
-    to the first index). Returns how many were rewritten."""
+    to the first index)."""
     ints = {onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
             onnx.TensorProto.INT16}
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     types.update({n.output[0]: a.i for n in model.graph.node if n.op_type == "Cast" for a in n.attribute
                   if a.name == "to"})
-    nodes, rewritten = [], 0
+    nodes = []
     for node in model.graph.node:
         if node.op_type == "ArgMax" and types.get(node.input[0]) in ints:
             cast = f"{node.input[0]}_as_float_for_{node.name or 'ArgMax'}"
             nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast], to=onnx.TensorProto.FLOAT,
                                                name=f"{node.name}_cast_input"))
             node.input[0] = cast
-            rewritten += 1
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    return rewritten
 
 
 LOAD_BELOW = 1 << 20  # bytes: weights smaller than this are read for the fusions (norm scales, biases)

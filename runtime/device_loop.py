@@ -80,10 +80,7 @@ class DeviceLoop:
                                                    "text_embeds": pooled.shape, "time_ids": time_ids.shape})
         sample_dtype = session.dtype("sample")
         out_dtype = session.output_dtypes["noise_pred"]
-        key = (unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        shape = self._shape((unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape))
         stream = self.backend.stream
         pool = shape.buffers
 
@@ -107,15 +104,11 @@ class DeviceLoop:
         eps = empty("eps", n * 4)
         prev = empty("prev", n * 4)
         noise_ptr = put("noise", noise.astype(np.float32)) if noise is not None else 0
-        addresses = {name: buffer.ptr for name, buffer in pool.items()}
-        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
-            binding = session.new_binding()
-            shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
-                      "timestep": (batch,), "sample": sample_shape}
-            session.bind(binding, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
-                         {"noise_pred": (pred, sample_shape, out_dtype)})
-            shape.binding = (binding, addresses, session)
-            for graph, _ in shape.loops.values():
+        shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
+                  "timestep": (batch,), "sample": sample_shape}
+        if self._bind(shape, session, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
+                      {"noise_pred": (pred, sample_shape, out_dtype)}):
+            for graph, _ in shape.loops.values():  # captured with the old buffers or session
                 graph.close()
             shape.loops.clear()
         binding = shape.binding[0]
@@ -167,10 +160,7 @@ class DeviceLoop:
     def _decode_on(self, session, vae: str, latents: np.ndarray, scaling_factor: float, shift: float):
         from .backends import output_shapes
 
-        key = (vae, latents.shape)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        shape = self._shape((vae, latents.shape))
         stream, pool, k = self.backend.stream, shape.buffers, self.kernels
         image_shape = output_shapes(session.entry, {"latent": latents.shape})["image"]
         n_images, channels, height, width = image_shape
@@ -180,12 +170,8 @@ class DeviceLoop:
         image = pool.reserve("image", int(np.prod(image_shape)) * np.dtype(image_dtype).itemsize).ptr
         pixels = pool.reserve("pixels", int(np.prod(image_shape))).ptr
         nonfinite = pool.put("nonfinite", np.zeros(1, np.int32), stream)
-        addresses = {name: buffer.ptr for name, buffer in pool.items()}
-        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
-            binding = session.new_binding()
-            session.bind(binding, {"latent": (latent, latents.shape, latent_dtype)},
-                         {"image": (image, image_shape, image_dtype)})
-            shape.binding = (binding, addresses, session)
+        self._bind(shape, session, {"latent": (latent, latents.shape, latent_dtype)},
+                   {"image": (image, image_shape, image_dtype)})
         k.unscale_latents(x, latent, latent_dtype, scaling_factor, shift, latents.size)
         session.run_bound(shape.binding[0], shape.graph_id if session.cuda_graph else -1)
         k.to_uint8(image, image_dtype, pixels, nonfinite, channels, height * width, int(np.prod(image_shape)))
@@ -204,28 +190,37 @@ class DeviceLoop:
         session = self.backend.loop_session(encoder, {"input_ids": ids.shape})
         if not session.cuda_graph:
             return session.run(input_ids=ids)
-        key = (encoder, ids.shape)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        shape = self._shape((encoder, ids.shape))
         stream, pool = self.backend.stream, shape.buffers
         ids = np.ascontiguousarray(ids, dtype=session.dtype("input_ids"))
         pool.put("input_ids", ids, stream)
         out = {name: np.empty(dims, session.output_dtypes[name])
                for name, dims in output_shapes(session.entry, {"input_ids": ids.shape}).items()}
-        for name, array in out.items():
-            pool.reserve(name, array.nbytes)
-        addresses = {name: buffer.ptr for name, buffer in pool.items()}
-        if shape.binding is None or shape.binding[1] != addresses or shape.binding[2] is not session:
-            binding = session.new_binding()
-            session.bind(binding, {"input_ids": (addresses["input_ids"], ids.shape, ids.dtype)},
-                         {name: (addresses[name], array.shape, array.dtype) for name, array in out.items()})
-            shape.binding = (binding, addresses, session)
+        self._bind(shape, session, {"input_ids": (pool["input_ids"].ptr, ids.shape, ids.dtype)},
+                   {name: (pool.reserve(name, array.nbytes).ptr, array.shape, array.dtype) for name, array in out.items()})
         session.run_bound(shape.binding[0], shape.graph_id)
         for name, array in out.items():
             pool[name].download(array, stream)
         stream.synchronize()
         return out
+
+    def _shape(self, key: tuple) -> _Shape:
+        """The buffers, binding and graph id kept for one (component, shapes) key, made on first use."""
+        if key not in self._shapes:
+            self._shapes[key] = _Shape(graph_id=next(self._graph_ids))
+        return self._shapes[key]
+
+    @staticmethod
+    def _bind(shape: _Shape, session, inputs: dict, outputs: dict) -> bool:
+        """Bind `session` to `shape`'s device buffers ({name: (address, shape, dtype)}, every buffer reserved), unless
+        the binding kept is for these addresses and this session already; True when it was made again."""
+        addresses = {name: buffer.ptr for name, buffer in shape.buffers.items()}
+        if shape.binding is not None and shape.binding[1] == addresses and shape.binding[2] is session:
+            return False
+        binding = session.new_binding()
+        session.bind(binding, inputs, outputs)
+        shape.binding = (binding, addresses, session)
+        return True
 
     def forget(self, unet: str) -> None:
         """Drop the buffers, bindings and graphs kept for a component's shapes (a UNet's, a VAE's, a text encoder's)."""

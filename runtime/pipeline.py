@@ -176,6 +176,11 @@ class Pipeline:
                 self.backend.release(name)
 
     @property
+    def _on_device(self) -> bool:
+        """Whether work goes through the backend's device loop (ort-cuda, unless `device_loop` is turned off)."""
+        return self.device_loop and hasattr(self.backend, "device_loop")
+
+    @property
     def main_role(self) -> str:
         """The role that encodes prompts and images and decodes latents: the base, or the refiner alone."""
         return "base" if "base" in self.roles else "refiner"
@@ -216,8 +221,7 @@ class Pipeline:
     def _run_encoder(self, component: str, ids: np.ndarray, fixed_shape: bool) -> dict[str, np.ndarray]:
         """A text encoder's outputs for token ids; on a backend with a device loop, prompts of one window (a shape
         that repeats) run through a CUDA graph (device_loop.encode), unless `graph_text_encoders` is off."""
-        if (fixed_shape and self.graph_text_encoders and self.device_loop and hasattr(self.backend, "device_loop")
-                and not self.low_memory):
+        if fixed_shape and self.graph_text_encoders and self._on_device and not self.low_memory:
             return self.backend.device_loop.encode(component, ids)
         return self.backend.session(component).run(input_ids=ids)
 
@@ -262,8 +266,7 @@ class Pipeline:
 
         embeds, pooled, time_ids = cond
         guidance = guidance_scale > 1.0
-        if self.device_loop and hasattr(self.backend, "device_loop") and \
-                device_loop.supported(sampler, guidance_rescale, inpaint is not None):
+        if self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None):
             noise = None
             if sampler.needs_noise:  # drawn now, in the order the numpy loop below draws it
                 noise = np.zeros((len(sampler.timesteps), *latents.shape), np.float32)
@@ -521,7 +524,7 @@ class Pipeline:
         """Latents → the pixels of the images, uint8 [N,H,W,3], rounded as diffusers' numpy_to_pil. On a backend with
         a device loop (ort-cuda) the whole decode runs there and only the pixels are copied back (not with
         `low_memory`, which decodes large images in tiles)."""
-        if self.device_loop and hasattr(self.backend, "device_loop") and not self.low_memory:
+        if self._on_device and not self.low_memory:
             vae = self.roles[self.main_role]["components"]["vae_decoder"]
             return self.backend.device_loop.decode(vae, latents, self.model["vae_scaling_factor"],
                                                    self.model.get("vae_shift_factor") or 0.0)
