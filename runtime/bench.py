@@ -328,6 +328,15 @@ def run(args) -> dict:
     manifest = load_manifest(engine)
     size = parse_size(args.size) if args.size else (manifest.data["model"]["default_size"],) * 2
     flops = json.loads(Path(args.flops).read_text()) if args.flops else None
+    if args.refiner and args.contenders:  # checked now, not when the first refiner case comes up
+        from ..export.sources import resolve
+
+        try:
+            role = resolve(args.refiner).role
+        except UserError as e:
+            raise UserError(f"--refiner: {e}") from None
+        if role != "refiner":
+            raise UserError(f"--refiner {args.refiner!r} is an SDXL {role}, not a refiner")
     timer = Timer(args.runs, args.warmup)
     gpu = tensorrt_api.gpu()
     result = {"device": gpu.name if gpu else "CPU", "command": shlex.join(["sdxl-trt", *args.argv]),

@@ -111,6 +111,8 @@ def test_diffusers_refiner_weights_for_a_directory_without_a_refiner(tmp_path):
     (["--sweeps", "latency"], "latency"),
     (["--contenders", "diffusers-magic"], "diffusers-magic"),
     (["--size", "65x64"], "multiples of 8"),
+    (["--contenders", "diffusers-eager", "--refiner", "/no/such/refiner"], "--refiner"),
+    (["--contenders", "diffusers-eager", "--refiner", "tiny:base"], "not a refiner"),
 ])
 def test_bench_bad_input_is_one_line(tiny_engine, tmp_path, argv, says, capsys):
     try:
