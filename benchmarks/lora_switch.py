@@ -10,6 +10,9 @@ transformer blocks, shapes read from the engine directory) and times, in one pro
                 (apply_merge: the part spent reading and merging weights)
   to_base       set_loras(None) + the next call, less `call` (no merging: the exported weights)
   back          set_loras(adapter) again + the next call, less `call` (the merged weights are cached)
+and whether the switch did anything: the rel-L2 of the adapter's final latents against the base's (`adapter_effect`:
+an adapter that is silently ignored reads 0) and of the base's after switching back against the first
+(`back_to_base`: ~0).
 and, with --reexport SRC, `sdxl-trt export` of that source to a temporary folder (what a switch costs without this).
 With --merge-only, only the reading and merging of the adapter into the UNet file (no sessions).
 """
@@ -112,12 +115,17 @@ def main() -> None:
     width, height = parse_size(args.size) if args.size else (side, side)
     sync = pipe.backend.stream.synchronize if hasattr(pipe.backend, "stream") else (lambda: None)
 
-    def call() -> float:
+    latents = {}
+
+    def call(key: str = "last") -> float:
         started = time.perf_counter()
-        pipe("a lighthouse on a cliff", height=height, width=width, num_inference_steps=args.steps, seed=0,
-             output_type="latent", progress=False)
+        latents[key] = pipe("a lighthouse on a cliff", height=height, width=width, num_inference_steps=args.steps,
+                            seed=0, output_type="latent", progress=False).array.astype(np.float64)
         sync()
         return time.perf_counter() - started
+
+    def rel_l2(a: str, b: str) -> float:
+        return float(np.linalg.norm(latents[a] - latents[b]) / np.linalg.norm(latents[b]))
 
     def switched(loras) -> float:
         started = time.perf_counter()
@@ -127,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / f"random-rank{args.rank}.safetensors"
         layers = write_adapter(engine, args.rank, adapter)
-        call()  # warm: sessions, kernels
+        call("base")  # warm: sessions, kernels
         rows = []
         for _ in range(args.runs):
             base = float(np.median([call() for _ in range(2)]))
@@ -135,18 +143,21 @@ def main() -> None:
             apply = switched([adapter])
             merge = pipe.backend.adapters.merge_s - merged_before
             steady = float(np.median([call() for _ in range(2)]))
+            effect = rel_l2("last", "base")
             to_base = switched(None)
+            restored = rel_l2("last", "base")
             back = switched([adapter])
             pipe.set_loras(None)
             pipe.backend.adapters._merged.clear()  # the next run merges again
             call()  # the base's sessions made again before the next baseline
             rows.append({"call_s": base, "call_with_adapter_s": steady, "apply_s": apply - steady, "apply_merge_s": merge,
-                         "to_base_s": to_base - base, "back_s": back - steady})
+                         "to_base_s": to_base - base, "back_s": back - steady, "adapter_effect_rel_l2": effect,
+                         "back_to_base_rel_l2": restored})
         result = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": platform.node(),
                   "versions": versions(), "backend": args.backend, "engine": str(engine),
                   "model": pipe.manifest.data.get("sources", {}), "size": f"{width}x{height}", "steps": args.steps,
                   "rank": args.rank, "layers": layers, "adapter_mb": round(adapter.stat().st_size / 1e6, 1),
-                  "runs": rows, "median": {k: round(float(np.median([r[k] for r in rows])), 3) for k in rows[0]}}
+                  "runs": rows, "median": {k: round(float(np.median([r[k] for r in rows])), 4) for k in rows[0]}}
         if args.reexport:
             from sdxl_trt.export.engine_dir import export_engine_dir
 

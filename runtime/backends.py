@@ -84,14 +84,14 @@ class OrtSession:
             options.add_free_dimension_override_by_name(name, int(value))
         self.dims = dict(dims or {})
         self.path = manifest.path(path or entry["precisions"][precision])
-        self._overrides = {}  # the arrays must outlive the session: ONNX Runtime may use their memory in place
+        # the values (and the GPU copies they view) must outlive the session: ONNX Runtime uses their memory in place
+        self._overrides, self._keep = {}, []
         overrides = adapters.overrides(component, self.path) if adapters else {}
-        # an override must sit where ONNX Runtime plans the weight: on the GPU for the CUDA provider (one in host
-        # memory is ignored there, with a warning below our log level: seen with 1.31 on the H100)
-        device = next((("cuda", int(dict(p[1]).get("device_id", 0))) for p in providers
-                       if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), ("cpu", 0))
+        device = next((int(dict(p[1]).get("device_id", 0)) for p in providers
+                       if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), None)
         for name, array in overrides.items():
-            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array, *device)
+            self._overrides[name], *keep = override_value(ort, array, device)
+            self._keep += keep
             options.add_initializer(name, self._overrides[name])
         # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
         # the CPU provider's NCHWc pass (a convolution LoRA had no effect on fp32 files, 1.32) and, on fp16 files,
@@ -118,6 +118,17 @@ class OrtSession:
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
         return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
+
+
+def override_value(ort, array: np.ndarray, device_id: int | None) -> tuple:
+    """An initializer override ONNX Runtime will use, and what must stay alive with it. It must sit where ONNX Runtime
+    places the weight, in memory ONNX Runtime does not own: the CUDA provider ignores one in host memory (a warning
+    below our log level; 1.31 on the H100: the adapters had no effect) and refuses a GPU value it allocated itself
+    ("Buffer containing the initializer must be owned by the user"). For the GPU: a DLPack view of a GPU copy."""
+    if device_id is None:
+        return (ort.OrtValue.ortvalue_from_numpy(array),)  # wraps the array's memory
+    copy = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
+    return ort.OrtValue.from_dlpack(copy._get_c_value().to_dlpack()), copy
 
 
 class OrtCpuBackend:

@@ -190,9 +190,10 @@ def test_backends_without_overrides_say_so(pipe, lora_files):
 
 def test_overrides_are_placed_where_the_provider_keeps_the_weights(tiny_engine, lora_files, monkeypatch):
     """ONNX Runtime ignores an override in host memory for a weight it places on the GPU (seen on the H100: the
-    adapters had no effect on ort-cuda), so sessions for the CUDA provider make them on the GPU. Checked here through
-    the values' placement (this ONNX Runtime has no CUDA provider: it falls back to the CPU one and the values are
-    made on the host, as asked placements are recorded)."""
+    adapters had no effect on ort-cuda), so sessions for the CUDA provider make them on the GPU (and hand ONNX Runtime
+    a DLPack view of them: it refuses values it allocated). Checked here through the values' placement (this ONNX
+    Runtime has no CUDA provider: it falls back to the CPU one and the values are made on the host, as asked
+    placements are recorded); the GPU test below checks that the adapters take effect there."""
     import onnxruntime as ort
 
     from sdxl_trt.runtime.backends import OrtSession
