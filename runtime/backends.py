@@ -90,7 +90,7 @@ class OrtSession:
         device = next((int(dict(p[1]).get("device_id", 0)) for p in providers
                        if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), None)
         for name, array in overrides.items():
-            self._overrides[name], *keep = override_value(ort, array, device)
+            self._overrides[name], *keep = override_value(array, device)
             self._keep += keep
             options.add_initializer(name, self._overrides[name])
         # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
@@ -120,11 +120,13 @@ class OrtSession:
         return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
 
 
-def override_value(ort, array: np.ndarray, device_id: int | None) -> tuple:
+def override_value(array: np.ndarray, device_id: int | None) -> tuple:
     """An initializer override ONNX Runtime will use, and what must stay alive with it. It must sit where ONNX Runtime
     places the weight, in memory ONNX Runtime does not own: the CUDA provider ignores one in host memory (a warning
     below our log level; 1.31 on the H100: the adapters had no effect) and refuses a GPU value it allocated itself
     ("Buffer containing the initializer must be owned by the user"). For the GPU: a DLPack view of a GPU copy."""
+    import onnxruntime as ort
+
     if device_id is None:
         return (ort.OrtValue.ortvalue_from_numpy(array),)  # wraps the array's memory
     copy = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
