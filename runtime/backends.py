@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import Manifest
+from .validate import resident_options
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 CUDA_GRAPH_MODES = ("step", "loop", "off")  # ort-cuda's --cuda-graphs (device_loop.py says what each does)
@@ -61,11 +62,13 @@ class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
     def __init__(self, manifest: Manifest, component: str, precision: str, providers: list, path: str | None = None,
-                 dims: dict[str, int] | None = None, adapters=None):
+                 dims: dict[str, int] | None = None, adapters=None, shared=None):
         """`path`: a file other than the component's `precision` file (an optimized one), in that precision.
         `dims`: values for the contract's symbolic dimensions (B, S, h, w): a session for that one shape, in which
         ONNX Runtime folds the shape arithmetic away. `adapters` (lora.Adapters): LoRA weights merged into the
-        file's initializers, given to ONNX Runtime as overrides (the file is not changed)."""
+        file's initializers, given to ONNX Runtime as host-memory overrides (the file is not changed). `shared`
+        (weights.SharedWeights or WeightSet): the file's weights in a buffer every session of the file uses in
+        place (with any LoRA merges already in it)."""
         import onnxruntime as ort
 
         entry = manifest.components.get(component)
@@ -79,33 +82,39 @@ class OrtSession:
         self.inputs = {t["name"]: t for t in entry["inputs"]}
         self.output_names = [t["name"] for t in entry["outputs"]]
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = log_severity()
         for name, value in (dims or {}).items():
             options.add_free_dimension_override_by_name(name, int(value))
         self.dims = dict(dims or {})
         self.path = manifest.path(path or entry["precisions"][precision])
-        # the values (and the GPU copies they view) must outlive the session: ONNX Runtime uses their memory in place
-        self._overrides, self._keep = {}, []
+        # the values (and the memory they view) must outlive the session: ONNX Runtime uses that memory in place
+        self._shared = shared
+        self._overrides = dict(shared.values) if shared is not None else {}
         overrides = adapters.overrides(component, self.path) if adapters else {}
-        device = next((int(dict(p[1]).get("device_id", 0)) for p in providers
-                       if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), None)
         for name, array in overrides.items():
-            self._overrides[name], *keep = override_value(array, device)
-            self._keep += keep
-            options.add_initializer(name, self._overrides[name])
+            self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(array)  # wraps the array's memory
+        for name, value in self._overrides.items():
+            options.add_initializer(name, value)
+        if shared is not None and providers == ["CPUExecutionProvider"]:
+            # the CPU provider packs MatMul weights into a copy of its own per session (seen on 1.32: a weight changed
+            # in the shared buffer had no effect): shared weights would save nothing and go unread
+            options.add_session_config_entry("session.disable_prepacking", "1")
         # ONNX Runtime's layout-level passes (ORT_ENABLE_ALL) rewrite weights from the file's values, not the overrides:
         # the CPU provider's NCHWc pass (a convolution LoRA had no effect on fp32 files, 1.32) and, on fp16 files,
         # whatever takes the weights at that level (a text-encoder LoRA had no effect on the optimized files on the
-        # CPU). fp32 files on the CPU keep every pass but NCHWc; other sessions stop one level lower, the CUDA
-        # provider's too (the optimized files are fused already; whether ENABLE_ALL would keep GPU overrides there
-        # is not measured)
+        # CPU). fp32 files on the CPU keep every pass but NCHWc; other sessions with overrides or shared weights stop
+        # one level lower, the CUDA provider's too (its ENABLE_ALL adds no pass of its own; weights.py says which
+        # initializers are safe to share at all)
         disabled = None
-        if overrides and providers == ["CPUExecutionProvider"] and precision == "fp32":
+        if overrides and shared is None and providers == ["CPUExecutionProvider"] and precision == "fp32":
             disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
-        elif overrides:
+        elif self._overrides:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        self._session = ort.InferenceSession(str(self.path), options, providers=providers,
-                                             disabled_optimizers=disabled)
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=providers,
+                                                 disabled_optimizers=disabled)
+        except Exception as e:  # noqa: BLE001 — ONNX Runtime's own error types; their first line says what failed
+            raise onnxruntime_error(e, f"{component} ({self.path})") from e
 
     def dtype(self, input_name: str):
         return self.spec_dtype(self.inputs[input_name])
@@ -120,17 +129,33 @@ class OrtSession:
         return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
 
 
-def override_value(array: np.ndarray, device_id: int | None) -> tuple:
-    """An initializer override ONNX Runtime will use, and what must stay alive with it. It must sit where ONNX Runtime
-    places the weight, in memory ONNX Runtime does not own: the CUDA provider ignores one in host memory (a warning
-    below our log level; 1.31 on the H100: the adapters had no effect) and refuses a GPU value it allocated itself
-    ("Buffer containing the initializer must be owned by the user"). For the GPU: a DLPack view of a GPU copy."""
+VERBOSE = False  # --verbose: ONNX Runtime's warnings are printed too (set by the CLI)
+
+
+def log_severity() -> int:
+    """ONNX Runtime's log level for our sessions and its process-wide logger: errors only, unless --verbose (then
+    warnings). Its warnings are mostly noise for a user ("No registered plugin EP device found" three times per
+    process on 1.31), but they also said when LoRA overrides were ignored: --verbose shows them."""
+    return 2 if VERBOSE else 3
+
+
+def quiet_onnxruntime() -> None:
     import onnxruntime as ort
 
-    if device_id is None:
-        return (ort.OrtValue.ortvalue_from_numpy(array),)  # wraps the array's memory
-    copy = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
-    return ort.OrtValue.from_dlpack(copy._get_c_value().to_dlpack()), copy
+    ort.set_default_logger_severity(log_severity())
+
+
+def onnxruntime_error(error: Exception, what: str) -> Exception:
+    """ONNX Runtime's failure to make a session as one line (UserError) when it is about the input (a file it
+    cannot read, a model it cannot run: its error types Fail, InvalidGraph, InvalidProtobuf, NoSuchFile,
+    NotImplemented, InvalidArgument); the error itself otherwise (a bug keeps its traceback)."""
+    kind = type(error).__name__
+    if kind in ("Fail", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented", "InvalidArgument"):
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), kind)
+        if any(marker in first for marker in ("out of memory", "Failed to allocate memory")):
+            return error  # the pipeline says what to reduce
+        return UserError(f"ONNX Runtime could not load {what}: {first[:300]}")
+    return error
 
 
 class OrtCpuBackend:
@@ -193,13 +218,19 @@ def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | 
     return file, file, None
 
 
-def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step"):
+def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step",
+                 buckets=None, max_device_memory: float | None = None):
+    """`buckets` and `max_device_memory` (GiB) are ort-cuda's (ort_cuda.OrtCudaBackend says what they do)."""
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
+    resident = resident_options(name, buckets, max_device_memory)
+    if name in ("ort-cpu", "ort-cuda"):
+        check_onnxruntime_install()
+        quiet_onnxruntime()
     if name == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs)
+        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, **resident)
     if name in ("tensorrt", "tensorrt-rtx"):
         from .trt_backend import TensorRTBackend
 

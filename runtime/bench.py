@@ -138,12 +138,14 @@ def peak_host_gib() -> float:
 class OursContender:
     """sdxl-trt on one backend: the Pipeline loaded once, every case through its __call__ (PIL images out)."""
 
-    def __init__(self, engine: Path, backend: str, cuda_graphs: str = "step"):
+    def __init__(self, engine: Path, backend: str, cuda_graphs: str = "step", sizes=()):
+        """`sizes`: the (W, H) of the cases to run: on ort-cuda each gets sessions made for its shape (resident
+        buckets), as SDXL buckets do in use."""
         from .pipeline import Pipeline
 
         started = time.perf_counter()
         before = device_used_gib() if backend != "ort-cpu" else None
-        kw = {"cuda_graphs": cuda_graphs} if backend == "ort-cuda" else {}
+        kw = {"cuda_graphs": cuda_graphs, "buckets": sorted(set(sizes))} if backend == "ort-cuda" else {}
         self.pipe = Pipeline.load(engine, backend=backend, **kw)
         self.load_s = time.perf_counter() - started
         self.name, self.mode = "sdxl-trt", backend + (f", CUDA graphs {cuda_graphs}" if backend == "ort-cuda" else "")
@@ -353,8 +355,9 @@ def run(args) -> dict:
         with atomic_file(out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
 
+    sizes = [(c.width, c.height) for sweep in args.sweeps for c in sweep_cases(sweep, size)]
     makers = [(f"sdxl-trt:{args.backend}:{args.cuda_graphs}", lambda: OursContender(engine, args.backend,
-                                                                                   args.cuda_graphs))]
+                                                                                   args.cuda_graphs, sizes))]
     for name in args.contenders or []:
         def make(name=name):
             from ..export.bench_diffusers import DiffusersContender  # torch side: only when asked for

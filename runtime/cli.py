@@ -29,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_serve(args) -> int:
+    from .validate import resident_options
+
+    resident = resident_options(args.backend, args.buckets, args.max_device_memory)
     try:
         import uvicorn
 
@@ -64,11 +67,16 @@ def _cmd_serve(args) -> int:
                 raise UserError(f"--autoscaling: not JSON ({e})") from None
             if not isinstance(autoscaling, dict):
                 raise UserError("--autoscaling: expected a JSON object (Ray Serve's autoscaling_config)")
-        serve_with_ray(str(args.dir), args.backend, limits, args.host, args.port, args.replicas, autoscaling)
+        serve_with_ray(str(args.dir), args.backend, limits, args.host, args.port, args.replicas, autoscaling, resident)
         return 0
     elif args.replicas != 1 or args.autoscaling:
         raise UserError("--replicas and --autoscaling go with --ray")
-    app = create_app(args.dir, backend=args.backend, limits=limits)
+    from .pipeline import Pipeline
+
+    # loaded before the server starts, so that a broken directory or a backend that cannot run here is one line and
+    # exit status 2; the warm-up runs once the server listens (/health answers 503 meanwhile)
+    pipe = Pipeline.load(args.dir, backend=args.backend, **resident)
+    app = create_app(args.dir, backend=args.backend, limits=limits, pipeline=pipe)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -167,6 +175,20 @@ def _cmd_demo(args) -> int:
     path = run_demo(args.out, prompt=args.prompt, steps=args.steps, seed=args.seed, size=args.size)
     print(f"wrote {path}")
     return 0
+
+
+def _resident_flags(parser) -> None:
+    """What ort-cuda keeps on the GPU (generate, serve), and --verbose."""
+    parser.add_argument("--buckets", metavar="LIST", help="ort-cuda: comma-separated WxH sizes whose sessions and "
+                        "CUDA graphs are made for their shape and kept on the GPU (serve makes them all before it "
+                        "answers); other sizes run on one session for any shape. Default: the nine SDXL buckets "
+                        "(1024x1024, 1152x896, 896x1152, 1216x832, 832x1216, 1344x768, 768x1344, 1536x640, 640x1536) "
+                        "and the model's size")
+    parser.add_argument("--max-device-memory", type=float, metavar="GIB", help="ort-cuda: most GPU memory the "
+                        "kept sessions and weights may hold; the least recently used sessions are freed first "
+                        "(default: no limit)")
+    parser.add_argument("--verbose", action="store_true", help="log what happens (sessions made and freed, "
+                        "timings) and show ONNX Runtime's warnings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "denoising loop as one CUDA graph (loop: experimental), or none (off)")
     g.add_argument("--low-memory", action="store_true", help="load each model when its stage starts and free it "
                    "after; decode images larger than the model's size (1024x1024) in tiles")
+    _resident_flags(g)
     g.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="apply a LoRA adapter (.safetensors: "
                    "diffusers/PEFT or kohya) to the UNet and text encoders with this scale (default 1); repeat to "
                    "stack adapters. Backends ort-cpu and ort-cuda; no re-export")
@@ -334,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
     s.add_argument("--max-steps", type=int, default=100, help="most steps per request (default 100)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    _resident_flags(s)
     s.add_argument("--lora-dir", metavar="DIR", help="LoRA adapters requests may apply by name: DIR/<name>.safetensors "
                    "(request field lora: [{\"name\", \"scale\"}]); requests with the same adapters are batched")
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
@@ -373,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (bench records its command)
     prog = f"sdxl-trt {args.command}"
+    if getattr(args, "verbose", False):
+        import logging
+
+        from . import backends
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        backends.VERBOSE = True
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook

@@ -29,6 +29,12 @@ def check(result):
     return values[0] if len(values) == 1 else (values or None)
 
 
+def device_memory() -> tuple[int, int]:
+    """(bytes in use, bytes in all) on the current GPU, every process's allocations counted."""
+    free, total = check(cudart().cudaMemGetInfo())
+    return int(total) - int(free), int(total)
+
+
 class Stream:
     def __init__(self):
         rt = cudart()
@@ -70,10 +76,18 @@ class DeviceBuffer:
         check(rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
                                  stream.handle))
 
-    def download(self, out: np.ndarray, stream: Stream) -> np.ndarray:
+    def copy_from_host(self, data: np.ndarray, offset: int = 0) -> None:
+        """Copy `data`'s bytes to `offset` in this buffer now (synchronous: done when this returns)."""
+        if offset + data.nbytes > self.nbytes:
+            raise ValueError(f"{data.nbytes} bytes at {offset} do not fit a {self.nbytes}-byte buffer")
         rt = cudart()
-        check(rt.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                 stream.handle))
+        check(rt.cudaMemcpy(self.ptr + offset, data.ctypes.data, data.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+
+    def download(self, out: np.ndarray, stream: Stream, offset: int = 0) -> np.ndarray:
+        """Queue a copy of `out.nbytes` from `offset` in this buffer into `out` on `stream`."""
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(out.ctypes.data, self.ptr + offset, out.nbytes,
+                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle))
         return out
 
     def free(self) -> None:

@@ -143,6 +143,7 @@ class DeviceLoop:
                 self._capture(shape, loop_key, lambda: [body(i, -1) for i in evals])
         out = pool["x"].download(np.empty(latents.shape, np.float32), stream)
         stream.synchronize()
+        self.backend.settle()
         return out
 
     def decode(self, vae: str, latents: np.ndarray, scaling_factor: float, shift: float) -> np.ndarray:
@@ -178,6 +179,7 @@ class DeviceLoop:
         out = pool["pixels"].download(np.empty((n_images, height, width, channels), np.uint8), stream)
         flag = pool["nonfinite"].download(np.empty(1, np.int32), stream)
         stream.synchronize()
+        self.backend.settle()
         return None if flag[0] else out
 
     def encode(self, encoder: str, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -189,7 +191,9 @@ class DeviceLoop:
 
         session = self.backend.loop_session(encoder, {"input_ids": ids.shape})
         if not session.cuda_graph:
-            return session.run(input_ids=ids)
+            out = session.run(input_ids=ids)
+            self.backend.settle()
+            return out
         shape = self._shape((encoder, ids.shape))
         stream, pool = self.backend.stream, shape.buffers
         ids = np.ascontiguousarray(ids, dtype=session.dtype("input_ids"))
@@ -202,6 +206,7 @@ class DeviceLoop:
         for name, array in out.items():
             pool[name].download(array, stream)
         stream.synchronize()
+        self.backend.settle()
         return out
 
     def _shape(self, key: tuple) -> _Shape:
@@ -222,9 +227,16 @@ class DeviceLoop:
         shape.binding = (binding, addresses, session)
         return True
 
-    def forget(self, unet: str) -> None:
+    def forget(self, component: str) -> None:
         """Drop the buffers, bindings and graphs kept for a component's shapes (a UNet's, a VAE's, a text encoder's)."""
-        for key in [k for k in self._shapes if k[0] == unet]:
+        self._drop([k for k in self._shapes if k[0] == component])
+
+    def forget_session(self, session) -> None:
+        """Drop what was kept for the shapes bound to `session` (the backend let it go: its memory goes with it)."""
+        self._drop([k for k, shape in self._shapes.items() if shape.binding is not None and shape.binding[2] is session])
+
+    def _drop(self, keys: list) -> None:
+        for key in keys:
             shape = self._shapes.pop(key)
             for graph, _ in shape.loops.values():
                 graph.close()

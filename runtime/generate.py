@@ -9,7 +9,7 @@ import numpy as np
 from .errors import UserError
 from .fileio import atomic_file
 from .images import load_image, write_png
-from .validate import parse_size, positive_int
+from .validate import parse_size, positive_int, resident_options
 
 
 def read_prompts(args) -> list[str]:
@@ -52,6 +52,7 @@ def generate(args) -> list[Path]:
     positive_int(args.steps, "--steps")
     positive_int(args.batch, "--batch")
     width, height = parse_size(args.size) if args.size else (None, None)
+    resident = resident_options(args.backend, args.buckets, args.max_device_memory)
     latents = None
     if args.latents:
         try:
@@ -66,7 +67,10 @@ def generate(args) -> list[Path]:
     from .pipeline import Pipeline
 
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
-                         loras=args.lora)
+                         loras=args.lora, **resident)
+    if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them at once
+        pipe.prepare(width, height, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
+                     refiner=args.refiner_start is not None)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
@@ -92,5 +96,6 @@ def generate(args) -> list[Path]:
                 "loras": [{"file": str(a.path), "scale": a.scale} for a in pipe.loras] or None,
                 "manifest_sha256": pipe.manifest.sha256})
     if args.timings:
+        print("load: " + ", ".join(f"{k} {v:.2f} s" for k, v in pipe.load_timings.items()))
         print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     return paths

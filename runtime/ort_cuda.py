@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from . import tensorrt_api
 from .backends import (CUDA_GRAPH_MODES, OrtSession, check_onnxruntime_install, output_shapes, session_file,
                        symbol_values)
-from .cuda import BufferPool, Stream
+from .cuda import BufferPool, Stream, device_memory
 from .errors import UserError
 from .manifest import Manifest
+from .weights import SharedWeights, WeightSet
 
 log = logging.getLogger(__name__)
 PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
@@ -33,9 +35,14 @@ PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA g
 class OrtCudaBackend:
     name = "ort-cuda"
 
-    def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "step"):
+    def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "step",
+                 buckets=None, max_device_memory: float | None = None, conv_search: str | None = None):
         """`cuda_graphs`: "step" (ONNX Runtime's CUDA graph of the UNet, replayed each step), "loop" (the whole
-        denoising loop captured as one CUDA graph of our own: experimental, see device_loop.py) or "off"."""
+        denoising loop captured as one CUDA graph of our own: experimental, see device_loop.py) or "off".
+        `buckets`: the pixel sizes (W, H) that get sessions of their own with CUDA graphs, kept resident (default:
+        profiles.BUCKETS and the model's default size); other sizes run on each component's session for any shape.
+        `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
+        `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default)."""
         check_onnxruntime_install()
         import onnxruntime as ort
 
@@ -49,13 +56,20 @@ class OrtCudaBackend:
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
         from .lora import Adapters
+        from .resident import GIB, Resident
 
         self.manifest = manifest
         self.adapters = Adapters()
         self.stream = stream or Stream()
         self.cuda_graphs = cuda_graphs
-        self._sessions: dict[str, OrtCudaSession | CheckedSession] = {}
-        self._shaped: dict[str, OrtCudaSession] = {}  # component → its session for one shape (CUDA graphs)
+        self.conv_search = conv_search or CONV_SEARCH
+        self.buckets = resident_sizes(manifest, buckets)
+        self._weights: dict[tuple, SharedWeights | WeightSet] = {}  # (file, adapter set) → weights on the device
+        self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
+        self._baseline = device_memory()[0]  # other processes' memory (and none of ours yet)
+        self.resident = Resident(used=lambda: device_memory()[0] - self._baseline,
+                                 budget=None if max_device_memory is None else int(max_device_memory * GIB),
+                                 evict=self._evicted)
         self._loop = None
 
     @property
@@ -68,83 +82,179 @@ class OrtCudaBackend:
         return self._loop
 
     def session(self, component: str):
-        """The component's session for any shape (plain runs)."""
-        if component not in self._sessions:
-            entry = self.manifest.components.get(component, {})
-            make = functools.partial(OrtCudaSession, self.manifest, component, self.stream, adapters=self.adapters)
-            if session_file(entry)[0] == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
-                self._sessions[component] = CheckedSession(component, make, functools.partial(make, file="fp32"))
-            else:
-                self._sessions[component] = make()
-        return self._sessions[component]
+        """The component's session for any shape (plain runs), on the weights its other sessions share."""
+        entry = self._entry(component)
+        if (component, None) not in self.resident:
+            self._shared(component, None)
+        if session_file(entry)[0] == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
+            make = functools.partial(self._make, component)
+            return self.resident.get((component, None), component,
+                                     lambda: CheckedSession(component, make, functools.partial(make, file="fp32")))
+        return self.resident.get((component, None), component, lambda: self._make(component))
 
     def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
         """The session the device loop runs `component` (a UNet, a text encoder, the VAE) with at these input shapes:
-        with CUDA graphs on and an optimized file, a session made for exactly this shape (ONNX Runtime then folds the
-        shape arithmetic that would otherwise run on the host, which CUDA graphs require), the last one kept per
-        component; otherwise the component's session for any shape."""
-        entry = self.manifest.components[component]
-        if self.cuda_graphs == "off" or session_file(entry)[0] != "cuda":
+        with CUDA graphs on, an optimized file and a resident size (a bucket; the text encoders' shapes always), a
+        session made for exactly this shape (ONNX Runtime then folds the shape arithmetic that would otherwise run on
+        the host, which CUDA graphs require), kept resident; otherwise the component's session for any shape."""
+        return self.shape_session(component, symbol_values(self._entry(component), input_shapes))
+
+    def shape_session(self, component: str, dims: dict[str, int]):
+        """loop_session by the contract's symbolic dimensions (B, S, h, w) instead of input shapes."""
+        entry = self._entry(component)
+        if self.cuda_graphs == "off" or session_file(entry)[0] != "cuda" or component in self._overflowed:
             return self.session(component)
-        dims = symbol_values(entry, input_shapes)
-        current = self._shaped.get(component)
-        if current is None or current.dims != dims:
-            self._shaped.pop(component, None)  # one full-size UNet's weights at a time
-            self._shaped[component] = OrtCudaSession(self.manifest, component, self.stream, cuda_graph=True,
-                                                     dims=dims, adapters=self.adapters)
-        return self._shaped[component]
+        scale = self.manifest.data["model"]["vae_scale_factor"]
+        if "h" in dims and "w" in dims and (dims["w"] * scale, dims["h"] * scale) not in self.buckets:
+            return self.session(component)
+        key = (component, tuple(sorted(dims.items())))
+        if key not in self.resident:
+            self._shared(component, None)
+        return self.resident.get(key, component, lambda: self._make(component, cuda_graph=True, dims=dims))
+
+    def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8) -> None:
+        """Make the sessions `plan` names ((component, dims) pairs) on several threads at once — each component's
+        weights first, then the sessions (ONNX Runtime makes sessions without holding the GIL) —, so that a first call
+        does not make them one after the other. Nothing runs: CUDA graphs are captured on first use as before."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not plan:
+            return
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan)))) as pool:
+            list(pool.map(lambda component: self._shared(component, None), {c for c, _ in plan}))
+            list(pool.map(lambda item: self.shape_session(*item), plan))
 
     def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> OrtCudaSession:
         """The session that decodes `latent_shape` on the device (device_loop.decode): the fp32 file once the fp16 VAE
-        has overflowed; else, like a UNet, one made for this shape with ONNX Runtime's CUDA graph."""
-        checked = self._sessions.get(component)
-        if isinstance(checked, CheckedSession) and checked.fallback is not None:
-            return checked.fallback
+        has overflowed; else, like a UNet, one made for this shape with ONNX Runtime's CUDA graph where the size is
+        resident, or the fp16 session for any shape."""
+        if component in self._overflowed:
+            return self.session(component).fallback
         session = self.loop_session(component, {"latent": tuple(latent_shape)})
         return session.fast if isinstance(session, CheckedSession) else session
 
     def overflowed(self, component: str) -> None:
         """A decode on the device gave NaN/Inf: for an fp16 VAE that may overflow (`overflow_check`), a warning and
         the fp32 file from now on; otherwise an error (nothing to fall back to)."""
-        self._shaped.pop(component, None)  # the fp16 session made for one shape, if any
         session = self.session(component)
         if not isinstance(session, CheckedSession) or session.fallback is not None:
             raise UserError(f"{component}: the VAE produced NaN/Inf (an fp16 overflow?); nothing was written")
+        self._overflowed.add(component)
+        for key in [k for k in self.resident.keys() if k[0] == component and k[1] is not None]:
+            self.resident.pop(key)  # the fp16 sessions made for one shape
         session.fall_back()
+        self._drop_weights(component, keep=session_file(self._entry(component), "fp32")[0])
+
+    def settle(self) -> None:
+        """The work queued so far has finished: measure new sessions, keep the device-memory budget."""
+        self.resident.settle()
 
     def set_loras(self, adapters) -> None:
         """Apply these LoRA adapters (lora.Adapter) from the next call on; () for the model as exported. The affected
-        sessions are made again (their merged weights are kept for the last sets, so switching back is cheap)."""
+        sessions are made again on the shared weights with the adapters' merged weights beside them (the merged
+        weights are kept on the host for the last sets, so switching back is cheap)."""
         for component in self.adapters.set(adapters, self.manifest):
             self.release(component)
 
     def drop_loop_sessions(self) -> None:
-        self._shaped.clear()
+        for key in [k for k in self.resident.keys() if k[1] is not None]:
+            self.resident.pop(key)
 
     def release(self, component: str) -> None:
-        """Free a component's sessions (and the device loop's buffers for it): ONNX Runtime frees their memory."""
-        self._sessions.pop(component, None)
-        self._shaped.pop(component, None)
+        """Free a component's sessions, weights and the device loop's buffers for it: the memory goes back."""
+        self.resident.pop_component(component)
         if self._loop is not None:
             self._loop.forget(component)
+        self._drop_weights(component)
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _entry(self, component: str) -> dict:
+        entry = self.manifest.components.get(component)
+        if entry is None:
+            raise UserError(f"{self.manifest.root}: this engine directory has no {component!r} "
+                            f"(it has {', '.join(self.manifest.components)}); export it with `sdxl-trt export`")
+        return entry
+
+    def _path(self, component: str, file: str | None) -> Path:
+        """The file a session of `component` reads (`file`: session_file's choice)."""
+        entry = self._entry(component)
+        _, precision, path = session_file(entry, file)
+        return self.manifest.path(path or entry["precisions"][precision])
+
+    def _shared(self, component: str, file: str | None):
+        """The device weights of `component`'s file `file` under the active LoRA adapters, loaded once."""
+        path = self._path(component, file)
+        overrides = self.adapters.overrides(component, path)
+        key = (path, tuple((str(a.path), a.scale) for a in self.adapters.active) if overrides else ())
+        if key not in self._weights:
+            base = self._weights.get((path, ()))
+            if base is None:
+                base = self._weights[(path, ())] = SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1")
+            if overrides:
+                for stale in [k for k in self._weights if k[0] == path and k[1]]:
+                    del self._weights[stale]  # another adapter set's merged weights (freed with its last session)
+                self._weights[key] = base.with_overrides(overrides)
+        return self._weights[key]
+
+    def _make(self, component: str, file: str | None = None, cuda_graph: bool = False,
+              dims: dict[str, int] | None = None) -> OrtCudaSession:
+        return OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
+                              weights=self._shared(component, file), conv_search=self.conv_search)
+
+    def _drop_weights(self, component: str, keep: str | None = None) -> None:
+        """Forget `component`'s device weights (all its files, or all but file kind `keep`); the memory is freed once
+        the sessions viewing it are gone."""
+        entry = self._entry(component)
+        paths = {self._path(component, kind) for kind in ("cuda", "fp16", "fp32")
+                 if (kind == "cuda" and entry.get("optimized", {}).get("cuda")) or kind in entry.get("precisions", {})}
+        if keep is not None:
+            paths.discard(self._path(component, keep))
+        for key in [k for k in self._weights if k[0] in paths]:
+            del self._weights[key]
+
+    def _evicted(self, key, session) -> None:
+        if self._loop is not None:
+            self._loop.forget_session(session)
 
 
-# the CUDA execution provider's options for every session (benchmarks/gpu_pipeline.py --profile times alternatives)
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1"}
+def resident_sizes(manifest: Manifest, buckets=None) -> frozenset[tuple[int, int]]:
+    """The pixel sizes (W, H) whose sessions are made for their shape and kept: `buckets` ((W, H) pairs, as
+    validate.resident_options gives them), else the nine SDXL buckets and the model's default size."""
+    from .profiles import BUCKETS
+
+    if buckets is None:
+        size = manifest.data["model"]["default_size"]
+        return frozenset((*BUCKETS, (size, size)))
+    return frozenset(tuple(b) for b in buckets)
+
+
+# The CUDA execution provider's options for every session (benchmarks/gpu_pipeline.py --profile times alternatives).
+# arena_extend_strategy: each session's arena grows by what it is asked for, not to the next power of two (many
+# resident sessions would each keep up to twice their working set)
+CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_extend_strategy": "kSameAsRequested"}
+# cuDNN's convolution algorithm search. EXHAUSTIVE times every algorithm for each new input shape: about 2.5 s per
+# UNet shape on the H100, for a steady step no faster than HEURISTIC's (1092 vs 1079 ms end to end at 1024², one run;
+# benchmarks/results/h100-resident-buckets.json measures both again)
+CONV_SEARCH = "HEURISTIC"
 
 
 class OrtCudaSession(OrtSession):
     def __init__(self, manifest: Manifest, component: str, stream: Stream, file: str | None = None,
-                 cuda_graph: bool = False, dims: dict[str, int] | None = None, adapters=None):
+                 cuda_graph: bool = False, dims: dict[str, int] | None = None, weights=None,
+                 conv_search: str = CONV_SEARCH):
+        """`weights` (weights.SharedWeights or WeightSet): the file's weights on the device, shared with the
+        component's other sessions."""
         entry = manifest.components.get(component, {})
         self.file, precision, path = session_file(entry, file)
-        cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS}
+        cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS,
+                "cudnn_conv_algo_search": conv_search}
         self.cuda_graph = cuda_graph and self.file == "cuda"  # unfused files keep shape arithmetic on the CPU
         if self.cuda_graph:
             cuda["enable_cuda_graph"] = "1"
         try:
             super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims,
-                             adapters=adapters)
+                             shared=weights)
         except Exception as e:  # ONNX Runtime refuses CUDA graphs when a node needs a host copy (shape arithmetic)
             if not self.cuda_graph:
                 raise
@@ -152,7 +262,7 @@ class OrtCudaSession(OrtSession):
             self.cuda_graph = False
             del cuda["enable_cuda_graph"]
             super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims,
-                             adapters=adapters)
+                             shared=weights)
         self.stream = stream
         self.buffers = BufferPool()
         self.binding = self._session.io_binding()

@@ -124,6 +124,7 @@ class Pipeline:
     low_memory = False  # free each model once its stage is done and decode in tiles (see `load`)
     loras: tuple = ()  # the LoRA adapters applied (lora.Adapter; see `set_loras`)
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
+    load_timings: dict = {}  # seconds `load` took: checking the files, starting the backend (and `prepare`: sessions)
 
     def __init__(self, manifest, backend):
         self.manifest = manifest
@@ -135,15 +136,23 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
-             cuda_graphs: str = "step", low_memory: bool = False, loras=None) -> Pipeline:
+             cuda_graphs: str = "step", low_memory: bool = False, loras=None, buckets=None,
+             max_device_memory: float | None = None) -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
-        by default). `cuda_graphs`: ort-cuda's mode (step, loop, off: see device_loop.py). `low_memory`: models are
-        loaded when their stage starts and freed when it ends (text encoders, then the UNets, then the VAE), and
-        images larger than the model's default size are decoded in tiles (tiling.py). `loras`: LoRA adapters to
-        apply (see `set_loras`)."""
+        by default; a file's sha256 is remembered until the file changes: manifest.checked_sha256). `cuda_graphs`:
+        ort-cuda's mode (step, loop, off: see device_loop.py). `low_memory`: models are loaded when their stage
+        starts and freed when it ends (text encoders, then the UNets, then the VAE), and images larger than the
+        model's default size are decoded in tiles (tiling.py). `loras`: LoRA adapters to apply (see `set_loras`).
+        ort-cuda only: `buckets`, the sizes ("WxH" or (W, H)) whose sessions and CUDA graphs are kept resident
+        (default: the nine SDXL buckets and the model's default size; other sizes run on a session for any shape);
+        `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first)."""
+        started = time.perf_counter()
         manifest = load_manifest(engine_dir)
         manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
-        pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs))
+        checked = time.perf_counter()
+        pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs,
+                                          buckets=buckets, max_device_memory=max_device_memory))
+        pipe.load_timings = {"files checked": checked - started, "backend": time.perf_counter() - checked}
         pipe.low_memory = low_memory
         if loras:
             pipe.set_loras(loras)
@@ -443,13 +452,77 @@ class Pipeline:
             raise UserError("the denoising loop produced NaN/Inf latents (an fp16 overflow in the UNet, or extreme "
                             "guidance); nothing was written")
         if output_type == "latent":
+            self._settle()
             return Result(None, latents, seeds, timings)
         t = time.perf_counter()
         array = self.decode_uint8(latents) if output_type == "pil" else self.decode(latents)
         timings["vae"] = time.perf_counter() - t
         self._release(*self._components(self.main_role, "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
+        self._settle()
         return Result(images, array, seeds, timings)
+
+    def prepare(self, width: int | None = None, height: int | None = None, images: int = 1, guidance: bool = True,
+                refiner: bool = False) -> None:
+        """Make now, on several threads at once, the sessions a call of this shape will run on the device (text
+        encoders, the UNet — the refiner's too with `refiner` —, the VAE decoder), instead of one after the other
+        during the call: a one-shot `generate` starts sooner. Does nothing on backends without a device loop."""
+        if self._can_prepare:
+            started = time.perf_counter()
+            self.backend.prepare(self._plan(width, height, images, guidance, refiner))
+            self.load_timings = {**self.load_timings, "sessions": time.perf_counter() - started}
+
+    @property
+    def _can_prepare(self) -> bool:
+        return self._on_device and not self.low_memory and hasattr(self.backend, "prepare")
+
+    def _plan(self, width, height, images: int, guidance: bool, refiner: bool) -> list[tuple[str, dict]]:
+        """(component, symbolic dimensions) of the sessions a call of this shape runs on the device."""
+        size, scale = self.model["default_size"], self.model["vae_scale_factor"]
+        h, w = (height or size) // scale, (width or size) // scale
+        copies = 2 if guidance else 1
+        plan = []
+        for role in ("base", "refiner") if refiner and self.main_role == "base" else (self.main_role,):
+            names = self.roles[role]["components"]
+            plan += [(names[c], {"B": images}) for c in ("clip_l", "clip_g") if c in names]
+            if "unet" in names:
+                plan.append((names["unet"], {"B": copies * images, "S": 77, "h": h, "w": w}))
+        vae = self.roles[self.main_role]["components"].get("vae_decoder")
+        if vae is not None:
+            plan.append((vae, {"B": images, "h": h, "w": w}))
+        return list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+
+    def _settle(self) -> None:
+        """A call is done: a backend that keeps sessions resident measures them and keeps to its memory budget."""
+        if hasattr(self.backend, "settle"):
+            self.backend.settle()
+
+    def warm_up(self, sizes=None, progress: bool = False) -> dict[str, float]:
+        """Make and capture, before the first request, what calls at these sizes ("WxH" or (W, H); default: the
+        backend's resident buckets, else the model's default size) will run on: each size's sessions and CUDA graphs
+        for the text encoders, the UNets (the refiner's too) and the VAE. Two short calls per size: ONNX Runtime
+        captures a CUDA graph on a session's second run. Returns the seconds each size took."""
+        from tqdm.auto import tqdm
+
+        from .validate import parse_size
+
+        if sizes is None:
+            size = self.model["default_size"]
+            sizes = sorted(getattr(self.backend, "buckets", None) or [(size, size)], key=lambda s: -s[0] * s[1])
+        sizes = [parse_size(s, "--buckets") if isinstance(s, str) else tuple(s) for s in sizes]
+        refiner = self.has_refiner and self.main_role == "base"
+        steps = 4 if refiner else 2  # every UNet runs at least twice
+        taken = {}
+        resident = getattr(self.backend, "resident", None)
+        if self._can_prepare and resident is not None and resident.budget is None:  # every size's sessions at once
+            self.backend.prepare([item for w, h in sizes for item in self._plan(w, h, 1, True, refiner)])
+        for width, height in tqdm(sizes, desc="warm-up", disable=not progress, leave=False):
+            started = time.perf_counter()
+            for _ in range(2):
+                self("warm-up", width=width, height=height, num_inference_steps=steps, seed=0, progress=False,
+                     refiner_start=0.5 if refiner else None)
+            taken[f"{width}x{height}"] = time.perf_counter() - started
+        return taken
 
     def _check(self, height, width, steps, batch, output_type, image, latents, strength, refiner_start,
                refine_strength) -> None:

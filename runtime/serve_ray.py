@@ -18,7 +18,8 @@ from .errors import UserError
 
 
 def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, replicas: int,
-                   autoscaling: dict | None = None) -> None:
+                   autoscaling: dict | None = None, resident: dict | None = None) -> None:
+    """`resident`: Pipeline.load's buckets and max_device_memory for every replica."""
     try:
         import ray
         from ray import serve
@@ -27,7 +28,7 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
     from .server import create_app
 
     def build():  # evaluated on each replica
-        return create_app(engine_dir, backend=backend, limits=limits)
+        return create_app(engine_dir, backend=backend, limits=limits, warm_up_listening=False, **(resident or {}))
 
     actor = {"num_gpus": 1} if backend != "ort-cpu" else {"num_cpus": 0.5}
     options = {"name": "sdxl-trt", "ray_actor_options": actor, "max_ongoing_requests": limits.max_queue,

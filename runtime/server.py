@@ -86,6 +86,11 @@ class Metrics:
         self.stage = Histogram("sdxl_stage_seconds", "pipeline stage time per call", ["stage"], buckets=buckets,
                                registry=self.registry)
         self.images = Counter("sdxl_images_generated", "images generated", registry=self.registry)
+        self.device = Gauge("sdxl_device_memory_bytes", "device memory the pipeline holds (GPU backends)",
+                            registry=self.registry)
+        self.device_peak = Gauge("sdxl_device_memory_peak_bytes", "most device memory the pipeline held after a stage",
+                                 registry=self.registry)
+        self.resident = Gauge("sdxl_resident_sessions", "sessions kept per shape (GPU backends)", registry=self.registry)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -102,6 +107,7 @@ class Batcher:
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxl-pipeline")
         self.task: asyncio.Task | None = None
+        self.after_call = None  # called on the worker thread with the pipeline after each call (device metrics)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._work())
@@ -179,17 +185,21 @@ class Batcher:
         merged call is refused (one request's input the pipeline rejects), each request runs alone, so that only
         the bad one gets the error. Returns, per job, a Result or the exception it ended with."""
         try:
-            return [self._call(batch)] * len(batch)
-        except UserError as e:
-            if len(batch) == 1:
-                return [e]
-        outcomes = []
-        for job in batch:
             try:
-                outcomes.append(self._call([job]))
-            except Exception as e:  # noqa: BLE001 — handed to that request
-                outcomes.append(e)
-        return outcomes
+                return [self._call(batch)] * len(batch)
+            except UserError as e:
+                if len(batch) == 1:
+                    return [e]
+            outcomes = []
+            for job in batch:
+                try:
+                    outcomes.append(self._call([job]))
+                except Exception as e:  # noqa: BLE001 — handed to that request
+                    outcomes.append(e)
+            return outcomes
+        finally:
+            if self.after_call is not None:
+                self.after_call(self.pipe)
 
     def _call(self, batch: list[Job]):
         first = batch[0]
@@ -247,8 +257,12 @@ def decode_image(data: str):
 
 
 def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = None, warmup: bool = True,
-               pipeline=None):
-    """The ASGI app. `pipeline`: an already loaded Pipeline (tests, Ray replicas); else loaded at startup."""
+               pipeline=None, buckets=None, max_device_memory: float | None = None, warm_up_listening: bool = True):
+    """The ASGI app. `pipeline`: an already loaded Pipeline (tests); else loaded at startup (`buckets` and
+    `max_device_memory` as Pipeline.load takes them). `warmup`: before answering, make and capture the sessions and
+    CUDA graphs of every resident size (the buckets; the model's size on backends without them): with
+    `warm_up_listening`, after startup while /health answers 503; else as part of startup (Ray Serve routes to a
+    replica once its startup is done)."""
     import contextlib
 
     from fastapi import FastAPI, Request
@@ -262,7 +276,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
 
     limits = limits or Limits()
     metrics = Metrics()
-    state: dict = {"ready": False, "batcher": None}
+    state: dict = {"ready": False, "batcher": None, "status": "loading"}
 
     class LoraChoice(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -290,22 +304,53 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         metrics.requests.labels(str(status)).inc()
         return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
+    async def warm_up(batcher: Batcher) -> None:
+        """The first call at each size makes sessions, picks algorithms and captures graphs: not a user's request.
+        Runs after startup, so that /health can answer 503 meanwhile."""
+        loop = asyncio.get_running_loop()
+        state["status"] = "warming up"
+        started = time.perf_counter()
+        try:
+            taken = await loop.run_in_executor(batcher.executor, batcher.pipe.warm_up)
+            log.info("warm-up: %d sizes in %.1f s", len(taken), time.perf_counter() - started)
+        except UserError as e:  # e.g. out of memory at the largest bucket: sizes that fit still work
+            log.warning("warm-up stopped: %s", e)
+        except Exception:  # noqa: BLE001 — a bug: logged whole; requests still make what they need on first use
+            log.exception("warm-up failed")
+        state["warmup_s"] = round(time.perf_counter() - started, 2)
+        observe_device(batcher.pipe)
+        batcher.start()
+        state["ready"], state["status"] = True, "ok"
+
+    def observe_device(pipe) -> None:
+        resident = getattr(pipe.backend, "resident", None)
+        if resident is not None:
+            metrics.device.set(resident.used())
+            metrics.device_peak.set(resident.peak)
+            metrics.resident.set(len(resident))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         loop = asyncio.get_running_loop()
         batcher = Batcher(pipeline, limits, metrics)  # its one thread loads, warms up and runs the pipeline
+        batcher.after_call = observe_device
         pipe = pipeline
         if pipe is None:
-            pipe = await loop.run_in_executor(batcher.executor, lambda: Pipeline.load(engine_dir, backend=backend))
-        if warmup:  # the first call compiles, allocates and picks algorithms: not a user's request
-            await loop.run_in_executor(batcher.executor, lambda: pipe("warm-up", num_inference_steps=2,
-                                                                      progress=False))
+            pipe = await loop.run_in_executor(batcher.executor, lambda: Pipeline.load(
+                engine_dir, backend=backend, buckets=buckets, max_device_memory=max_device_memory))
         batcher.pipe = pipe
         state["batcher"] = batcher
-        batcher.start()
-        state["ready"] = True
+        if warmup and warm_up_listening:
+            state["warmup"] = asyncio.create_task(warm_up(batcher))
+        elif warmup:
+            await warm_up(batcher)
+        else:
+            batcher.start()
+            state["ready"], state["status"] = True, "ok"
         yield
         state["ready"] = False
+        if "warmup" in state:
+            await asyncio.wait([state["warmup"]])
         await state["batcher"].stop()
 
     app = FastAPI(title="sdxl-trt", lifespan=lifespan)
@@ -332,8 +377,15 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     @app.get("/health")
     async def health():
         if not state["ready"]:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "engine": str(engine_dir), "backend": backend, "replica": os.getpid()}
+            return JSONResponse({"status": state["status"]}, status_code=503)
+        answer = {"status": "ok", "engine": str(engine_dir), "backend": backend, "replica": os.getpid()}
+        if "warmup_s" in state:
+            answer["warmup_s"] = state["warmup_s"]
+        resident = getattr(state["batcher"].pipe.backend, "resident", None)
+        if resident is not None:  # what the GPU backend keeps: sessions per shape, device memory (GiB)
+            answer.update(resident_sessions=len(resident), device_gib=round(resident.used() / 2**30, 2),
+                          peak_device_gib=round(resident.peak / 2**30, 2))
+        return answer
 
     @app.get("/metrics")
     async def metrics_text():

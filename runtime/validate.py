@@ -23,6 +23,42 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     return w, h
 
 
+def parse_sizes(text: str, flag: str) -> list[tuple[int, int]]:
+    """'WxH,WxH,…' → [(width, height), …], each as parse_size checks it; at least one."""
+    sizes = [parse_size(part, flag) for part in str(text).split(",") if part.strip()]
+    if not sizes:
+        raise UserError(f"{flag} {text!r}: expected comma-separated WIDTHxHEIGHT sizes, e.g. 1024x1024,1216x832")
+    return sizes
+
+
+def resident_options(backend: str, buckets=None, max_device_memory=None) -> dict:
+    """Pipeline.load's `buckets` ("WxH,…", or a list of "WxH" / (W, H)) and `max_device_memory` (GiB) checked and
+    normalised: {"buckets": [(W, H), …] or None, "max_device_memory": float or None}. The CLI calls it before anything
+    loads; load_backend again for the Python API."""
+    if (buckets is not None or max_device_memory is not None) and backend != "ort-cuda":
+        raise UserError(f"--buckets and --max-device-memory choose what --backend ort-cuda keeps on the GPU; "
+                        f"{backend} takes neither")
+    if max_device_memory is not None and (isinstance(max_device_memory, bool) or
+                                          not isinstance(max_device_memory, (int, float)) or
+                                          not math.isfinite(max_device_memory) or max_device_memory <= 0):
+        raise UserError(f"--max-device-memory {max_device_memory!r}: expected a positive number of GiB")
+    if isinstance(buckets, str):
+        buckets = parse_sizes(buckets, "--buckets")
+    elif buckets is not None:
+        sizes = []
+        for size in buckets:
+            if isinstance(size, str):
+                sizes.append(parse_size(size, "--buckets"))
+            elif (isinstance(size, (tuple, list)) and len(size) == 2 and
+                  all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                check_size(*size, f"--buckets {size[0]}x{size[1]}")
+                sizes.append(tuple(size))
+            else:
+                raise UserError(f"--buckets {size!r}: expected WIDTHxHEIGHT or (width, height)")
+        buckets = sizes
+    return {"buckets": buckets, "max_device_memory": None if max_device_memory is None else float(max_device_memory)}
+
+
 def check_size(width: int, height: int, what: str | None = None) -> None:
     what = what or f"size {width}x{height}"
     if width <= 0 or height <= 0 or width % VAE_FACTOR or height % VAE_FACTOR:

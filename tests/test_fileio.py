@@ -151,3 +151,73 @@ def test_two_processes_writing_one_path_never_leave_a_mixed_file(tmp_path):
             reads += 1
     assert [w.returncode for w in writers] == [0, 0]
     assert list(tmp_path.iterdir()) == [target] and reads > 0
+
+
+def test_an_engine_directory_s_hashes_are_read_once_and_any_change_is_caught(tiny_engine, tmp_path, monkeypatch):
+    """Opening a directory a second time reads no weights (the verified-hash record, keyed by device, inode, size and
+    modification/status-change times); touching a file makes it be read again (and pass: same bytes); rewriting it
+    with other bytes of the same size, or truncating it, is refused in one line naming the file."""
+    import os
+    import shutil
+
+    from sdxl_trt.runtime import UserError
+    from sdxl_trt.runtime import manifest as mf
+    from sdxl_trt.runtime.backends import used_files
+
+    monkeypatch.setenv("SDXL_TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mf, "SETTLED_NS", 0)
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    reads = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p, *a: reads.append(p.name) or real(p, *a))
+
+    def check():
+        manifest = mf.load_manifest(engine)
+        manifest.check_files(only=used_files("ort-cpu", manifest))
+
+    check()
+    assert len(reads) >= 5  # first open: every file the backend uses is hashed
+    reads.clear()
+    check()
+    assert reads == []  # second open: none
+    weights = engine / "onnx" / "unet" / "model.onnx"
+    os.utime(weights)  # touched: same bytes, new times
+    check()
+    assert reads == ["model.onnx"]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, one byte changed
+    with pytest.raises(UserError, match=r"model\.onnx does not match its sha256"):
+        check()
+    with open(weights, "r+b") as f:
+        f.truncate(len(data) - 100)
+    with pytest.raises(UserError, match=r"model\.onnx has \d+ bytes, the manifest says"):
+        check()
+
+
+QUIET = """
+import sys, onnx, onnxruntime as ort
+from onnx import helper, TensorProto, numpy_helper
+import numpy as np
+from sdxl_trt.runtime import backends
+backends.VERBOSE = sys.argv[1] == "verbose"
+backends.quiet_onnxruntime()
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+unused = numpy_helper.from_array(np.ones(2, np.float32), "unused")  # ONNX Runtime warns that it removes it
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [unused])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 10
+ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_onnx_runtime_warnings_are_shown_only_with_verbose(mode):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", QUIET, mode], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert ("Removing initializer" in run.stderr) == (mode == "verbose"), run.stderr

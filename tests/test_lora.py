@@ -188,36 +188,36 @@ def test_backends_without_overrides_say_so(pipe, lora_files):
     other.set_loras(None)  # nothing to apply: fine
 
 
-def test_overrides_are_placed_where_the_provider_keeps_the_weights(tiny_engine, lora_files, monkeypatch):
-    """ONNX Runtime ignores an override in host memory for a weight it places on the GPU (seen on the H100: the
-    adapters had no effect on ort-cuda), so sessions for the CUDA provider make them on the GPU (and hand ONNX Runtime
-    a DLPack view of them: it refuses values it allocated). Checked here through the values' placement (this ONNX
-    Runtime has no CUDA provider: it falls back to the CPU one and the values are made on the host, as asked
-    placements are recorded); the GPU test below checks that the adapters take effect there."""
-    import onnxruntime as ort
-
+def test_merged_weights_ride_on_the_shared_weights(tiny_engine, lora_files):
+    """ort-cuda's sessions take LoRA merges as a WeightSet: the file's shared weights with the merged ones replaced, in
+    a buffer of their own on the device (ONNX Runtime ignores host-memory overrides for weights it places on the GPU,
+    seen on the H100). Checked here on the host: a session on the WeightSet computes what a session with the
+    adapters as host overrides computes, and only the adapted weights leave the shared buffer; the GPU test below
+    checks the effect on ort-cuda."""
     from sdxl_trt.runtime.backends import OrtSession
     from sdxl_trt.runtime.lora import Adapters, as_adapters
     from sdxl_trt.runtime.manifest import load_manifest
+    from sdxl_trt.runtime.weights import SharedWeights
 
     manifest = load_manifest(tiny_engine)
     adapters = Adapters()
     adapters.set(as_adapters([lora_files / "unet_peft.safetensors"]), manifest)
-    placed, make = [], ort.OrtValue.ortvalue_from_numpy
-
-    def record(array, device_type="cpu", device_id=0):
-        placed.append((device_type, device_id))
-        return make(array)
-
-    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(record))
-    OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"], adapters=adapters)
-    assert placed and set(placed) == {("cpu", 0)}
-    placed.clear()
-    cuda = ("CUDAExecutionProvider", {"device_id": "0", "prefer_nhwc": "1"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "CUDAExecutionProvider is not available"
-        OrtSession(manifest, "unet", "fp32", [cuda, "CPUExecutionProvider"], adapters=adapters)
-    assert placed and set(placed) == {("cuda", 0)}
+    path = manifest.path(manifest.components["unet"]["precisions"]["fp32"])
+    merged = adapters.overrides("unet", path)
+    base = SharedWeights(path, None)
+    weights = base.with_overrides(merged)
+    assert set(weights.values) >= set(merged) and len(merged) >= 20
+    moved = {name for name in weights.values if weights.values[name] is not base.values.get(name)}
+    assert moved == set(merged)
+    rng = np.random.default_rng(0)
+    feeds = dict(sample=rng.standard_normal((2, 4, 8, 12)).astype(np.float32), timestep=np.array([500.0] * 2, np.float32),
+                 encoder_hidden_states=rng.standard_normal((2, 77, 96)).astype(np.float32),
+                 text_embeds=rng.standard_normal((2, 64)).astype(np.float32),
+                 time_ids=np.array([[64, 96, 0, 0, 64, 96]] * 2, np.float32))
+    shared = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"], shared=weights).run(**feeds)["noise_pred"]
+    host = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"], adapters=adapters).run(**feeds)["noise_pred"]
+    plain = OrtSession(manifest, "unet", "fp32", ["CPUExecutionProvider"]).run(**feeds)["noise_pred"]
+    assert rel_l2(shared, host) < 1e-5 and rel_l2(shared, plain) > 0.05
 
 
 def test_deltas_are_formed_in_the_layout_the_file_stores():
@@ -354,7 +354,7 @@ def test_lora_on_ort_cuda_matches_ort_cpu(tiny_optimized, tiny_engine, lora_file
         pytest.skip("needs onnxruntime-gpu")
     loras = [(lora_files / "unet_peft.safetensors", 0.7), (lora_files / "kohya_sgm.safetensors", 1.3),
              (lora_files / "text_peft.safetensors", 1.0)]
-    cuda = Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs=cuda_graphs)
+    cuda = Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs=cuda_graphs, buckets=["192x256"])
     cpu = Pipeline.load(tiny_engine, loras=loras)
     kw = dict(height=256, width=192, num_inference_steps=8, seed=11, output_type="latent", progress=False)
     base = cuda("a red bicycle", **kw).array

@@ -82,7 +82,16 @@ def test_the_device_loop_computes_what_the_numpy_loop_computes(pipelines, sample
 def optimized(tiny_optimized, pipelines):
     from sdxl_trt.runtime import Pipeline
 
-    return {mode: Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs=mode) for mode in ("off", "step", "loop")}
+    return {mode: Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs=mode, buckets=[BUCKET])
+            for mode in ("off", "step", "loop")}
+
+
+BUCKET = "192x256"  # the tests' size, made a resident bucket (the defaults are the SDXL buckets and 256x256)
+
+
+def shaped(backend, component: str) -> list:
+    """The sessions the backend keeps for `component` made for one shape (resident buckets)."""
+    return [backend.resident._entries[k].value for k in backend.resident.keys() if k[0] == component and k[1]]
 
 
 def test_optimized_files_match_ort_cpu(optimized, pipelines):
@@ -141,7 +150,7 @@ def test_text_encoders_as_cuda_graphs_compute_what_plain_runs_compute(optimized,
         for name, pipe in (("graph", step), ("plain", plain), ("cpu", cpu)):
             results[name] = pipe.encode_prompt("base", texts, [None] * 2, guidance=False)
         graphed.append(results["graph"])
-        assert step.backend._shaped["clip_g"].cuda_graph and ("clip_g", (2, 77)) in step.backend.device_loop._shapes
+        assert shaped(step.backend, "clip_g")[0].cuda_graph and ("clip_g", (2, 77)) in step.backend.device_loop._shapes
         for part, (got, expected, reference) in enumerate(zip(results["graph"], results["plain"], results["cpu"])):
             error, fp32 = rel_l2(got, expected), rel_l2(got, reference)
             print(f"{texts}: {('context', 'pooled')[part]} graph vs plain rel-L2 {error:.1e}, vs ort-cpu {fp32:.1e}")
@@ -211,7 +220,7 @@ def test_device_decode_falls_back_to_fp32_when_the_fp16_vae_overflows(tiny_optim
     from sdxl_trt.runtime.images import to_uint8
 
     _, cpu = pipelines
-    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda")
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
     latents = np.full((1, 4, 32, 24), 1e5, np.float32)  # / the scaling factor (< 1) > fp16's largest, 65504
     latents[..., ::2] *= -1
     images = pipe.decode_uint8(latents)
@@ -228,14 +237,112 @@ def test_low_memory_on_the_gpu_frees_sessions_and_device_memory(tiny_optimized, 
     from sdxl_trt.runtime import Pipeline
 
     _, cpu = pipelines
-    normal = Pipeline.load(tiny_optimized, backend="ort-cuda")
-    low = Pipeline.load(tiny_optimized, backend="ort-cuda", low_memory=True)
+    normal = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    low = Pipeline.load(tiny_optimized, backend="ort-cuda", low_memory=True, buckets=[BUCKET])
     low.vae_tile = 16  # tiles of 128 px: a 192x256 image is decoded in tiles
     kw = dict(height=256, width=192, num_inference_steps=4, seed=8, progress=False, refiner_start=0.5)
     got, expected = low("a kite", **kw), normal("a kite", **kw)
     assert got.array.shape == expected.array.shape == (1, 256, 192, 3) and got.array.dtype == np.uint8
-    assert low.backend._sessions == {} and low.backend._shaped == {}
+    assert len(low.backend.resident) == 0 and not low.backend._weights
     assert not low.backend.device_loop._shapes  # the device loop's buffers freed with their UNet
     assert np.abs(got.array.astype(int) - expected.array).mean() < 0.05 * 255  # tiles: close to the whole decode
     latents = {name: p("a kite", **kw, output_type="latent").array for name, p in (("low", low), ("normal", normal))}
     assert rel_l2(latents["low"], latents["normal"]) < NOISE
+
+
+# --- resident buckets on shared weights (issue 20) ---------------------------------------------------------------
+
+
+def test_bucket_sessions_read_the_one_device_copy_of_the_weights(tiny_optimized):
+    """Two UNet sessions on the GPU — one made for a bucket's shape (CUDA graph), one for any shape — read one device
+    buffer: a weight changed there, in place on the device, moves both outputs alike; put back, both return. ONNX
+    Runtime copied nothing (a copy would not see the change)."""
+    from sdxl_trt.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    backend = pipe.backend
+    dims = {"B": 2, "S": 77, "h": 32, "w": 24}
+    bucket, any_shape = backend.shape_session("unet", dims), backend.session("unet")
+    assert bucket is not any_shape and bucket.cuda_graph and bucket._shared is any_shape._shared
+    weights = bucket._shared
+    rng = np.random.default_rng(0)
+    feeds = dict(sample=rng.standard_normal((2, 4, 32, 24)).astype(np.float32), timestep=np.full(2, 500.0, np.float32),
+                 encoder_hidden_states=rng.standard_normal((2, 77, 96)).astype(np.float32),
+                 text_embeds=rng.standard_normal((2, 64)).astype(np.float32),
+                 time_ids=np.array([[256, 192, 0, 0, 256, 192]] * 2, np.float32))
+
+    def outputs():
+        return [s.run(**feeds)["noise_pred"].astype(np.float32) for s in (bucket, any_shape)]
+
+    before = outputs()
+    assert rel_l2(before[0], before[1]) < NOISE
+    name = max((n for n in weights.layout if "attn1.to_q" in n), key=lambda n: np.prod(weights.layout[n][1]))
+    offset, shape, _ = weights.layout[name]
+    memory = weights._memory  # the one device buffer of the file's weights
+    host = memory.download(np.empty(shape, np.float16), backend.stream, offset)
+    backend.stream.synchronize()
+    memory.copy_from_host(host * np.float16(3), offset)
+    after = outputs()
+    memory.copy_from_host(host, offset)
+    restored = outputs()
+    moved = [rel_l2(a, b) for a, b in zip(after, before)]
+    print(f"tripling {name} in device memory moved the bucket and any-shape sessions by rel-L2 {moved}")
+    assert min(moved) > 2 * NOISE and rel_l2(after[0], after[1]) < NOISE  # 0.029 both, H100
+    assert max(rel_l2(a, b) for a, b in zip(restored, before)) < NOISE
+
+
+def test_changing_size_reuses_the_resident_sessions_and_other_sizes_run_on_the_any_shape_one(tiny_optimized):
+    from sdxl_trt.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET, "256x192"])
+    backend = pipe.backend
+    kw = dict(num_inference_steps=4, seed=2, output_type="latent", progress=False)
+    first = {size: pipe("a kite", width=size[0], height=size[1], **kw).array for size in ((192, 256), (256, 192))}
+    keys = backend.resident.keys()
+    made = {k: backend.resident._entries[k].value for k in keys}
+    for size in ((192, 256), (256, 192), (192, 256)):  # back and forth: nothing is made again
+        again = pipe("a kite", width=size[0], height=size[1], **kw).array
+        assert backend.device_loop.last_run == "step" and rel_l2(again, first[size]) < NOISE
+    assert backend.resident.keys() and set(backend.resident.keys()) == set(keys)
+    assert all(backend.resident._entries[k].value is made[k] for k in keys)
+    assert len(backend._weights) == len({k[0] for k in keys})  # one device copy per component (one file each)
+    other = pipe("a kite", width=128, height=128, **kw).array  # not a bucket: the any-shape session, no graph
+    assert backend.device_loop.last_run == "off" and not any(("h", 16) in k[1] for k in backend.resident.keys() if k[1])
+    plain = Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs="off")("a kite", width=128, height=128, **kw)
+    assert rel_l2(other, plain.array) < NOISE
+
+
+def test_a_device_memory_budget_frees_the_least_recently_used_sessions(tiny_optimized):
+    from sdxl_trt.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET, "256x192", "256x256"])
+    backend = pipe.backend
+    kw = dict(num_inference_steps=2, seed=2, progress=False)
+    for size in ((192, 256), (256, 192)):
+        pipe("a kite", width=size[0], height=size[1], **kw)
+    held = backend.resident.used()
+    unets = [k for k in backend.resident.keys() if k[0] == "unet" and k[1]]
+    assert len(unets) == 2
+    backend.resident.budget = held  # no room for a third size's sessions: the least recently used make way
+    result = pipe("a kite", width=256, height=256, **kw)
+    assert result.array.shape == (1, 256, 256, 3)
+    assert unets[0] not in backend.resident and backend.resident.evictions >= 1
+    assert backend.resident.used() <= held + 64 * 2**20  # within the budget, but for allocator granularity
+    print(f"budget {held / 2**20:.0f} MiB: {backend.resident.evictions} sessions freed, "
+          f"{backend.resident.used() / 2**20:.0f} MiB in use, sizes {backend.resident.sizes()}")
+
+
+def test_prepare_makes_on_several_threads_the_sessions_a_call_then_uses(tiny_optimized):
+    """`generate` makes a one-shot call's sessions at once (Pipeline.prepare): the call finds every one it needs."""
+    from sdxl_trt.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    pipe.prepare(192, 256, images=1, guidance=True, refiner=True)
+    prepared = set(pipe.backend.resident.keys())
+    assert {k[0] for k in prepared} >= {"clip_l", "clip_g", "unet", "unet_refiner", "vae_decoder"}
+    assert pipe.load_timings["sessions"] > 0
+    kw = dict(width=192, height=256, num_inference_steps=4, seed=3, progress=False, refiner_start=0.5)
+    result = pipe("a kite", **kw)
+    assert set(pipe.backend.resident.keys()) == prepared  # nothing made during the call
+    fresh = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])("a kite", **kw)
+    assert np.abs(result.array.astype(int) - fresh.array).max() <= 4  # the fused files' run-to-run noise

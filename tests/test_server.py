@@ -301,3 +301,55 @@ def test_the_batcher_survives_a_request_that_times_out_while_waiting_for_company
     results = asyncio.run(scenario())
     assert [r[0] for r in results] == [["image of a"], ["image of b"]] and results[0][3] == 2  # merged, answered
     assert calls == [["a", "b"]]  # the timed-out request never ran
+
+
+def test_health_answers_503_while_the_sizes_warm_up_and_200_after():
+    """Warm-up runs after startup: /health says 503 "warming up" (and requests get 503) until every resident size's
+    sessions and graphs are made, then 200. A stand-in pipeline whose warm-up waits for the test."""
+    import threading
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from sdxl_trt.runtime.server import create_app
+
+    release, warmed = threading.Event(), []
+
+    class Stand:
+        backend = SimpleNamespace(name="stand-in")
+        loras = ()
+
+        def warm_up(self):
+            assert release.wait(30)
+            warmed.append(True)
+            return {"64x64": 0.01}
+
+        def __call__(self, prompts, negatives, seed, image, progress, **kwargs):
+            return SimpleNamespace(images=[Image.new("RGB", (64, 64))] * len(prompts), timings={"base": 0.01})
+
+    with TestClient(create_app("stand-in", pipeline=Stand())) as client:
+        answer = client.get("/health")
+        assert answer.status_code == 503 and answer.json()["status"] == "warming up"
+        assert client.post("/v1/images/generations", json={"prompt": "a kite", "size": "64x64"}).status_code == 503
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = client.get("/health").json()
+        assert warmed and answer["status"] == "ok" and answer["warmup_s"] >= 0
+        assert client.post("/v1/images/generations", json={"prompt": "a kite", "size": "64x64"}).status_code == 200
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--buckets", "1024x1020", "--backend", "ort-cuda"], "--buckets '1024x1020'"),
+    (["--buckets", "1024x1024", "--backend", "ort-cpu"], "--backend ort-cuda"),
+    (["--max-device-memory", "0", "--backend", "ort-cuda"], "--max-device-memory 0"),
+    (["--max-device-memory", "nan", "--backend", "ort-cuda"], "--max-device-memory nan"),
+])
+def test_resident_flags_are_checked_before_anything_loads(tiny_engine, argv, says, capsys):
+    from sdxl_trt.runtime.cli import main
+
+    for command in (["serve", str(tiny_engine)], ["generate", str(tiny_engine), "a kite"]):
+        assert main([*command, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err

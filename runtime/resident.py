@@ -1,0 +1,128 @@
+"""Sessions kept resident per shape, least recently used first out under a device-memory budget.
+
+The GPU backend makes one ONNX Runtime session (and CUDA graph) per component and input shape, on weights shared
+across them (weights.py). Once made they are kept, so changing the aspect ratio between requests costs nothing; a
+budget (`--max-device-memory`) bounds what they hold. What a session holds is measured, not guessed: the device
+memory in use before it was made and after its first runs (its arena and workspace grow during those), read with
+`cudaMemGetInfo` — the GPU's memory in use, less what was in use when the backend started. Before a new session is
+made, the least recently used ones are freed until the largest size measured for that component fits; after each
+stage, until what is in use fits. A budget smaller than one call's working set still runs (each stage frees what
+came before it) with a warning: the budget then bounds everything but the session in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+
+
+@dataclass
+class Entry:
+    value: object
+    component: str
+    nbytes: int | None = None  # measured after its first runs (None until then)
+
+
+class Resident:
+    """Values (sessions) by key, with the component each belongs to; `used()` gives the bytes held now (all of them,
+    weights included); `evict(key, value)` is called when one is let go, before it is dropped."""
+
+    def __init__(self, used: Callable[[], int], budget: int | None = None,
+                 evict: Callable[[Hashable, object], None] | None = None):
+        self.used, self.budget, self._evict = used, budget, evict
+        self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._pending: list[tuple[Hashable, int]] = []  # made, not yet measured: (key, bytes in use before)
+        self._sizes: dict[str, int] = {}  # component → the largest size measured for one of its entries
+        self._warned = False
+        self._lock = threading.RLock()  # values may be made on several threads at once (Pipeline.prepare)
+        self.peak = 0  # most bytes in use seen at a measuring point
+        self.evictions = 0  # values freed to keep the budget
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list:
+        return list(self._entries)
+
+    def get(self, key: Hashable, component: str, make: Callable[[], object]):
+        """The value kept under `key`, or a new one from `make()` (room made for it first). `make` runs outside the
+        lock: several threads may make values for different keys at once."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry.value
+            self._make_room(self._sizes.get(component, 0))
+            before = self.used()
+        value = make()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:  # another thread made one meanwhile: keep that one
+                return entry.value
+            self._entries[key] = Entry(value, component)
+            self._pending.append((key, before))
+        return value
+
+    def settle(self) -> None:
+        """Call when the work that first ran the newest values has finished (the stream synchronised): measures them,
+        then frees the least recently used ones while more than the budget is in use."""
+        with self._lock:
+            self._settle()
+
+    def _settle(self) -> None:
+        now = self.used()
+        self.peak = max(self.peak, now)
+        if self._pending:
+            share = max(0, now - min(before for _, before in self._pending)) // len(self._pending)
+            for key, _ in self._pending:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.nbytes = share
+                    self._sizes[entry.component] = max(self._sizes.get(entry.component, 0), share)
+            self._pending.clear()
+        self._make_room(0, keep=1)
+
+    def _make_room(self, needed: int, keep: int = 0) -> None:
+        """Free least recently used values until `needed` more bytes fit the budget, keeping the `keep` newest."""
+        if self.budget is None:
+            return
+        while self.used() + needed > self.budget and len(self._entries) > keep:
+            self.pop(next(iter(self._entries)))
+            self.evictions += 1
+        if self.used() + needed > self.budget and not self._warned:
+            self._warned = True
+            log.warning("--max-device-memory %.1f GiB: %.1f GiB are in use with nothing left to free (shared weights "
+                        "and the session in use); running over the budget", self.budget / GIB,
+                        (self.used() + needed) / GIB)
+
+    def pop(self, key: Hashable) -> None:
+        """Let one value go (its memory is freed once nothing else refers to it)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return
+            self._pending = [(k, b) for k, b in self._pending if k != key]
+        if self._evict is not None:
+            self._evict(key, entry.value)
+        log.info("freed the session for %s (%s)", key, f"{entry.nbytes / GIB:.2f} GiB" if entry.nbytes else "size not measured")
+
+    def pop_component(self, component: str) -> None:
+        for key in [k for k, e in self._entries.items() if e.component == component]:
+            self.pop(key)
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self.pop(key)
+
+    def sizes(self) -> dict[Hashable, int | None]:
+        """Each kept value's measured bytes, least recently used first."""
+        return {key: entry.nbytes for key, entry in self._entries.items()}

@@ -1,0 +1,248 @@
+"""One copy of an exported file's weights for every ONNX Runtime session made from it.
+
+ONNX Runtime gives each session its own copy of the model's initializers. The GPU path makes one session per input
+shape (a CUDA graph needs every shape fixed), so without sharing each SDXL bucket would upload and hold its own 5 GB
+of UNet weights. `SharedWeights` reads a file's weights once into one buffer — device memory for the CUDA provider,
+host memory for the CPU one — and hands every session views into it through `SessionOptions.add_initializer`
+(DLPack views: ONNX Runtime uses a user's buffer in place when it sits where the session would place the weight).
+
+Which initializers are shared: only those ONNX Runtime's graph passes leave alone. Its transpose and layout passes
+rewrite some initializers in place under the same name (`ApiGraph::TransposeInitializer`), and a session given a
+shared value for such a name would read the value as it was before the rewrite. So only inputs of operators those
+passes never touch are shared: MatMul, Gemm and Gather weights, LayerNormalization's scale and bias, every
+com.microsoft operator (fused attention, NhwcConv, GroupNorm, SkipLayerNormalization, …), and Conv weights where the
+provider keeps Conv in NCHW (not under the CUDA provider's `prefer_nhwc`, which converts Conv to NHWC and transposes
+its weights). The rest — biases of plain adds, norm parameters of other ops, shape constants — is a few megabytes
+that each session reads from the file itself. Sharing is checked, not assumed: tests/test_shared_weights.py shows
+two sessions reading one buffer, and the GPU test measures the device memory a second session takes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+MICROSOFT = "com.microsoft"
+# (domain, op type) → the inputs that may be shared (weights, never rewritten by ONNX Runtime's passes)
+SHARED_INPUTS = {("", "MatMul"): (1,), ("", "Gemm"): (1, 2), ("", "Gather"): (0,), ("", "LayerNormalization"): (1, 2)}
+NCHW_ONLY = {("", "Conv"): (1, 2), ("", "ConvTranspose"): (1, 2)}  # shared where the provider keeps NCHW
+MIN_ELEMENTS = 256  # smaller tensors are not worth a view (and include the shape constants kept on the host)
+ALIGN = 256  # bytes: every tensor starts where cuBLAS and cuDNN take their fastest paths
+# ONNX TensorProto data type → (numpy dtype, DLPack type code, bits); bfloat16 is copied as raw 2-byte words
+FLOAT_TYPES = {1: (np.float32, 2, 32), 10: (np.float16, 2, 16), 16: (np.uint16, 4, 16)}
+KDL_CPU, KDL_CUDA = 1, 2
+
+
+def shareable(graph, nhwc: bool) -> list:
+    """The initializers (TensorProto) of `graph` that every session may take from a shared buffer."""
+    allowed = dict(SHARED_INPUTS)
+    if not nhwc:
+        allowed.update(NCHW_ONLY)
+    uses = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses[name].append((node.domain or "", node.op_type, index))
+    outputs = {o.name for o in graph.output}
+    out = []
+    for tensor in graph.initializer:
+        if tensor.data_type not in FLOAT_TYPES or int(np.prod(tensor.dims)) < MIN_ELEMENTS:
+            continue
+        consumers = uses.get(tensor.name)
+        if not consumers or tensor.name in outputs:
+            continue
+        if all(domain == MICROSOFT or index in allowed.get((domain, op), ()) for domain, op, index in consumers):
+            out.append(tensor)
+    return out
+
+
+class SharedWeights:
+    """The shareable weights of one ONNX file in one buffer on device `device` (a CUDA device id), or in host memory
+    for `device` None; `values` maps initializer names to ONNX Runtime values viewing that buffer. Sessions given
+    these values must keep this object alive (OrtSession does)."""
+
+    def __init__(self, path: Path, device: int | None, nhwc: bool = False):
+        import onnx
+
+        self.path, self.device = Path(path), device
+        model = onnx.load(str(path), load_external_data=False)
+        tensors = shareable(model.graph, nhwc)
+        offsets, total = [], 0
+        for tensor in tensors:
+            offsets.append(total)
+            total += -(-_nbytes(tensor) // ALIGN) * ALIGN
+        self.nbytes = total
+        if device is None:
+            self._memory = np.empty(max(total, 1), np.uint8)
+            base = self._memory.ctypes.data
+        else:
+            from .cuda import DeviceBuffer
+
+            self._memory = DeviceBuffer(total)
+            base = self._memory.ptr
+        reader = _ExternalData(self.path.parent)
+        try:
+            for tensor, offset in zip(tensors, offsets):
+                data = reader.read(tensor)
+                if device is None:
+                    self._memory[offset:offset + data.nbytes] = data
+                else:
+                    self._memory.copy_from_host(data, offset)
+        finally:
+            reader.close()
+        kind = (KDL_CPU, 0) if device is None else (KDL_CUDA, device)
+        self.layout = {tensor.name: (offset, tuple(tensor.dims), tensor.data_type) for tensor, offset in zip(tensors, offsets)}
+        self.values = {name: dlpack_value(base + offset, dims, data_type, kind)
+                       for name, (offset, dims, data_type) in self.layout.items()}
+
+    def view(self, name: str) -> np.ndarray:
+        """Host weights only: the array every session reads for `name` (tests change it to show that they do)."""
+        if self.device is not None:
+            raise ValueError("view() is for weights in host memory")
+        offset, dims, data_type = self.layout[name]
+        dtype = np.dtype(FLOAT_TYPES[data_type][0])
+        return self._memory[offset:offset + int(np.prod(dims)) * dtype.itemsize].view(dtype).reshape(dims)
+
+    def with_overrides(self, overrides: dict[str, np.ndarray]) -> "WeightSet":
+        """These weights with some replaced (LoRA merges), the replacements in a buffer of their own."""
+        return WeightSet(self, overrides)
+
+    def free(self) -> None:
+        """Give the memory back (sessions hold a reference to the weights they use, so this runs when the last of
+        them and the backend have let go)."""
+        self.values = {}
+        memory = getattr(self, "_memory", None)
+        if hasattr(memory, "free"):
+            memory.free()
+
+    __del__ = free
+
+
+class WeightSet:
+    """A SharedWeights with some values replaced by other arrays (merged LoRA weights), held where the base is."""
+
+    def __init__(self, base: SharedWeights, overrides: dict[str, np.ndarray]):
+        self.base, self.device = base, base.device
+        arrays = {name: np.ascontiguousarray(a) for name, a in overrides.items()}
+        offsets, total = {}, 0
+        for name, array in arrays.items():
+            offsets[name] = total
+            total += -(-array.nbytes // ALIGN) * ALIGN
+        self.nbytes = total
+        if self.device is None:
+            self._memory = np.empty(max(total, 1), np.uint8)
+            base_ptr = self._memory.ctypes.data
+        else:
+            from .cuda import DeviceBuffer
+
+            self._memory = DeviceBuffer(total)
+            base_ptr = self._memory.ptr
+        kind = (KDL_CPU, 0) if self.device is None else (KDL_CUDA, self.device)
+        values = {}
+        for name, array in arrays.items():
+            raw = array.reshape(-1).view(np.uint8)
+            if self.device is None:
+                self._memory[offsets[name]:offsets[name] + raw.nbytes] = raw
+            else:
+                self._memory.copy_from_host(raw, offsets[name])
+            values[name] = dlpack_value(base_ptr + offsets[name], array.shape, _onnx_type(array.dtype), kind)
+        self.values = {**base.values, **values}
+
+    free = SharedWeights.free
+    __del__ = free
+
+
+def _nbytes(tensor) -> int:
+    return int(np.prod(tensor.dims)) * np.dtype(FLOAT_TYPES[tensor.data_type][0]).itemsize
+
+
+def _onnx_type(dtype) -> int:
+    for code, (numpy_type, _, _) in FLOAT_TYPES.items():
+        if np.dtype(numpy_type) == np.dtype(dtype) and code != 16:
+            return code
+    raise UserError(f"a LoRA weight of dtype {np.dtype(dtype)} cannot be placed for ONNX Runtime")
+
+
+class _ExternalData:
+    """Reads initializers' bytes: from their external data files (mapped once each) or from the model proto."""
+
+    def __init__(self, folder: Path):
+        self.folder, self._maps = folder, {}
+
+    def read(self, tensor) -> np.ndarray:
+        """The tensor's raw bytes, uint8, without a copy where the file can be mapped."""
+        from onnx import numpy_helper
+
+        size = _nbytes(tensor)
+        if tensor.data_location == 1:  # EXTERNAL
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info["location"]
+            if location not in self._maps:
+                file = self.folder / location
+                if not file.is_file():
+                    raise UserError(f"{file} is missing (weights of {tensor.name}); re-run `sdxl-trt export`")
+                self._maps[location] = np.memmap(file, dtype=np.uint8, mode="r")
+            mapped, offset = self._maps[location], int(info.get("offset", 0))
+            if offset + size > mapped.size:
+                raise UserError(f"{self.folder / location} is shorter than its model says (weights of {tensor.name}); "
+                                "re-run `sdxl-trt export`")
+            return mapped[offset:offset + size]
+        if tensor.raw_data:
+            return np.frombuffer(tensor.raw_data, np.uint8, count=size)
+        return np.ascontiguousarray(numpy_helper.to_array(tensor)).reshape(-1).view(np.uint8)
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+# --- DLPack views of memory we own, for ONNX Runtime (OrtValue.from_dlpack) ---------------------------------------
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
+_alive: dict[int, tuple] = {}  # struct address → (struct, shape array): kept until ONNX Runtime lets go of the view
+
+
+@_DELETER
+def _release(managed) -> None:
+    _alive.pop(ctypes.addressof(managed.contents), None)
+
+
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def dlpack_value(address: int, shape: tuple[int, ...], onnx_type: int, device: tuple[int, int]):
+    """An ONNX Runtime OrtValue viewing `address` (no copy, not owned by ONNX Runtime) as a tensor of `shape` and ONNX
+    data type `onnx_type`, on `device` (DLPack device type and id)."""
+    import onnxruntime as ort
+
+    _, code, bits = FLOAT_TYPES[onnx_type]
+    dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+    managed = _DLManagedTensor()
+    managed.dl_tensor = _DLTensor(address, _DLDevice(*device), len(shape), _DLDataType(code, bits, 1), dims, None, 0)
+    managed.deleter = _release
+    _alive[ctypes.addressof(managed)] = (managed, dims)
+    return ort.OrtValue.from_dlpack(_capsule_new(ctypes.addressof(managed), b"dltensor", None))
