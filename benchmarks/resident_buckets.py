@@ -40,7 +40,7 @@ kw = {}
 pipe = Pipeline.load(engine, backend="ort-cuda")
 if search != "default":
     pipe.backend.conv_search = search
-from sdxl_trt.runtime.cuda import device_memory
+from sdxl_trt.runtime.bench import device_used_gib
 def call(w, h):
     t = time.perf_counter()
     pipe(%r, width=w, height=h, num_inference_steps=%d, seed=0, progress=False)
@@ -48,7 +48,7 @@ def call(w, h):
 out = {"search": search, "sequence_ms": [round(call(w, h), 1) for w, h in sequence]}
 out["steady_1024_ms"] = [round(call(1024, 1024), 1) for _ in range(5)]
 out["steady_1152x896_ms"] = [round(call(1152, 896), 1) for _ in range(3)]
-out["device_gib"] = round(device_memory()[0] / 2**30, 2)
+out["device_gib"] = round(device_used_gib(), 2)
 resident = getattr(pipe.backend, "resident", None)
 if resident is not None:
     out["resident"] = {" ".join(map(str, k)): None if v is None else round(v / 2**30, 3) for k, v in resident.sizes().items()}
@@ -65,9 +65,9 @@ def child(engine: str, search: str, pythonpath: str | None) -> dict:
     run = subprocess.run([sys.executable, "-c", CHILD, engine, search, json.dumps(SEQUENCE)], env=env,
                          capture_output=True, text=True)
     line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if run.returncode != 0 or line is None:
-        return {"search": search, "error": (run.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    out = json.loads(line[len("RESULT "):])
+    if line is None:
+        return {"search": search, "exit": run.returncode, "error": (run.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    out = {**json.loads(line[len("RESULT "):]), "exit": run.returncode}
     out["steady_1024_median_ms"] = statistics.median(out["steady_1024_ms"])
     out["steady_1152x896_median_ms"] = statistics.median(out["steady_1152x896_ms"])
     out["process_s"] = round(time.perf_counter() - started, 1)

@@ -20,6 +20,7 @@ two sessions reading one buffer, and the GPU test measures the device memory a s
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -119,7 +120,9 @@ class SharedWeights:
         if hasattr(memory, "free"):
             memory.free()
 
-    __del__ = free
+    def __del__(self):
+        if not sys.is_finalizing():  # at exit the driver frees it; CUDA may already be gone
+            self.free()
 
 
 class WeightSet:
@@ -153,7 +156,7 @@ class WeightSet:
         self.values = {**base.values, **values}
 
     free = SharedWeights.free
-    __del__ = free
+    __del__ = SharedWeights.__del__
 
 
 def _nbytes(tensor) -> int:
@@ -221,14 +224,12 @@ class _DLManagedTensor(ctypes.Structure):
 
 _DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
 _DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
-_alive: dict[int, tuple] = {}  # struct address → (struct, shape array): kept until ONNX Runtime lets go of the view
-
-
-@_DELETER
-def _release(managed) -> None:
-    _alive.pop(ctypes.addressof(managed.contents), None)
-
-
+# Each view's DLPack struct (and its shape) lives in one malloc'd block that ONNX Runtime hands to libc's free when it
+# lets go of the view: no Python callback, so nothing of ours must still exist when that happens (at interpreter exit
+# ONNX Runtime's sessions go after Python's objects; a Python deleter then crashed the process on the H100, exit -11)
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype, _libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+_FREE = _DELETER(ctypes.cast(_libc.free, ctypes.c_void_p).value)
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
@@ -240,9 +241,15 @@ def dlpack_value(address: int, shape: tuple[int, ...], onnx_type: int, device: t
     import onnxruntime as ort
 
     _, code, bits = FLOAT_TYPES[onnx_type]
-    dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
-    managed = _DLManagedTensor()
-    managed.dl_tensor = _DLTensor(address, _DLDevice(*device), len(shape), _DLDataType(code, bits, 1), dims, None, 0)
-    managed.deleter = _release
-    _alive[ctypes.addressof(managed)] = (managed, dims)
-    return ort.OrtValue.from_dlpack(_capsule_new(ctypes.addressof(managed), b"dltensor", None))
+    head = ctypes.sizeof(_DLManagedTensor)
+    block = _libc.malloc(head + 8 * max(len(shape), 1))
+    if not block:
+        raise MemoryError("malloc failed for a DLPack view")
+    dims = (ctypes.c_int64 * max(len(shape), 1)).from_address(block + head)
+    dims[:len(shape)] = shape
+    managed = _DLManagedTensor.from_address(block)
+    managed.dl_tensor = _DLTensor(address, _DLDevice(*device), len(shape), _DLDataType(code, bits, 1),
+                                  ctypes.cast(block + head, ctypes.POINTER(ctypes.c_int64)), None, 0)
+    managed.manager_ctx = None
+    managed.deleter = _FREE
+    return ort.OrtValue.from_dlpack(_capsule_new(block, b"dltensor", None))
