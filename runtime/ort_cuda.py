@@ -3,6 +3,11 @@ once per shape and reused, on one CUDA stream that ONNX Runtime computes on too 
 runs and our kernels are ordered without host synchronisation. `run` takes and returns numpy arrays, like the CPU
 backend.
 
+Sessions: each file's weights are on the device once (weights.py) and every session of that file views them: the
+any-shape session of each component and one session per resident shape — each bucket's (`buckets`) for the UNets and
+the VAE, each batch's for the text encoders —, kept (resident.py) until a device-memory budget frees the least
+recently used.
+
 Files: a component's GPU-optimized file (`sdxl-trt optimize DIR --target cuda`: fused attention, GroupNorm, NHWC
 convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets, text
 encoders and the VAE on an optimized file run in the device loop (device_loop.py) on a session made for the shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class Resident:
     def keys(self) -> list:
         return list(self._entries)
 
+    def peek(self, key: Hashable):
+        """The value kept under `key` (None if none), without counting it as used."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.value
+
     def get(self, key: Hashable, component: str, make: Callable[[], object]):
         """The value kept under `key`, or a new one from `make()` (room made for it first). `make` runs outside the
         lock: several threads may make values for different keys at once."""
@@ -63,7 +69,9 @@ class Resident:
                 return entry.value
             self._make_room(self._sizes.get(component, 0))
             before = self.used()
+        started = time.perf_counter()
         value = make()
+        log.info("made the session for %s in %.2f s", key, time.perf_counter() - started)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:  # another thread made one meanwhile: keep that one

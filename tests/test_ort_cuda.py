@@ -91,7 +91,7 @@ BUCKET = "192x256"  # the tests' size, made a resident bucket (the defaults are 
 
 def shaped(backend, component: str) -> list:
     """The sessions the backend keeps for `component` made for one shape (resident buckets)."""
-    return [backend.resident._entries[k].value for k in backend.resident.keys() if k[0] == component and k[1]]
+    return [backend.resident.peek(k) for k in backend.resident.keys() if k[0] == component and k[1]]
 
 
 def test_optimized_files_match_ort_cpu(optimized, pipelines):
@@ -299,12 +299,12 @@ def test_changing_size_reuses_the_resident_sessions_and_other_sizes_run_on_the_a
     kw = dict(num_inference_steps=4, seed=2, output_type="latent", progress=False)
     first = {size: pipe("a kite", width=size[0], height=size[1], **kw).array for size in ((192, 256), (256, 192))}
     keys = backend.resident.keys()
-    made = {k: backend.resident._entries[k].value for k in keys}
+    made = {k: backend.resident.peek(k) for k in keys}
     for size in ((192, 256), (256, 192), (192, 256)):  # back and forth: nothing is made again
         again = pipe("a kite", width=size[0], height=size[1], **kw).array
         assert backend.device_loop.last_run == "step" and rel_l2(again, first[size]) < NOISE
     assert backend.resident.keys() and set(backend.resident.keys()) == set(keys)
-    assert all(backend.resident._entries[k].value is made[k] for k in keys)
+    assert all(backend.resident.peek(k) is made[k] for k in keys)
     assert len(backend._weights) == len({k[0] for k in keys})  # one device copy per component (one file each)
     other = pipe("a kite", width=128, height=128, **kw).array  # not a bucket: the any-shape session, no graph
     assert backend.device_loop.last_run == "off" and not any(("h", 16) in k[1] for k in backend.resident.keys() if k[1])
