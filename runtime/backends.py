@@ -166,6 +166,7 @@ class OrtCpuBackend:
         from .lora import Adapters
 
         check_onnxruntime_install()
+        quiet_onnxruntime()
         self.manifest = manifest
         self.adapters = Adapters()
         self._sessions: dict[str, OrtSession] = {}
@@ -224,9 +225,6 @@ def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
     resident = resident_options(name, buckets, max_device_memory)
-    if name in ("ort-cpu", "ort-cuda"):
-        check_onnxruntime_install()
-        quiet_onnxruntime()
     if name == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
 

@@ -191,12 +191,13 @@ class OursContender:
 
 
 def device_used_gib() -> float | None:
+    """The GPU's memory in use (GiB, every process's), or None where there is no GPU runtime to ask."""
+    from .cuda import device_memory
+
     try:
-        from cuda.bindings import runtime as rt
-    except ImportError:
+        return device_memory()[0] / 2**30
+    except UserError:
         return None
-    err, free, total = rt.cudaMemGetInfo()
-    return (total - free) / 2**30 if int(err) == 0 else None
 
 
 def measure(contender, case: Case, timer: Timer, flops: dict | None) -> dict:

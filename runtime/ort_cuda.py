@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorrt_api
-from .backends import (CUDA_GRAPH_MODES, OrtSession, check_onnxruntime_install, output_shapes, session_file,
-                       symbol_values)
+from .backends import (CUDA_GRAPH_MODES, OrtSession, check_onnxruntime_install, output_shapes, quiet_onnxruntime,
+                       session_file, symbol_values)
 from .cuda import BufferPool, Stream, device_memory
 from .errors import UserError
 from .manifest import Manifest
@@ -49,6 +49,7 @@ class OrtCudaBackend:
         `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
         `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default)."""
         check_onnxruntime_install()
+        quiet_onnxruntime()
         import onnxruntime as ort
 
         if cuda_graphs not in CUDA_GRAPH_MODES:
@@ -238,9 +239,9 @@ def resident_sizes(manifest: Manifest, buckets=None) -> frozenset[tuple[int, int
 # arena_extend_strategy: each session's arena grows by what it is asked for, not to the next power of two (many
 # resident sessions would each keep up to twice their working set)
 CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_extend_strategy": "kSameAsRequested"}
-# cuDNN's convolution algorithm search. EXHAUSTIVE times every algorithm for each new input shape: about 2.5 s per
-# UNet shape on the H100, for a steady step no faster than HEURISTIC's (1092 vs 1079 ms end to end at 1024², one run;
-# benchmarks/results/h100-resident-buckets.json measures both again)
+# cuDNN's convolution algorithm search. EXHAUSTIVE times every algorithm for each new input shape, for a steady call no
+# faster than HEURISTIC's: on the H100 a new bucket's first call took 4.4-4.6 s with it and 2.9-3.0 s without, steady
+# 1024² 1109 vs 1083 ms (benchmarks/results/h100-resident-buckets-sequence.json)
 CONV_SEARCH = "HEURISTIC"
 
 
