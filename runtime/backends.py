@@ -58,6 +58,11 @@ def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
     return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}
 
 
+# ONNX Runtime's graph optimizations for sessions on shared weights or LoRA overrides (see OrtSession; the
+# optimized files are fused already: benchmarks/cold_start.py times the levels' session creation and steps)
+SHARED_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
+
+
 class OrtSession:
     """One exported component on ONNX Runtime; `run` takes and returns numpy arrays by contract name."""
 
@@ -109,7 +114,7 @@ class OrtSession:
         if overrides and shared is None and providers == ["CPUExecutionProvider"] and precision == "fp32":
             disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
         elif self._overrides:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, SHARED_OPTIMIZATION)
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=providers,
                                                  disabled_optimizers=disabled)

@@ -68,9 +68,10 @@ def generate(args) -> list[Path]:
 
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
                          loras=args.lora, **resident)
-    if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them at once
+    if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,
+        # in the background while the prompts are encoded
         pipe.prepare(width, height, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
-                     refiner=args.refiner_start is not None)
+                     refiner=args.refiner_start is not None, wait=False)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                   spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,

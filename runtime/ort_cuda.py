@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,9 @@ class OrtCudaBackend:
         self.conv_search = conv_search or CONV_SEARCH
         self.buckets = resident_sizes(manifest, buckets)
         self._weights: dict[tuple, SharedWeights | WeightSet] = {}  # (file, adapter set) → weights on the device
+        self._loading: dict[tuple, threading.Lock] = {}  # weights being loaded, by the same key
+        self._lock = threading.RLock()
+        self._preparing: list = []  # futures of the last prepare
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
         self._baseline = device_memory()[0]  # other processes' memory (and none of ours yet)
         self.resident = Resident(used=lambda: device_memory()[0] - self._baseline,
@@ -118,17 +122,31 @@ class OrtCudaBackend:
             self._shared(component, None)
         return self.resident.get(key, component, lambda: self._make(component, cuda_graph=True, dims=dims))
 
-    def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8) -> None:
-        """Make the sessions `plan` names ((component, dims) pairs) on several threads at once — each component's
-        weights first, then the sessions (ONNX Runtime makes sessions without holding the GIL) —, so that a first call
-        does not make them one after the other. Nothing runs: CUDA graphs are captured on first use as before."""
+    def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True):
+        """Make the sessions `plan` names ((component, dims) pairs) on several threads at once — each as soon as its
+        component's weights are on the device (ONNX Runtime makes sessions, and our uploads read files, without
+        holding the GIL) —, so that a first call does not make them one after the other. Nothing runs: CUDA graphs
+        are captured on first use as before. With `wait` False, returns at once with the futures: a call may start
+        meanwhile (a session it asks for that is being made is waited for, not made twice), but must wait for them
+        all before anything captures a CUDA graph (a capture fails if another thread allocates meanwhile). Each
+        future's result is the time.perf_counter() at which its session was ready."""
+        import time
         from concurrent.futures import ThreadPoolExecutor
 
+        def make(component, dims):
+            self.shape_session(component, dims)
+            return time.perf_counter()
+
         if not plan:
-            return
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan)))) as pool:
-            list(pool.map(lambda component: self._shared(component, None), {c for c, _ in plan}))
-            list(pool.map(lambda item: self.shape_session(*item), plan))
+            return []
+        pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan))), thread_name_prefix="prepare")
+        futures = [pool.submit(make, component, dims) for component, dims in plan]
+        pool.shutdown(wait=False)
+        self._preparing = futures
+        if wait:
+            for future in futures:
+                future.result()
+        return futures
 
     def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> OrtCudaSession:
         """The session that decodes `latent_shape` on the device (device_loop.decode): the fp32 file once the fp16 VAE
@@ -152,8 +170,10 @@ class OrtCudaBackend:
         self._drop_weights(component, keep=session_file(self._entry(component), "fp32")[0])
 
     def settle(self) -> None:
-        """The work queued so far has finished: measure new sessions, keep the device-memory budget."""
-        self.resident.settle()
+        """The work queued so far has finished: measure new sessions, keep the device-memory budget (later, while
+        `prepare` is still making sessions: what is in use then is not yet theirs alone)."""
+        if all(future.done() for future in self._preparing):
+            self.resident.settle()
 
     def set_loras(self, adapters) -> None:
         """Apply these LoRA adapters (lora.Adapter) from the next call on; () for the model as exported. The affected
@@ -189,19 +209,36 @@ class OrtCudaBackend:
         return self.manifest.path(path or entry["precisions"][precision])
 
     def _shared(self, component: str, file: str | None):
-        """The device weights of `component`'s file `file` under the active LoRA adapters, loaded once."""
+        """The device weights of `component`'s file `file` under the active LoRA adapters, loaded once (a thread
+        asking for weights another thread is loading waits for them)."""
         path = self._path(component, file)
         overrides = self.adapters.overrides(component, path)
-        key = (path, tuple((str(a.path), a.scale) for a in self.adapters.active) if overrides else ())
-        if key not in self._weights:
-            base = self._weights.get((path, ()))
-            if base is None:
-                base = self._weights[(path, ())] = SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1")
-            if overrides:
+        base = self._load_once((path, ()), lambda: SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1"))
+        if not overrides:
+            return base
+
+        def merged():
+            with self._lock:
                 for stale in [k for k in self._weights if k[0] == path and k[1]]:
                     del self._weights[stale]  # another adapter set's merged weights (freed with its last session)
-                self._weights[key] = base.with_overrides(overrides)
-        return self._weights[key]
+            return base.with_overrides(overrides)
+
+        return self._load_once((path, tuple((str(a.path), a.scale) for a in self.adapters.active)), merged)
+
+    def _load_once(self, key: tuple, load):
+        with self._lock:
+            if key in self._weights:
+                return self._weights[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                if key in self._weights:
+                    return self._weights[key]
+            weights = load()
+            with self._lock:
+                self._weights[key] = weights
+                self._loading.pop(key, None)
+            return weights
 
     def _make(self, component: str, file: str | None = None, cuda_graph: bool = False,
               dims: dict[str, int] | None = None) -> OrtCudaSession:
@@ -216,8 +253,9 @@ class OrtCudaBackend:
                  if (kind == "cuda" and entry.get("optimized", {}).get("cuda")) or kind in entry.get("precisions", {})}
         if keep is not None:
             paths.discard(self._path(component, keep))
-        for key in [k for k in self._weights if k[0] in paths]:
-            del self._weights[key]
+        with self._lock:
+            for key in [k for k in self._weights if k[0] in paths]:
+                del self._weights[key]
 
     def _evicted(self, key, session) -> None:
         if self._loop is not None:

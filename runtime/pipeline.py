@@ -125,6 +125,7 @@ class Pipeline:
     loras: tuple = ()  # the LoRA adapters applied (lora.Adapter; see `set_loras`)
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
     load_timings: dict = {}  # seconds `load` took: checking the files, starting the backend (and `prepare`: sessions)
+    _preparing = None  # (when, futures) of sessions being made in the background (prepare with wait=False)
 
     def __init__(self, manifest, backend):
         self.manifest = manifest
@@ -165,6 +166,7 @@ class Pipeline:
         from .lora import as_adapters
 
         adapters = as_adapters(loras)
+        self._wait_prepared()
         if not hasattr(self.backend, "set_loras"):
             if adapters:
                 raise UserError(f"LoRA adapters are not supported on {self.backend.name}; use --backend ort-cpu, "
@@ -180,6 +182,7 @@ class Pipeline:
 
     def _release(self, *components: str) -> None:
         """With low_memory, free these models' sessions (the backend loads them again when next asked)."""
+        self._wait_prepared()
         if self.low_memory and hasattr(self.backend, "release"):
             for name in components:
                 self.backend.release(name)
@@ -275,6 +278,7 @@ class Pipeline:
 
         embeds, pooled, time_ids = cond
         guidance = guidance_scale > 1.0
+        self._wait_prepared()  # nothing else may allocate on the GPU while the loop captures a CUDA graph
         if self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None):
             noise = None
             if sampler.needs_noise:  # drawn now, in the order the numpy loop below draws it
@@ -463,14 +467,27 @@ class Pipeline:
         return Result(images, array, seeds, timings)
 
     def prepare(self, width: int | None = None, height: int | None = None, images: int = 1, guidance: bool = True,
-                refiner: bool = False) -> None:
+                refiner: bool = False, wait: bool = True) -> None:
         """Make now, on several threads at once, the sessions a call of this shape will run on the device (text
         encoders, the UNet — the refiner's too with `refiner` —, the VAE decoder), instead of one after the other
-        during the call: a one-shot `generate` starts sooner. Does nothing on backends without a device loop."""
-        if self._can_prepare:
-            started = time.perf_counter()
-            self.backend.prepare(self._plan(width, height, images, guidance, refiner))
-            self.load_timings = {**self.load_timings, "sessions": time.perf_counter() - started}
+        during the call: a one-shot `generate` starts sooner. With `wait` False this returns at once and the next
+        call overlaps with it: the text encoders run as soon as their sessions are made, while the UNet's weights
+        are still being uploaded, and the denoising loop starts once every session is ready (load_timings'
+        "sessions" is then the time all of them took). Does nothing on backends without a device loop."""
+        if not self._can_prepare:
+            return
+        self._preparing = (time.perf_counter(), self.backend.prepare(self._plan(width, height, images, guidance,
+                                                                                refiner), wait=False))
+        if wait:
+            self._wait_prepared()
+
+    def _wait_prepared(self) -> None:
+        """Wait for the sessions `prepare` is making (raising the first error met); their time → load_timings."""
+        if not self._preparing:
+            return
+        (started, futures), self._preparing = self._preparing, None
+        ready = [future.result() for future in futures]
+        self.load_timings = {**self.load_timings, "sessions": max(ready, default=started) - started}
 
     @property
     def _can_prepare(self) -> bool:
@@ -494,6 +511,7 @@ class Pipeline:
 
     def _settle(self) -> None:
         """A call is done: a backend that keeps sessions resident measures them and keeps to its memory budget."""
+        self._wait_prepared()
         if hasattr(self.backend, "settle"):
             self.backend.settle()
 

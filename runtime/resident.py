@@ -39,6 +39,7 @@ class Resident:
         self.used, self.budget, self._evict = used, budget, evict
         self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
         self._pending: list[tuple[Hashable, int]] = []  # made, not yet measured: (key, bytes in use before)
+        self._making: dict[Hashable, threading.Event] = {}  # keys being made now, set when done
         self._sizes: dict[str, int] = {}  # component → the largest size measured for one of its entries
         self._warned = False
         self._lock = threading.RLock()  # values may be made on several threads at once (Pipeline.prepare)
@@ -61,24 +62,33 @@ class Resident:
 
     def get(self, key: Hashable, component: str, make: Callable[[], object]):
         """The value kept under `key`, or a new one from `make()` (room made for it first). `make` runs outside the
-        lock: several threads may make values for different keys at once."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                return entry.value
-            self._make_room(self._sizes.get(component, 0))
-            before = self.used()
-        started = time.perf_counter()
-        value = make()
-        log.info("made the session for %s in %.2f s", key, time.perf_counter() - started)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:  # another thread made one meanwhile: keep that one
-                return entry.value
-            self._entries[key] = Entry(value, component)
-            self._pending.append((key, before))
-        return value
+        lock: several threads may make values for different keys at once; a thread asking for a key another thread is
+        making waits for that one (a prepared session is never made twice)."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return entry.value
+                making = self._making.get(key)
+                if making is None:
+                    making = self._making[key] = threading.Event()
+                    self._make_room(self._sizes.get(component, 0))
+                    before = self.used()
+                    break
+            making.wait()  # then take what that thread made (or make it here, if it failed)
+        try:
+            started = time.perf_counter()
+            value = make()
+            log.info("made the session for %s in %.2f s", key, time.perf_counter() - started)
+            with self._lock:
+                self._entries[key] = Entry(value, component)
+                self._pending.append((key, before))
+            return value
+        finally:
+            with self._lock:
+                del self._making[key]
+            making.set()
 
     def settle(self) -> None:
         """Call when the work that first ran the newest values has finished (the stream synchronised): measures them,

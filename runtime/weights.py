@@ -20,13 +20,17 @@ two sessions reading one buffer, and the GPU test measures the device memory a s
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 MICROSOFT = "com.microsoft"
 # (domain, op type) → the inputs that may be shared (weights, never rewritten by ONNX Runtime's passes)
@@ -69,36 +73,33 @@ class SharedWeights:
     def __init__(self, path: Path, device: int | None, nhwc: bool = False):
         import onnx
 
+        started = time.perf_counter()
         self.path, self.device = Path(path), device
         model = onnx.load(str(path), load_external_data=False)
         tensors = shareable(model.graph, nhwc)
-        offsets, total = [], 0
-        for tensor in tensors:
-            offsets.append(total)
-            total += -(-_nbytes(tensor) // ALIGN) * ALIGN
+        offsets, copies, total = layout(tensors, self.path.parent)
         self.nbytes = total
         if device is None:
             self._memory = np.empty(max(total, 1), np.uint8)
             base = self._memory.ctypes.data
+            for source, start, nbytes, offset in copies:
+                _read_into(source, start, self._memory[offset:offset + nbytes])
         else:
-            from .cuda import DeviceBuffer
+            from .cuda import DeviceBuffer, upload_file_ranges
 
             self._memory = DeviceBuffer(total)
             base = self._memory.ptr
-        reader = _ExternalData(self.path.parent)
-        try:
-            for tensor, offset in zip(tensors, offsets):
-                data = reader.read(tensor)
-                if device is None:
-                    self._memory[offset:offset + data.nbytes] = data
-                else:
-                    self._memory.copy_from_host(data, offset)
-        finally:
-            reader.close()
+            upload_file_ranges([(source, start, nbytes, base + offset) for source, start, nbytes, offset in copies
+                                if isinstance(source, Path)])
+            for source, start, nbytes, offset in copies:
+                if not isinstance(source, Path):  # weights inside the model file itself (small files)
+                    self._memory.copy_from_host(np.frombuffer(source, np.uint8, nbytes, start), offset)
         kind = (KDL_CPU, 0) if device is None else (KDL_CUDA, device)
-        self.layout = {tensor.name: (offset, tuple(tensor.dims), tensor.data_type) for tensor, offset in zip(tensors, offsets)}
+        self.layout = {tensor.name: (offsets[tensor.name], tuple(tensor.dims), tensor.data_type) for tensor in tensors}
         self.values = {name: dlpack_value(base + offset, dims, data_type, kind)
                        for name, (offset, dims, data_type) in self.layout.items()}
+        log.info("read %.2f GiB of weights of %s into %s memory in %.2f s", total / 2**30, self.path,
+                 "host" if device is None else "device", time.perf_counter() - started)
 
     def view(self, name: str) -> np.ndarray:
         """Host weights only: the array every session reads for `name` (tests change it to show that they do)."""
@@ -170,36 +171,75 @@ def _onnx_type(dtype) -> int:
     raise UserError(f"a LoRA weight of dtype {np.dtype(dtype)} cannot be placed for ONNX Runtime")
 
 
-class _ExternalData:
-    """Reads initializers' bytes: from their external data files (mapped once each) or from the model proto."""
+MAX_GAP = 1 << 20  # bytes of other data a run of weights read in one piece may span (else a new run starts)
 
-    def __init__(self, folder: Path):
-        self.folder, self._maps = folder, {}
 
-    def read(self, tensor) -> np.ndarray:
-        """The tensor's raw bytes, uint8, without a copy where the file can be mapped."""
-        from onnx import numpy_helper
-
-        size = _nbytes(tensor)
+def layout(tensors, folder: Path) -> tuple[dict[str, int], list[tuple], int]:
+    """Where each tensor goes in one buffer, and the copies that fill it: ({name: offset}, [(source, start, nbytes,
+    offset)], total bytes). Weights in external data files are laid out as in the file — runs of neighbouring
+    tensors are read and copied in one piece (with what lies between them, at most MAX_GAP) — so that the buffer is
+    filled by a few large sequential reads; `source` is then the file's Path. Weights inside the model file are
+    copied one by one from their bytes (`source`: the bytes)."""
+    external, inline = [], []
+    for tensor in tensors:
         if tensor.data_location == 1:  # EXTERNAL
             info = {e.key: e.value for e in tensor.external_data}
-            location = info["location"]
-            if location not in self._maps:
-                file = self.folder / location
-                if not file.is_file():
-                    raise UserError(f"{file} is missing (weights of {tensor.name}); re-run `sdxl-trt export`")
-                self._maps[location] = np.memmap(file, dtype=np.uint8, mode="r")
-            mapped, offset = self._maps[location], int(info.get("offset", 0))
-            if offset + size > mapped.size:
-                raise UserError(f"{self.folder / location} is shorter than its model says (weights of {tensor.name}); "
-                                "re-run `sdxl-trt export`")
-            return mapped[offset:offset + size]
-        if tensor.raw_data:
-            return np.frombuffer(tensor.raw_data, np.uint8, count=size)
-        return np.ascontiguousarray(numpy_helper.to_array(tensor)).reshape(-1).view(np.uint8)
+            external.append((info["location"], int(info.get("offset", 0)), tensor))
+        else:
+            inline.append(tensor)
+    sizes = {}
+    for location in {loc for loc, _, _ in external}:
+        file = folder / location
+        if not file.is_file():
+            name = next(t.name for loc, _, t in external if loc == location)
+            raise UserError(f"{file} is missing (weights of {name}); re-run `sdxl-trt export`")
+        sizes[location] = file.stat().st_size
+    offsets, copies, total = {}, [], 0
+    run = None  # [location, file start, file end, buffer offset]
+    for location, start, tensor in sorted(external, key=lambda e: (e[0], e[1])):
+        end = start + _nbytes(tensor)
+        if end > sizes[location]:
+            raise UserError(f"{folder / location} is shorter than its model says (weights of {tensor.name}); "
+                            "re-run `sdxl-trt export`")
+        if (run is None or run[0] != location or start < run[2] or start - run[2] > MAX_GAP
+                or (start - run[1]) % ALIGN):
+            if run is not None:
+                copies.append((folder / run[0], run[1], run[2] - run[1], run[3]))
+                total = _aligned(run[3] + run[2] - run[1])
+            run = [location, start, end, total]
+        run[2] = max(run[2], end)
+        offsets[tensor.name] = run[3] + start - run[1]
+    if run is not None:
+        copies.append((folder / run[0], run[1], run[2] - run[1], run[3]))
+        total = _aligned(run[3] + run[2] - run[1])
+    for tensor in inline:
+        data = _inline_bytes(tensor)
+        offsets[tensor.name] = total
+        copies.append((data, 0, len(data), total))
+        total = _aligned(total + len(data))
+    return offsets, copies, total
 
-    def close(self) -> None:
-        self._maps.clear()
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _inline_bytes(tensor) -> bytes:
+    from onnx import numpy_helper
+
+    if tensor.raw_data:
+        return tensor.raw_data[:_nbytes(tensor)]
+    return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
+
+
+def _read_into(source, start: int, out: np.ndarray) -> None:
+    """Fill `out` (uint8) with `out.size` bytes of `source` (a file's Path, or bytes) from `start`."""
+    from .cuda import read_bytes
+
+    if not isinstance(source, Path):
+        out[:] = np.frombuffer(source, np.uint8, out.size, start)
+    elif out.size:
+        read_bytes(np.memmap(source, np.uint8, mode="r"), start, out)
 
 
 # --- DLPack views of memory we own, for ONNX Runtime (OrtValue.from_dlpack) ---------------------------------------

@@ -27,6 +27,8 @@ from sdxl_trt.runtime.trt_backend import NUMPY
 class FakeCudart:
     cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
     cudaStreamNonBlocking = 1
+    cudaHostAllocDefault = 0
+    cudaEventDisableTiming = 2
 
     def __init__(self):
         self.memory: dict[int, ctypes.Array] = {}
@@ -40,6 +42,23 @@ class FakeCudart:
 
     def cudaFree(self, ptr):
         del self.memory[ptr]
+        return (0,)
+
+    def cudaHostAlloc(self, nbytes, flags):
+        return self.cudaMalloc(nbytes)
+
+    cudaFreeHost = cudaFree
+
+    def cudaEventCreateWithFlags(self, flags):
+        return 0, object()
+
+    def cudaEventRecord(self, event, stream):
+        return (0,)
+
+    def cudaEventSynchronize(self, event):
+        return (0,)
+
+    def cudaEventDestroy(self, event):
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):

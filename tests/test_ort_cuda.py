@@ -346,3 +346,23 @@ def test_prepare_makes_on_several_threads_the_sessions_a_call_then_uses(tiny_opt
     assert set(pipe.backend.resident.keys()) == prepared  # nothing made during the call
     fresh = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])("a kite", **kw)
     assert np.abs(result.array.astype(int) - fresh.array).max() <= 4  # the fused files' run-to-run noise
+
+
+def test_a_call_overlapping_a_background_prepare_waits_for_it_and_makes_nothing_twice(tiny_optimized):
+    """`generate` prepares in the background (prepare(wait=False)) and starts the call at once: the text encoders
+    take the sessions being made, the loop waits for the rest; every session is made once, the image is the one a
+    call after a finished prepare gives."""
+    from sdxl_trt.runtime import Pipeline
+
+    kw = dict(width=192, height=256, num_inference_steps=4, seed=3, progress=False, refiner_start=0.5)
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    made = []
+    original = pipe.backend._make
+    pipe.backend._make = lambda *a, **k: made.append((a, tuple(sorted(k.get("dims", {}).items())))) or original(*a, **k)
+    pipe.prepare(192, 256, images=1, guidance=True, refiner=True, wait=False)
+    result = pipe("a kite", **kw)
+    assert len(made) == len(set(made)) == len(pipe.backend.resident)
+    assert pipe.load_timings["sessions"] > 0 and not pipe._preparing
+    waited = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    waited.prepare(192, 256, images=1, guidance=True, refiner=True)
+    assert np.abs(result.array.astype(int) - waited("a kite", **kw).array).max() <= 4  # the fused files' noise

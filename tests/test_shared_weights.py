@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdxl_trt.runtime.backends import OrtSession
+from sdxl_trt.runtime.errors import UserError
 from sdxl_trt.runtime.manifest import load_manifest
 from sdxl_trt.runtime.weights import MICROSOFT, MIN_ELEMENTS, NCHW_ONLY, SHARED_INPUTS, SharedWeights, shareable
 
@@ -113,6 +114,85 @@ def test_shared_weights_keep_the_file_s_values_and_layout(unet):
         assert weights.values[name].shape() == list(dims)
 
 
+def external_model(folder, gaps):
+    """A chain of MatMuls whose weights sit in one external data file at offsets with the given gaps before each
+    (bytes; unaligned ones and large ones included): the layouts writers other than ours produce."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights, nodes, offset, data = [], [], 0, bytearray()
+    for i, gap in enumerate(gaps):
+        array = rng.standard_normal((16, 16)).astype(np.float32)
+        offset += gap
+        data += bytes(gap) + array.tobytes()
+        tensor = numpy_helper.from_array(array, f"w{i}")
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        offset += array.nbytes
+        weights.append((tensor, array))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"x{i + 1}"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info(f"x{len(gaps)}", TensorProto.FLOAT, [1, 16])],
+                              [t for t, _ in weights])
+    (folder / "weights.bin").write_bytes(bytes(data))
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    return folder / "model.onnx", {t.name: a for t, a in weights}
+
+
+GAPS = [0, 0, 100, 4, 3 << 20, 256, 0]  # neighbours, unaligned starts, a gap larger than MAX_GAP
+
+
+def test_weights_are_read_in_runs_as_laid_out_in_the_file(tmp_path):
+    """Neighbouring weights are read in one piece (fewer, larger reads); a weight whose place in the run would be
+    unaligned, or far from the one before it, starts a run of its own; every view holds the file's tensor."""
+    from sdxl_trt.runtime.weights import ALIGN, layout
+
+    path, arrays = external_model(tmp_path, GAPS)
+    weights = SharedWeights(path, None)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(weights.view(name), array)
+        assert weights.layout[name][0] % ALIGN == 0
+    import onnx
+
+    _, copies, total = layout(shareable(onnx.load(str(path), load_external_data=False).graph, False), tmp_path)
+    assert 1 < len(copies) < len(arrays)  # runs: more than one (gaps, alignment), fewer than the tensors
+    assert total < sum(a.nbytes for a in arrays.values()) + len(arrays) * ALIGN  # the 3 MiB gap is not copied
+
+
+@pytest.mark.parametrize("read", ["mmap", "pread"])
+def test_device_upload_through_staging_buffers_copies_every_byte(tmp_path, monkeypatch, read):
+    """The device path (cuda.upload_file_ranges: page-locked staging buffers on several threads, pieces smaller
+    than the runs) run against a stand-in CUDA runtime over host memory: the buffer holds each file's bytes where the
+    layout says. A file shorter than its model says is refused before anything is copied."""
+    import ctypes
+
+    import onnx
+    from fake_gpu import FakeCudart
+    from sdxl_trt.runtime import cuda
+    from sdxl_trt.runtime.weights import layout
+
+    fake = FakeCudart()
+    monkeypatch.setattr(cuda, "cudart", lambda: fake)
+    path, arrays = external_model(tmp_path, GAPS)
+    tensors = shareable(onnx.load(str(path), load_external_data=False).graph, False)
+    offsets, copies, total = layout(tensors, tmp_path)
+    _, base = fake.cudaMalloc(total)
+    cuda.upload_file_ranges([(src, start, n, base + offset) for src, start, n, offset in copies],
+                            workers=3, chunk=1000, read=read)
+    for name, array in arrays.items():
+        raw = (ctypes.c_char * array.nbytes).from_address(base + offsets[name])
+        np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(array.shape), array)
+    assert fake.mallocs == 1 + 3 * 2  # the buffer, and two staging buffers per thread (freed again)
+    assert len(fake.memory) == 1
+    data = tmp_path / "weights.bin"
+    data.write_bytes(data.read_bytes()[:-10])
+    with pytest.raises(UserError, match="shorter than its model says"):
+        layout(tensors, tmp_path)
+
+
 # --- resident sessions under a memory budget --------------------------------------------------------------------
 
 class FakeDevice:
@@ -206,3 +286,64 @@ def test_sessions_made_on_several_threads_are_each_kept_once():
         t.join()
     assert len(resident) == 2 and resident.keys() in (["a", "b"], ["b", "a"])
     assert len({id(s) for s in got}) == 2  # both askers of a key got the value that was kept
+    assert len(made) == 2  # and it was made once: the second asker waited for the first (a UNet session takes s)
+
+
+def test_a_thread_waiting_for_a_session_that_failed_makes_it_itself():
+    """prepare(wait=False) makes sessions in the background while a call asks for them: when the background make
+    fails (say a corrupt file), the call's own attempt runs and reports the error where the user sees it."""
+    import threading
+    import time
+
+    from sdxl_trt.runtime.resident import Resident
+
+    resident = Resident(used=lambda: 0)
+    attempts = []
+
+    def make():
+        attempts.append(threading.current_thread().name)
+        time.sleep(0.05)
+        raise ValueError("corrupt")
+
+    errors = []
+
+    def ask():
+        try:
+            resident.get("unet", "unet", make)
+        except ValueError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, name=n) for n in ("background", "call")]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert attempts == ["background", "call"] and len(errors) == 2 and len(resident) == 0
+
+
+def test_uploads_take_turns_in_the_order_they_asked():
+    """cuda.UPLOADS: one file's upload at a time, first come first served (the text encoders' weights, asked for
+    first, are on the device first instead of all files finishing late together)."""
+    import threading
+    import time
+
+    from sdxl_trt.runtime.cuda import FifoLock
+
+    lock, order, inside, most = FifoLock(), [], [], []
+
+    def upload(i):
+        with lock:
+            inside.append(i)
+            most.append(len(inside))
+            order.append(i)
+            time.sleep(0.02)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)  # asked in this order
+    for t in threads:
+        t.join()
+    assert order == list(range(6)) and max(most) == 1  # in turn, one at a time
