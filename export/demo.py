@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..runtime.fileio import check_writable
 from ..runtime.generate import output_paths
 from ..runtime.images import write_png
+from ..runtime.metadata import generation_record
 from ..runtime.validate import parse_size, positive_int
 
 MODEL = "tiny:base"
@@ -24,6 +26,7 @@ def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, si
 
     path = output_paths(str(out), seed, 1, ".png")[0]
     width, height = parse_size(size)
+    check_writable(path, f"--out {str(path)!r}", width * height * 3 + 16 * 1024)  # about its raw bytes at most
     positive_int(steps, "--steps")
     with tempfile.TemporaryDirectory(prefix="sdxl-trt-demo-") as tmp:
         t = time.perf_counter()
@@ -32,8 +35,9 @@ def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, si
         exported = time.perf_counter() - t
         pipe = Pipeline.load(engine)
         result = pipe(prompt, height=height, width=width, num_inference_steps=steps, seed=seed)
-    write_png(path, result.images[0], {"prompt": prompt, "seed": seed, "steps": steps, "sampler": "euler",
-                                       "guidance": 5.0, "size": f"{width}x{height}", "model": MODEL})
+    call = {"num_inference_steps": steps, "sampler": "euler"}
+    write_png(path, result.images[0], generation_record(pipe, call, prompt=prompt, negative=None, seed=seed,
+                                                        size=(width, height), backend="ort-cpu", loras=[]))
     timings = {"export": exported, **result.timings}
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return path

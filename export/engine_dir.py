@@ -12,7 +12,6 @@ import gc
 import hashlib
 import importlib.util
 import json
-import os
 import resource
 import shutil
 import time
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..runtime import manifest as mf
 from ..runtime.errors import UserError
-from ..runtime.fileio import atomic_dir, read_json
+from ..runtime.fileio import atomic_dir, check_writable, read_json
 from .models import COMPONENTS
 from .onnx_export import IR_VERSION, OPSET, PRECISION_FILES, export_onnx, model_files
 from .sources import SourceSpec, load_model, resolve
@@ -79,8 +78,7 @@ def _check_out(out: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {str(out)!r}: cannot create folder {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {str(out)!r}: cannot write into {parent} (permission denied)")
+    check_writable(out, f"--out {str(out)!r}")  # a read-only or full filesystem: said now, not after the export
 
 
 def _resolve_vae(spec: str, allow_pickle: bool) -> SourceSpec:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..runtime import engines as eng
 from ..runtime.errors import UserError
-from ..runtime.fileio import atomic_file
+from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_record, load_manifest
 from .fuse_attention import drop_dead_nodes, import_ms_domain
 from .onnx_export import model_files, write_model
@@ -103,6 +103,10 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             src = manifest.path(entry["precisions"]["fp32"])
             todo.append((name, source, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
                          _fp32_io(entry)))
+        if todo:  # fp16 files: about half their fp32 sources (the old versions are replaced one by one)
+            need = sum(manifest.data["files"][f]["size"] for job in todo
+                       for f in manifest.components[job[0]]["files"]["fp32"]) // 2
+            check_writable(todo[0][3], f"optimize {root}", need)
         bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
         for name, source, dest, fused, seconds in _run_jobs(todo, jobs):
             _record(root, target, name, source, dest, fused)
@@ -120,14 +124,33 @@ def _run_jobs(todo: list[tuple], jobs: int):
             yield name, source, job[1], *_timed_optimize_file(*job)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_timed_optimize_file, *job[2:]): job for job in todo}
-        for future in as_completed(futures):
-            name, source, _, dest, _, _ = futures[future]
-            fused, seconds = future.result()
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_worker_signals)
+    try:
+        for i, fused, seconds in pool.imap_unordered(_job, list(enumerate(job[2:] for job in todo))):
+            name, source, _, dest, _, _ = todo[i]
             yield name, source, dest, fused, seconds
+        pool.close()
+    finally:  # Ctrl-C, SIGTERM or an error: the workers stop now (SIGTERM), removing what they were writing
+        pool.terminate()
+        pool.join()
+
+
+def _worker_signals() -> None:
+    """In a worker: SIGTERM (the pool's terminate) and Ctrl-C unwind, so its temporary files are removed, and end it
+    quietly (multiprocessing prints a traceback for any other exception; the parent says "interrupted")."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _job(numbered: tuple) -> tuple:
+    i, job = numbered
+    return i, *_timed_optimize_file(*job)
 
 
 def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str]) -> tuple[dict, float]:

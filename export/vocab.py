@@ -3,7 +3,7 @@
 Both SDXL tokenizers use OpenAI CLIP's byte-level BPE: 49,152 lines of merges, of which the first is a
 header and the last 256 + 2 are unused, giving a vocabulary of 256 byte symbols, the same 256 with the
 end-of-word marker `</w>`, 48,894 merged symbols and the two specials: 49,408 ids in all. The file ships
-inside the `open_clip_torch` wheel; importing open_clip needs torchvision, so we only locate it.
+inside the `open_clip_torch` wheel; importing open_clip needs torchvision, so we only read the file (bpe_bytes).
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_dir, cache_dir
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"  # OpenAI CLIP's file, as open_clip ships it
 N_MERGES = 49152 - 256 - 2  # as OpenAI's SimpleTokenizer reads the file
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONFIGS = Path(__file__).parent / "configs"
@@ -38,23 +41,39 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def bpe_path() -> Path:
+WHEEL = "open_clip_torch==3.3.0"
+WHEEL_DIR = Path(sys.prefix) / "share" / "sdxl-trt"  # where README's set-up downloads the wheel (inside the venv)
+DOWNLOAD = f"pip download --no-deps {WHEEL} -d {WHEEL_DIR}"
+
+
+@functools.lru_cache(maxsize=1)
+def bpe_bytes() -> bytes:
+    """The gzipped vocabulary file: from an installed open_clip package if there is one, else read out of the
+    open_clip_torch wheel that README's set-up downloads (`pip download --no-deps`) without installing it: installed
+    without its dependencies (torchvision, timm, ...) it would leave pip reporting them missing ever after."""
     spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the CLIP BPE vocabulary ships in the open_clip_torch wheel, which is not installed: "
-            "pip install --no-deps open_clip_torch"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
-    if not path.is_file():
-        raise UserError(f"open_clip_torch is installed but has no {BPE_FILE} at {path}: reinstall it with --no-deps")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+        if path.is_file():
+            return path.read_bytes()
+    for wheel in sorted(WHEEL_DIR.glob("open_clip_torch-*.whl"), reverse=True):
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                data = z.read(f"open_clip/{BPE_FILE}")
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"{wheel} holds no readable open_clip/{BPE_FILE} ({e}); download it again: "
+                            f"{DOWNLOAD}") from None
+        if hashlib.sha256(data).hexdigest() != BPE_SHA256:
+            raise UserError(f"{wheel}: its {BPE_FILE} is not OpenAI CLIP's (sha256 differs); download it again: "
+                            f"{DOWNLOAD}")
+        return data
+    raise UserError(f"the CLIP BPE vocabulary ships in the open_clip_torch wheel, which is not here: {DOWNLOAD}")
 
 
 @functools.lru_cache(maxsize=1)
 def clip_bpe() -> tuple[dict[str, int], list[str]]:
     """(vocab: token → id, merges: "a b" lines) exactly as OpenAI CLIP and HF's vocab.json/merges.txt number them."""
-    text = gzip.open(bpe_path(), "rb").read().decode("utf-8")
+    text = gzip.decompress(bpe_bytes()).decode("utf-8")
     merges = text.split("\n")[1 : N_MERGES + 1]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
@@ -82,7 +101,7 @@ def cached_tokenizer_dirs(config_dir: Path) -> dict[str, Path]:
         src = config_dir / name
         if not src.is_dir():
             continue
-        key = hashlib.sha256(bpe_path().read_bytes())
+        key = hashlib.sha256(bpe_bytes())
         for f in sorted(src.iterdir()):
             key.update(f.name.encode() + f.read_bytes())
         dest = cache_dir("tokenizers") / f"{name}-{key.hexdigest()[:16]}"

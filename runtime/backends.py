@@ -198,19 +198,28 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
     if name not in ("ort-cpu", "ort-cuda"):
         return None
     files = [f for f in manifest.data["files"] if not f.startswith("onnx/")]  # tokenizers, scheduler
-    for entry in manifest.components.values():
+    for component, entry in manifest.components.items():
         if name == "ort-cpu":
-            files += entry["files"]["fp32"]
+            files += precision_files(manifest, component, "fp32", name)
             continue
         kind = session_file(entry)[0]
         if kind != "cuda":
-            files += entry["files"][kind]
+            files += precision_files(manifest, component, kind, name)
             continue
         optimized = entry["optimized"]["cuda"]
         files += optimized["files"]
         if optimized.get("overflow_check"):
-            files += entry["files"]["fp32"]
+            files += precision_files(manifest, component, "fp32", name)
     return files
+
+
+def precision_files(manifest: Manifest, component: str, precision: str, backend: str) -> list[str]:
+    """A component's files of one precision, or one line saying the backend needs a precision it was not exported in."""
+    files = manifest.components[component]["files"]
+    if precision not in files:
+        raise UserError(f"{manifest.root}: {component} has no {precision} file, which {backend} runs (it has "
+                        f"{', '.join(files)}); re-export it: `{manifest.export_command()}`")
+    return files[precision]
 
 
 def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
@@ -222,6 +231,34 @@ def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | 
     if file == "cuda":
         return file, optimized["precision"], optimized["path"]
     return file, file, None
+
+
+def precision_of(backend, component: str) -> str:
+    """The precision `component` computes in on `backend`, for messages about its numbers: ort-cpu's fp32; on ort-cuda
+    its file's (fp32 once an fp16 VAE has fallen back); a loaded TensorRT engine's build precision."""
+    if getattr(backend, "precision", None):  # ort-cpu: one precision for everything
+        return backend.precision
+    entry = backend.manifest.components.get(component, {})
+    if backend.name == "ort-cuda":
+        return "fp32" if component in getattr(backend, "_overflowed", ()) else session_file(entry)[1]
+    record = getattr(getattr(backend, "_sessions", {}).get(component), "record", None)
+    return record["precision"] if record else "its engine's precision"
+
+
+def non_finite(what: str, component: str, backend, advice: str, fp16_advice: str | None = None) -> str:
+    """The message for NaN/Inf out of `component`, true for the precision it ran in on `backend`: an fp16 overflow
+    only where fp16 computed it; in fp32 (or bf16, with fp32's range) the inputs or the weights are to blame, since
+    nothing sane reaches ±3.4e38. `advice`: what the user can change (`fp16_advice` instead after an fp16 overflow)."""
+    precision = precision_of(backend, component)
+    where = f"{component} in {precision} on {backend.name}"
+    if precision == "fp16":
+        return (f"{what} NaN/Inf ({where}): an fp16 overflow, some value passed ±65504, fp16's largest; "
+                f"{fp16_advice or advice}")
+    return (f"{what} NaN/Inf ({where}): values left {precision}'s range (±3.4e38) or became undefined (0/0, ∞−∞), "
+            f"which sane inputs do not cause in {precision}; {advice}")
+
+
+VAE_FP16_ADVICE = "export with an fp16-safe VAE (sdxl-trt export --vae SRC) or build the VAE in fp32"
 
 
 def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step",

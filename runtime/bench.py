@@ -323,7 +323,7 @@ def run(args) -> dict:
     """The `bench` command: every contender over every case of the chosen sweeps; the JSON is rewritten after each
     case, so a run cut short keeps what it measured."""
     from . import tensorrt_api
-    from .fileio import atomic_file
+    from .fileio import atomic_file, check_writable
     from .manifest import load_manifest
     from .validate import parse_size
 
@@ -351,6 +351,7 @@ def run(args) -> dict:
     out = Path(args.out)
     if args.resume and out.exists():
         resume(result, out)
+    check_writable(out, f"--out {str(out)!r}")  # before the first case, not after it
 
     def save() -> None:
         with atomic_file(out) as tmp:

@@ -35,7 +35,7 @@ def _cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from .server import Limits, create_app
+        from .server import Limits, check_address, create_app
     except ImportError as e:
         raise UserError(f"serve needs the serve extra ({e.name} is missing): pip install 'sdxl-trt[serve]'") from None
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-n", args.max_n),
@@ -44,6 +44,7 @@ def _cmd_serve(args) -> int:
             raise UserError(f"{flag} {value}: expected at least 1")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected 1-65535")
+    check_address(args.host, args.port)  # taken or not ours: said now, not by uvicorn after the load (status 3)
     from .manifest import load_manifest
 
     load_manifest(args.dir)  # a missing or broken directory: said before the server starts
@@ -191,6 +192,21 @@ def _resident_flags(parser) -> None:
                         "timings) and show ONNX Runtime's warnings")
 
 
+def typed_options(argv: list[str]) -> set[str]:
+    """The destinations of the options typed in `argv`, not filled in by a default: what `generate --from-png`'s
+    file must not overrule. argv is parsed again with every subcommand's defaults suppressed (argparse has no public
+    way to ask, hence its `_actions`)."""
+    parser = build_parser()
+    typed = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                for option in command._actions:
+                    option.default = argparse.SUPPRESS
+                    typed.add(option.dest)
+    return typed & set(vars(parser.parse_args(argv)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS, CUDA_GRAPH_MODES
     from .bench import SWEEPS
@@ -271,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text-to-image, img2img and inpainting from an engine directory "
                        "(ONNX Runtime CPU, or engines built by `sdxl-trt build`)")
     g.add_argument("dir", metavar="DIR", help="engine directory written by `sdxl-trt export`")
-    g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE)")
+    g.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (or --prompts FILE; not both)")
     g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
+    g.add_argument("--from-png", metavar="PNG", help="run again what made this PNG (written by sdxl-trt generate or "
+                   "serve): its prompt, seed, size, steps, sampler, guidance, … ; flags given beside it override the "
+                   "file's values (the backend is this command's)")
     g.add_argument("--negative", default="", help="negative prompt (empty: zero negative conditioning on the base)")
     g.add_argument("--size", help="WxH in pixels, multiples of 8 (default: the model's, 1024x1024 for SDXL)")
     g.add_argument("--steps", type=int, default=30)
@@ -409,25 +428,74 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
         sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
     try:
-        return _run(args, prog)
+        code = _run(args, prog)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous[0])
             sys.unraisablehook = previous[1]
+    from .interrupts import abandoned
+
+    if abandoned():  # a native call that ignored its cancel still runs: shutting the interpreter down under it
+        sys.stdout.flush()  # could crash; everything of ours is cleaned up by now, so end here
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(args, prog: str) -> int:
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a pipe's reader gone shows here, not in the interpreter's flush at exit
+        return code
     except VerificationError as e:
+        _end_progress_bars()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 4
     except UserError as e:
+        _end_progress_bars()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # some other pipe (a socket, a child process): a bug, with its traceback
+        return _quiet_broken_pipe()
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that its line starts a line of its own (a bar ends in a
+    carriage return, not a newline, until it is closed)."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured by a test harness)
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (`| head`): stop quietly, as the shell's own tools do, with 141 (128 +
+    SIGPIPE). Python would otherwise print a traceback, and again when it flushes stdout at exit, so stdout is
+    pointed at /dev/null first (the recipe in Python's `signal` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests capture it): nothing to flush later
+        pass
+    return 141
 
 
 if __name__ == "__main__":

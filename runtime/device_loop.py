@@ -202,7 +202,8 @@ class DeviceLoop:
                for name, dims in output_shapes(session.entry, {"input_ids": ids.shape}).items()}
         self._bind(shape, session, {"input_ids": (pool["input_ids"].ptr, ids.shape, ids.dtype)},
                    {name: (pool.reserve(name, array.nbytes).ptr, array.shape, array.dtype) for name, array in out.items()})
-        session.run_bound(shape.binding[0], shape.graph_id)
+        # while sessions are made on other threads (prepare), no capture: their allocations would break it
+        session.run_bound(shape.binding[0], -1 if getattr(self.backend, "preparing", False) else shape.graph_id)
         for name, array in out.items():
             pool[name].download(array, stream)
         stream.synchronize()

@@ -24,7 +24,8 @@ from . import engines as eng
 from . import profiles as prof
 from . import tensorrt_api
 from .errors import UserError, VerificationError
-from .fileio import atomic_file
+from .fileio import atomic_file, check_writable
+from .interrupts import run_native
 from .manifest import Manifest, file_problem, load_manifest, sha256_file
 
 VAE = ("vae_decoder", "vae_encoder")
@@ -138,6 +139,8 @@ def _build_engines(engine_dir, options: BuildOptions, components, progress: bool
     builder = _Builder(trt, options, target)
     if options.backend == "tensorrt-rtx" and options.timing_cache is not None:
         report.notes.append("--timing-cache: ignored, TensorRT-RTX does not time kernels at build time")
+    # the engines' size is not known before they are built (kernels as well as weights): writable is what is checked
+    check_writable(root / eng.ENGINES / options.backend / f"{plan[0][0]}.engine", f"build {root}")
     with eng.locked(root):
         for name, precision in plan:
             if precision == "bf16":
@@ -291,11 +294,11 @@ class _Builder:
         if config.num_optimization_profiles != len(profiles):
             raise VerificationError(f"{component}: the builder holds {config.num_optimization_profiles} profiles, "
                                     f"{len(profiles)} were added")
-        monitor = progress_monitor(trt, bar, component) if bar else None
-        if monitor is not None:
-            config.progress_monitor = monitor
+        monitor = progress_monitor(trt, bar, component)  # also how Ctrl-C stops the builder (run_native)
+        config.progress_monitor = monitor
         self.logger.clear()
-        serialized = self.builder.build_serialized_network(network, config)
+        serialized = run_native(lambda: self.builder.build_serialized_network(network, config), cancel=monitor.cancel,
+                                name=f"build {component}")
         if serialized is None:
             raise UserError(f"{self.options.backend} could not build {component}: {self.logger.last_error()}")
         with atomic_file(dest) as tmp:
@@ -337,13 +340,18 @@ def check_io(component: str, entry: dict, precision: str, io: list[dict]) -> Non
 
 
 def progress_monitor(trt, bar, component: str):
-    """Shows the builder's current phase (TensorRT's IProgressMonitor) beside the progress bar."""
+    """Shows the builder's current phase (TensorRT's IProgressMonitor) beside the progress bar (if any), and stops
+    the build at its next step once `cancel()` was called (TensorRT's way: `step_complete` returns False)."""
 
     class _Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.phases: dict[str, tuple[int, int]] = {}
             self.shown = 0.0
+            self.cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self.phases[phase_name] = (0, num_steps)
@@ -352,13 +360,13 @@ def progress_monitor(trt, bar, component: str):
         def step_complete(self, phase_name, step):
             self.phases[phase_name] = (step + 1, self.phases.get(phase_name, (0, 0))[1])
             self._show(phase_name)
-            return True
+            return not self.cancelled
 
         def phase_finish(self, phase_name):
             self.phases.pop(phase_name, None)
 
         def _show(self, phase_name):
-            if time.monotonic() - self.shown < 1.0:  # phases of small models come and go by the thousand
+            if not bar or time.monotonic() - self.shown < 1.0:  # phases of small models come and go by the thousand
                 return
             self.shown = time.monotonic()
             done, total = self.phases.get(phase_name, (0, 0))

@@ -10,6 +10,7 @@ process dies, even by SIGKILL, so the next write of the same path removes the te
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -17,6 +18,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError
+
+# what only writing raises: the place cannot take the bytes (full, over quota, read-only, file too large)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def _read_umask() -> int:
@@ -63,10 +69,61 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_writable(path: str | os.PathLike, what: str, need_bytes: int = 0) -> None:
+    """Before the work starts: `path` (a file or folder still to be written) can be, in the folder it will be
+    written in (the nearest existing one, for folders still to be made), and that folder's filesystem has
+    `need_bytes` free (0: the size is not known beforehand). `what` leads the error (the flag and its value).
+    A probe file is made and removed, because permission bits say nothing for root, nor about read-only mounts."""
+    path = Path(path).expanduser().absolute()
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=folder)  # swept like any dead writer's
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+    if need_bytes:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+        if free < need_bytes:
+            raise UserError(f"{what}: {folder} has {_size(free)} free, the result needs about "
+                            f"{_size(need_bytes)}; free some space or write elsewhere")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+@contextlib.contextmanager
+def _write_errors_said(path: Path) -> Iterator[None]:
+    """A write that fails because the place is full or read-only: one line naming the path (the temporary is
+    removed by the caller's `finally`, so `path` keeps its previous version, or stays absent)."""
+    try:
+        yield
+    except OSError as e:
+        code = e.errno
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):  # copytree's: reasons as text
+            reasons = [str(why) for *_, why in e.args[0]]
+            code = next((n for n in WRITE_ERRNOS if any(f"[Errno {n}]" in why for why in reasons)), None)
+        if code not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write {path}: {os.strerror(code)} (in {path.parent}); it was left as it was") from None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`. A full or read-only
+    filesystem is a UserError naming `path`."""
     path = Path(path)
+    with _write_errors_said(path):
+        with _atomic_file(path) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
@@ -85,8 +142,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` (an existing folder is swapped out)."""
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an existing folder is swapped out).
+    A full or read-only filesystem is a UserError naming `path`."""
     path = Path(path)
+    with _write_errors_said(path):
+        with _atomic_dir(path) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
@@ -110,8 +175,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """A JSON object from a file the user gave us; missing or broken is their input error, named with its path."""
-    from .errors import UserError
-
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_file
+from .fileio import atomic_file, check_writable
 from .images import load_image, write_png
-from .validate import parse_size, positive_int, resident_options
+from .metadata import file_sha256, generation_record, model_hash
+from .validate import CLI_NAMES, parse_size, positive_int, resident_options
+
+log = logging.getLogger("sdxl_trt")
 
 
 def read_prompts(args) -> list[str]:
+    if args.prompts and args.prompt is not None:  # which one was meant cannot be guessed: neither is dropped silently
+        raise UserError(f"give a PROMPT or --prompts FILE, not both (got {args.prompt!r} and --prompts "
+                        f"{args.prompts!r})")
     if args.prompts:
         path = Path(args.prompts)
         try:
@@ -30,6 +37,19 @@ def read_prompts(args) -> list[str]:
     return [args.prompt]
 
 
+def seeds_line(seeds: list[int]) -> str:
+    """The random seeds a run used, said whatever the output's name, so that the run can be repeated."""
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    return f"{which} (random; --seed {seeds[0]} repeats it)"
+
+
+def output_room(paths: list[Path], width: int, height: int, latent: bool) -> None:
+    """Enough free space for the results, known once the size is: latents are [1, 4, h/8, w/8] float32; a PNG is
+    at most about its raw RGB bytes (deflate does not grow noise by more than a few per mille)."""
+    each = 4 * (height // 8) * (width // 8) * 4 + 128 if latent else width * height * 3 + 16 * 1024
+    check_writable(paths[0], f"--out {str(paths[0])!r}", each * len(paths))
+
+
 def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[Path]:
     base = Path(out).expanduser() if out else Path(f"sdxl-trt-{first_seed}{suffix}")
     if base.is_dir():
@@ -43,7 +63,55 @@ def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[
     return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(n)]
 
 
+# --from-png: the record's keys (metadata.generation_record) → generate's arguments
+FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "seed": "seed", "steps": "steps", "sampler": "sampler",
+            "spacing": "spacing", "guidance": "guidance", "guidance_rescale": "guidance_rescale", "size": "size",
+            "long_prompt": "long_prompt", "refiner_start": "refiner_start", "refine_strength": "refine_strength",
+            "init_image": "init_image", "strength": "strength", "mask": "mask"}
+# arguments that make one choice together: typing one of them keeps the file's values for all of them out
+TOGETHER = ({"prompt", "prompts"}, {"refiner_start", "refine_strength"})
+
+
+def apply_png(args) -> dict:
+    """`--from-png FILE`: the arguments not typed on the command line taken from FILE's record (the same
+    parameters and seed give the same image); returns the record."""
+    from .cli import typed_options
+    from .metadata import read_record
+
+    record = read_record(args.from_png)
+    typed = typed_options(args.argv) if hasattr(args, "argv") else set()
+    for names in TOGETHER:
+        typed |= names if typed & names else set()
+    for key, dest in FROM_PNG.items():
+        if dest not in typed:
+            setattr(args, dest, record.get(key))  # absent: a feature that was not used (its default is None)
+    for key, flag in (("init_image", "--init-image"), ("mask", "--mask")):
+        digest = record.get(f"{key}_sha256")
+        if digest is None or key in typed:
+            continue
+        if getattr(args, key) is None:
+            raise UserError(f"--from-png {args.from_png!r}: its {flag[2:]} came in an HTTP request; give it with "
+                            f"{flag} PNG")
+        path = Path(getattr(args, key))
+        if path.is_file() and file_sha256(path.read_bytes()) != digest:
+            raise UserError(f"--from-png {args.from_png!r}: {flag} {str(path)!r} has changed since the image was "
+                            f"made; give {flag} {path} to use it as it is now")
+    if "lora" not in typed:
+        served = [a["name"] for a in record.get("loras", []) if "file" not in a]
+        if served:
+            raise UserError(f"--from-png {args.from_png!r}: made with the server's LoRA adapter {served[0]!r}; give "
+                            "each adapter with --lora PATH:SCALE")
+        args.lora = [f"{a['file']}:{a['scale']!r}" for a in record.get("loras", [])] or None
+    return record
+
+
+def image_source(path: str | None) -> dict | None:
+    """What the record keeps of an input image file: its path as given and its sha256."""
+    return None if path is None else {"path": path, "sha256": file_sha256(Path(path).read_bytes())}
+
+
 def generate(args) -> list[Path]:
+    record = apply_png(args) if getattr(args, "from_png", None) else None
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength goes with --init-image")
     if args.mask is not None and args.init_image is None:
@@ -60,25 +128,38 @@ def generate(args) -> list[Path]:
         except (OSError, ValueError) as e:
             raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
     suffix = ".npy" if args.output_type == "latent" else ".png"
-    if args.out:  # a bad --out fails before any work
-        output_paths(args.out, 0, len(prompts) * args.batch, suffix)
+    # a bad or unwritable --out (or working folder, for the default name) fails before any work
+    first = output_paths(args.out, 0, len(prompts) * args.batch, suffix)[0]
+    check_writable(first, f"--out {str(first)!r}" if args.out else "the working folder (no --out)")
     image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
+    from .lora import as_adapters
+    from .manifest import work_for
     from .pipeline import Pipeline
 
+    as_adapters(args.lora, CLI_NAMES)  # --lora scales checked, in the CLI's words, before anything loads
+    work = work_for(decode=args.output_type != "latent", img2img=image is not None,  # its components checked at load
+                    refiner=args.refiner_start is not None or args.refine_strength is not None)
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
-                         loras=args.lora, **resident)
+                         loras=args.lora, work=work, **resident)
     if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,
         # in the background while the prompts are encoded
         pipe.prepare(width, height, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
                      refiner=args.refiner_start is not None, wait=False)
-    result = pipe(prompts, args.negative or None, height=height, width=width, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
-                  spacing=args.spacing, num_images_per_prompt=args.batch, seed=args.seed, latents=latents,
-                  image=image, mask_image=mask, strength=args.strength,
-                  refiner_start=args.refiner_start, refine_strength=args.refine_strength, long_prompt=args.long_prompt,
-                  output_type="latent" if args.output_type == "latent" else "pil")
+    if record is not None and record["model_hash"] != model_hash(pipe, pipe.main_role):
+        log.warning("--from-png %s was made with other weights (model hash %s; %s has %s): the image will differ",
+                    args.from_png, record["model_hash"], args.dir, model_hash(pipe, pipe.main_role))
+    w, h = (width, height) if width else image.size if image is not None else (pipe.model["default_size"],) * 2
+    output_room(output_paths(args.out, 0, len(prompts) * args.batch, suffix), w, h, args.output_type == "latent")
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                sampler=args.sampler, spacing=args.spacing, strength=args.strength, refiner_start=args.refiner_start,
+                refine_strength=args.refine_strength, long_prompt=args.long_prompt)
+    result = pipe(prompts, args.negative or None, height=height, width=width, num_images_per_prompt=args.batch,
+                  seed=args.seed, latents=latents, image=image, mask_image=mask,
+                  output_type="latent" if args.output_type == "latent" else "pil", names=CLI_NAMES, **call)
     paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)
+    if args.seed is None:
+        print(seeds_line(result.seeds))
     if args.output_type == "latent":
         for path, latent in zip(paths, result.array):
             with atomic_file(path) as tmp:
@@ -87,15 +168,11 @@ def generate(args) -> list[Path]:
     else:
         h, w = result.array.shape[1:3]
         prompts_per_image = [p for p in prompts for _ in range(args.batch)]
+        inputs = {"init_image": image_source(args.init_image), "mask": image_source(args.mask)}
+        loras = [{"file": str(a.path), "scale": a.scale} for a in pipe.loras]
         for path, image, seed, prompt in zip(paths, result.images, result.seeds, prompts_per_image):
-            write_png(path, image, {
-                "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
-                "sampler": args.sampler, "guidance": args.guidance, "size": f"{w}x{h}",
-                "refiner_start": args.refiner_start, "refine_strength": args.refine_strength,
-                "init_image": args.init_image, "mask": args.mask, "strength": args.strength if args.init_image else None,
-                "backend": args.backend, "model": pipe.manifest.data["sources"],
-                "loras": [{"file": str(a.path), "scale": a.scale} for a in pipe.loras] or None,
-                "manifest_sha256": pipe.manifest.sha256})
+            write_png(path, image, generation_record(pipe, call, prompt=prompt, negative=args.negative, seed=seed,
+                                                     size=(w, h), backend=args.backend, loras=loras, **inputs))
     if args.timings:
         print("load: " + ", ".join(f"{k} {v:.2f} s" for k, v in pipe.load_timings.items()))
         print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))

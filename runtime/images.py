@@ -65,13 +65,21 @@ def to_pil(pixels: np.ndarray) -> list:
     return [Image.fromarray(image) for image in pixels]
 
 
-def write_png(path: Path, image, parameters: dict) -> None:
-    """Save a PIL image as PNG with its generation parameters as JSON in a `parameters` text chunk, atomically."""
-    import json
+def write_png(path: Path, image, record: dict) -> None:
+    """Save a PIL image as PNG, atomically, with what made it: metadata.generation_record's JSON and its
+    AUTOMATIC1111 text (metadata.py)."""
+    from .metadata import png_info
 
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters, ensure_ascii=False))
     with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=png_info(record))
+
+
+def png_bytes(image, record: dict) -> bytes:
+    """The PNG file write_png writes, in memory (the server's answers)."""
+    import io
+
+    from .metadata import png_info
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(record))
+    return buffer.getvalue()

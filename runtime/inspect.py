@@ -6,7 +6,7 @@ import json
 
 from . import engines as eng
 from . import tensorrt_api
-from .manifest import load_manifest
+from .manifest import WORK, load_manifest
 
 
 def inspect_data(engine_dir) -> dict:
@@ -33,6 +33,7 @@ def inspect_data(engine_dir) -> dict:
             "components": {name: {"contract": entry["contract"], "precisions": sizes[name]}
                            for name, entry in manifest.components.items()},
             "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
+            "work": {work: manifest.missing(work) for work in WORK},  # None: it can; else why not
             "engines": engines, "machine": machine}
 
 
@@ -48,6 +49,8 @@ def inspect_dir(engine_dir, as_json: bool = False) -> str:
         lines.append(f"  {name:<14} {files}")
     for role, comps in info["pipelines"].items():
         lines.append(f"  {role} pipeline: " + ", ".join(f"{k}={v}" if k != v else k for k, v in comps.items()))
+    lines.append("work: " + ", ".join(f"{work} {'yes' if why is None else 'no'}" for work, why in info["work"].items()))
+    lines += [f"  {work}: {why}" for work, why in info["work"].items() if why is not None]
     lines.append("engines:" if info["engines"] else "engines: none (build them with `sdxl-trt build DIR --backend ...`)")
     for e in info["engines"]:
         t = e["target"]

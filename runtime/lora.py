@@ -68,19 +68,35 @@ def parse_spec(spec: str) -> Adapter:
     return Adapter(Path(spec), 1.0)
 
 
-def as_adapters(loras) -> tuple[Adapter, ...]:
-    """`loras` as given to the API: None, "path[:scale]" strings, (path, scale) pairs or Adapters."""
+def as_adapters(loras, names: dict | None = None) -> tuple[Adapter, ...]:
+    """`loras` as given to the API: None, "path[:scale]" strings, paths, (path, scale) pairs or Adapters, with scales
+    (Python or numpy numbers) within validate.LORA_SCALE_RANGE. `names`: how the caller spells `loras` (validate.py)."""
+    from .validate import LORA_SCALE_RANGE, as_number, shown, spelled
+
+    flag = spelled("loras", names)
+    if isinstance(loras, (str, Path, Adapter)):
+        loras = [loras]
+    if loras is not None and not isinstance(loras, (list, tuple)):
+        raise UserError(f"{flag}: expected a list of adapters, got {type(loras).__name__}")
     out = []
     for item in loras or ():
         if isinstance(item, Adapter):
             adapter = item
         elif isinstance(item, (str, Path)):
-            adapter = parse_spec(str(item)) if isinstance(item, str) else Adapter(item)
+            adapter = parse_spec(item) if isinstance(item, str) else Adapter(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, Path)):
+            scale = as_number(item[1])
+            if scale is None:
+                raise UserError(f"{flag} {str(item[0])!r}: scale {shown(item[1])} is not a number")
+            adapter = Adapter(Path(item[0]), float(scale))
         else:
-            path, scale = item
-            adapter = Adapter(Path(path), float(scale))
+            raise UserError(f"{flag} {item!r}: expected \"path[:scale]\", a path, a (path, scale) pair or an Adapter")
+        low, high = LORA_SCALE_RANGE
         if not np.isfinite(adapter.scale):
-            raise UserError(f"--lora {adapter.path}: scale {adapter.scale} is not a finite number")
+            raise UserError(f"{flag} {str(adapter.path)!r}: scale {adapter.scale} is not a finite number")
+        if not low <= adapter.scale <= high:
+            raise UserError(f"{flag} {str(adapter.path)!r}: scale {adapter.scale:g} is outside {low:g} to {high:g} "
+                            "(adapters are used at about 0 to 1.5, sliders at up to ±8)")
         out.append(adapter)
     return tuple(out)
 
@@ -93,7 +109,7 @@ DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16"}
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as fp32 numpy (BF16 widened by hand: numpy has no bfloat16)."""
     if not path.is_file():
-        raise UserError(f"--lora {path}: no such file")
+        raise UserError(f"LoRA {path}: no such file")
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -102,7 +118,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(size))
             data = f.read()
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--lora {path}: not a safetensors file ({e})") from None
+        raise UserError(f"LoRA {path}: not a safetensors file ({e})") from None
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -110,9 +126,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         kind = DTYPES.get(info.get("dtype"))
         begin, end = info["data_offsets"]
         if kind is None:
-            raise UserError(f"--lora {path}: {key} is {info.get('dtype')}; LoRA tensors must be F32, F16 or BF16")
+            raise UserError(f"LoRA {path}: {key} is {info.get('dtype')}; LoRA tensors must be F32, F16 or BF16")
         if end > len(data):
-            raise UserError(f"--lora {path}: truncated (tensor {key} ends past the file)")
+            raise UserError(f"LoRA {path}: truncated (tensor {key} ends past the file)")
         raw = data[begin:end]
         if kind == "bf16":
             array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -164,7 +180,7 @@ def parse_keys(tensors: dict[str, np.ndarray], path: Path) -> dict[tuple[str, st
 
     for key, value in tensors.items():
         if any(mark in key for mark in UNSUPPORTED):
-            raise UserError(f"--lora {path}: {key}: LyCORIS / DoRA adapters are not supported (plain LoRA only)")
+            raise UserError(f"LoRA {path}: {key}: LyCORIS / DoRA adapters are not supported (plain LoRA only)")
         if m := PEFT.match(key):
             layer(m[1], m[2]).down = value
         elif m := PEFT_UP.match(key):
@@ -176,21 +192,21 @@ def parse_keys(tensors: dict[str, np.ndarray], path: Path) -> dict[tuple[str, st
             setattr(layer(m[1], m[2]), "down" if m[3] == "lora_down" else "up", value)
         elif m := ALPHA.match(key):
             if value.size != 1:
-                raise UserError(f"--lora {path}: {key} should hold one number, it has shape {list(value.shape)}")
+                raise UserError(f"LoRA {path}: {key} should hold one number, it has shape {list(value.shape)}")
             layer(m[1], m[2]).alpha = float(value.reshape(()))
         else:
-            raise UserError(f"--lora {path}: {key} is not a LoRA key this tool knows (diffusers/PEFT "
+            raise UserError(f"LoRA {path}: {key} is not a LoRA key this tool knows (diffusers/PEFT "
                             "`unet.….lora_A.weight`, kohya `lora_unet_….lora_down.weight`)")
     for (component, module, _), found in layers.items():
         if found.down is None or found.up is None:
-            raise UserError(f"--lora {path}: {module} ({component}) has "
+            raise UserError(f"LoRA {path}: {module} ({component}) has "
                             f"{'no down/lora_A' if found.down is None else 'no up/lora_B'} weight")
         if found.down.shape[0] != found.up.shape[1] or found.down.ndim != found.up.ndim or \
                 (found.up.ndim == 4 and found.up.shape[2:] != (1, 1)):
-            raise UserError(f"--lora {path}: {module} ({component}): ranks do not match (down "
+            raise UserError(f"LoRA {path}: {module} ({component}): ranks do not match (down "
                             f"{list(found.down.shape)}, up {list(found.up.shape)})")
     if not layers:
-        raise UserError(f"--lora {path}: no LoRA weights in it")
+        raise UserError(f"LoRA {path}: no LoRA weights in it")
     return layers
 
 
@@ -325,11 +341,11 @@ class Adapters:
             for (component, module, flat) in self.layers(adapter.path):
                 entry = manifest.components.get(component)
                 if entry is None:
-                    raise UserError(f"--lora {adapter.path}: adapts {component}, which this engine directory does "
+                    raise UserError(f"LoRA {adapter.path}: adapts {component}, which this engine directory does "
                                     "not have")
                 weights = self.weights(manifest.path(next(iter(entry["precisions"].values()))), component)
                 if weights.resolve(module, flat) is None and not weights.unused(module):
-                    raise UserError(f"--lora {adapter.path}: {module} ({component}) matches no layer of this model "
+                    raise UserError(f"LoRA {adapter.path}: {module} ({component}) matches no layer of this model "
                                     "(an adapter for another architecture?)")
         before = self.components(self.active)
         self.active = tuple(adapters)
@@ -369,22 +385,31 @@ class Adapters:
                 if found is None and weights.unused(module):
                     continue
                 if found is None:
-                    raise UserError(f"--lora {adapter.path}: {module} ({component}) matches no layer of this model "
+                    raise UserError(f"LoRA {adapter.path}: {module} ({component}) matches no layer of this model "
                                     "(an adapter for another architecture?)")
                 parts.setdefault(weights.modules[found], []).append((adapter, module, layer))
 
         def merge(name: str) -> np.ndarray:
-            """The file's weight plus every delta for it, added in fp32, stored in the file's dtype."""
+            """The file's weight plus every delta for it, added in fp32, stored in the file's dtype; a weight that
+            leaves that dtype's range is an error naming the adapters (numpy's overflow warnings stay quiet: this
+            check says it in the user's terms)."""
             total = None
-            for adapter, module, layer in parts[name]:
-                delta = layer.delta(adapter.scale, weights.layout(name))
-                if delta.shape != weights.shape(name):
-                    raise UserError(f"--lora {adapter.path}: {module} ({component}) changes a weight of shape "
-                                    f"{list(weights.shape(name))} by one of {list(delta.shape)}")
-                total = delta if total is None else np.add(total, delta, out=total)
-            base = weights.read(name)
-            np.add(total, base, out=total)  # the base widened to fp32 as it is added
-            return total.astype(base.dtype, copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):
+                for adapter, module, layer in parts[name]:
+                    delta = layer.delta(adapter.scale, weights.layout(name))
+                    if delta.shape != weights.shape(name):
+                        raise UserError(f"LoRA {adapter.path}: {module} ({component}) changes a weight of shape "
+                                        f"{list(weights.shape(name))} by one of {list(delta.shape)}")
+                    total = delta if total is None else np.add(total, delta, out=total)
+                base = weights.read(name)
+                np.add(total, base, out=total)  # the base widened to fp32 as it is added
+                merged = total.astype(base.dtype, copy=False)
+            if not np.isfinite(merged).all():
+                dtype = np.dtype(base.dtype)
+                raise UserError(f"LoRA {', '.join(a.label for a, _, _ in parts[name])}: merged into {name} "
+                                f"({component}, {dtype.name}) its values leave {dtype.name}'s range "
+                                f"(±{np.finfo(dtype).max:.4g}); the adapter's weights or scale are far too large")
+            return merged
 
         # numpy releases the GIL in matmul, additions and casts: the layers merge in parallel
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

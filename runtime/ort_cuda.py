@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorrt_api
-from .backends import (CUDA_GRAPH_MODES, OrtSession, check_onnxruntime_install, output_shapes, quiet_onnxruntime,
-                       session_file, symbol_values)
+from .backends import (CUDA_GRAPH_MODES, VAE_FP16_ADVICE, OrtSession, check_onnxruntime_install, non_finite,
+                       output_shapes, quiet_onnxruntime, session_file, symbol_values)
 from .cuda import BufferPool, Stream, device_memory
 from .errors import UserError
 from .manifest import Manifest
@@ -122,31 +122,55 @@ class OrtCudaBackend:
             self._shared(component, None)
         return self.resident.get(key, component, lambda: self._make(component, cuda_graph=True, dims=dims))
 
-    def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True):
-        """Make the sessions `plan` names ((component, dims) pairs) on several threads at once — each as soon as its
-        component's weights are on the device (ONNX Runtime makes sessions, and our uploads read files, without
-        holding the GIL) —, so that a first call does not make them one after the other. Nothing runs: CUDA graphs
-        are captured on first use as before. With `wait` False, returns at once with the futures: a call may start
-        meanwhile (a session it asks for that is being made is waited for, not made twice), but must wait for them
-        all before anything captures a CUDA graph (a capture fails if another thread allocates meanwhile). Each
-        future's result is the time.perf_counter() at which its session was ready."""
+    def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True,
+                warm: bool = False):
+        """Make the sessions `plan` names ((component, dims) pairs) on several threads at once, so that a first call
+        does not make them one after the other. Weights go up one file at a time, largest first (uploads in parallel
+        share the bandwidth and all finish late: on the H100 a one-shot's 4.8 GiB UNet took 1.2 s beside the text
+        encoders' uploads, 0.42 s alone); each component's sessions are made (ONNX Runtime makes sessions without
+        holding the GIL) as soon as its weights are up, while the next file uploads. With `warm`, each session but
+        the text encoders' (a call's first stage, which runs at once) also runs once on zeros, without a CUDA graph:
+        its first run's one-time work (kernel and algorithm choice, arena growth) is done while the prompts are
+        encoded. With `wait` False this returns at once with the futures: a call may start meanwhile (a session it
+        asks for that is being made is waited for, not made twice; the text encoders run without CUDA graphs while
+        `preparing`), but must wait for them all before anything captures a CUDA graph (a capture fails if another
+        thread allocates meanwhile). Each future's result is the time.perf_counter() at which it was done."""
         import time
         from concurrent.futures import ThreadPoolExecutor
 
-        def make(component, dims):
-            self.shape_session(component, dims)
-            return time.perf_counter()
-
         if not plan:
             return []
+        components = sorted({c for c, _ in plan}, key=lambda c: -self._weight_bytes(c))
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        weights = {c: loader.submit(self._shared, c, None) for c in components}
+        loader.shutdown(wait=False)
+
+        def make(component, dims):
+            weights[component].result()
+            session = self.shape_session(component, dims)
+            if warm and "input_ids" not in session.inputs and isinstance(session, OrtCudaSession) and session.dims:
+                session.run(**{t["name"]: np.zeros([dims.get(d, d) if isinstance(d, str) else d for d in t["shape"]],
+                                                   session.dtype(t["name"])) for t in session.entry["inputs"]})
+            return time.perf_counter()
+
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan))), thread_name_prefix="prepare")
-        futures = [pool.submit(make, component, dims) for component, dims in plan]
+        order = sorted(plan, key=lambda item: components.index(item[0]))
+        futures = [pool.submit(make, component, dims) for component, dims in order]
         pool.shutdown(wait=False)
-        self._preparing = futures
+        self._preparing = futures + list(weights.values())
         if wait:
             for future in futures:
                 future.result()
         return futures
+
+    @property
+    def preparing(self) -> bool:
+        """Whether sessions of a `prepare(wait=False)` are still being made or warmed (on other threads)."""
+        return not all(future.done() for future in self._preparing)
+
+    def _weight_bytes(self, component: str) -> int:
+        path = self._path(component, None)
+        return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
 
     def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> OrtCudaSession:
         """The session that decodes `latent_shape` on the device (device_loop.decode): the fp32 file once the fp16 VAE
@@ -162,7 +186,8 @@ class OrtCudaBackend:
         the fp32 file from now on; otherwise an error (nothing to fall back to)."""
         session = self.session(component)
         if not isinstance(session, CheckedSession) or session.fallback is not None:
-            raise UserError(f"{component}: the VAE produced NaN/Inf (an fp16 overflow?); nothing was written")
+            raise UserError(non_finite("the VAE produced", component, self, "the latents it decoded were far outside "
+                                       "a sampler's range", VAE_FP16_ADVICE) + "; nothing was written")
         self._overflowed.add(component)
         for key in [k for k in self.resident.keys() if k[0] == component and k[1] is not None]:
             self.resident.pop(key)  # the fp16 sessions made for one shape
@@ -172,7 +197,7 @@ class OrtCudaBackend:
     def settle(self) -> None:
         """The work queued so far has finished: measure new sessions, keep the device-memory budget (later, while
         `prepare` is still making sessions: what is in use then is not yet theirs alone)."""
-        if all(future.done() for future in self._preparing):
+        if not self.preparing:
             self.resident.settle()
 
     def set_loras(self, adapters) -> None:

@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from . import device_loop
-from .backends import load_backend, used_files
+from .backends import BACKENDS, VAE_FP16_ADVICE, load_backend, non_finite, used_files
 from .tiling import decode_tiled
 from .errors import UserError
-from .images import default_size, mask_to_array, to_model_input, to_pil, to_uint8
-from .manifest import load_manifest
+from .images import default_size, load_image, mask_to_array, to_model_input, to_pil, to_uint8
+from .manifest import Manifest, load_manifest, work_for
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
-from .validate import MAX_IMAGES, check_size, finite, positive_int
+from .validate import (GUIDANCE_RANGE, GUIDANCE_RESCALE_RANGE, MAX_IMAGES, as_number, check_size, finite, shown,
+                       spelled, whole)
 
 log = logging.getLogger("sdxl_trt")
 
@@ -56,7 +57,7 @@ class Inpainting:
 class Result:
     images: list | None  # PIL images (output_type "pil"), or None
     array: np.ndarray  # the images' pixels [N,H,W,3] uint8 ("pil"), [N,H,W,3] float in [0,1] ("np") or latents ("latent")
-    seeds: list[int]
+    seeds: list[int | None]  # per image; None for an image drawn from a numpy Generator the caller gave
     timings: dict = field(default_factory=dict)
 
 
@@ -68,42 +69,75 @@ def draw(rngs, shape) -> np.ndarray:
 MAX_SEED = 2**64 - 1  # as torch generators take
 
 
-def image_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+def image_seeds(seed: int | Sequence[int] | None, n: int, names: dict | None = None) -> list[int]:
     """One seed per image: `seed`, `seed` + 1, … (a random start if None), or the list given, one per image (the
-    server batches requests this way: each image keeps the stream it would have alone)."""
+    server batches requests this way: each image keeps the stream it would have alone). Python or numpy integers."""
+    flag = spelled("seed", names)
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
-            raise UserError(f"{len(seed)} seeds for {n} images: give one seed, or one per image")
-        for s in seed:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-                raise UserError(f"seed {s!r}: expected a whole number from 0 to {MAX_SEED}")
-        return list(seed)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - n):
-        raise UserError(f"seed {seed!r}: expected a whole number from 0 to {MAX_SEED - n}")
+            raise UserError(f"{len(seed)} seeds for {n} images: give one {flag}, or one per image")
+        return [checked_seed(s, MAX_SEED, flag) for s in seed]
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63 - n))
-    return [seed + i for i in range(n)]
+    first = checked_seed(seed, MAX_SEED - (n - 1), flag)  # the last image's seed, first + n - 1, is at most MAX_SEED
+    return [first + i for i in range(n)]
+
+
+def checked_seed(seed, highest: int, flag: str) -> int:
+    number = as_number(seed)
+    if not isinstance(number, int) or not 0 <= number <= highest:
+        raise UserError(f"{flag} {shown(seed)}: expected a whole number from 0 to {highest}")
+    return number
+
+
+def noise_streams(seed, generator, n: int, names: dict | None = None) -> tuple[list[int | None], list]:
+    """(seeds, one numpy Generator per image) for `seed` (image_seeds, each image's own Philox stream) or, as diffusers
+    takes torch generators, `generator`: one numpy Generator for the whole call (the images draw from it in turn: their
+    initial latents together are one draw of [n, 4, h, w], as diffusers with one generator), or a list of one seed or
+    Generator per image. A Generator given is consumed, as diffusers consumes a torch one; its images have no seed."""
+    if generator is None:
+        seeds = image_seeds(seed, n, names)
+        return seeds, [np.random.Generator(np.random.Philox(key=s)) for s in seeds]
+    flag = spelled("generator", names)
+    if seed is not None:
+        raise UserError(f"give {spelled('seed', names)} or {flag}, not both")
+    if isinstance(generator, np.random.Generator):
+        return [None] * n, [generator] * n
+    if not isinstance(generator, (list, tuple)):
+        raise UserError(f"{flag} {type(generator).__name__}: expected a numpy.random.Generator or a list of one seed "
+                        f"or Generator per image (for one seed, give {spelled('seed', names)})")
+    if len(generator) != n:
+        raise UserError(f"{flag}: {len(generator)} given for {n} images; give one Generator, or one per image")
+    seeds = [None if isinstance(g, np.random.Generator) else checked_seed(g, MAX_SEED, flag) for g in generator]
+    return seeds, [g if s is None else np.random.Generator(np.random.Philox(key=s)) for g, s in zip(generator, seeds)]
 
 
 OUT_OF_MEMORY = ("Failed to allocate memory", "out of memory", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
                  "std::bad_alloc")
 
 
-def _out_of_memory_as_user_error(generate):
+def _user_errors(generate):
     """Running out of host or device memory (numpy, ONNX Runtime, CUDA, TensorRT) becomes a one-line UserError
-    that says what to reduce, instead of a library's traceback."""
+    that says what to reduce, in the caller's names, instead of a library's traceback. numpy's overflow and invalid-
+    value warnings are silenced: non-finite numbers are the pipeline's to report (checked after the text encoders, the
+    denoising loop and the VAE, saying which model ran in which precision), and numpy's words would only repeat that
+    as a warning about a line of our code."""
     @functools.wraps(generate)
     def wrapper(self, *args, **kwargs):
+        names = kwargs.get("names")
+        sizes = {spelled("height", names), spelled("width", names)}
+        remedy = (f"lower {' and '.join(sorted(sizes))} or {spelled('num_images_per_prompt', names)}, or use "
+                  f"{spelled('low_memory', names)}")
         try:
-            return generate(self, *args, **kwargs)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return generate(self, *args, **kwargs)
         except MemoryError:
-            raise UserError("out of memory: lower --size or --batch, or use --low-memory") from None
+            raise UserError(f"out of memory: {remedy}") from None
         except UserError:
             raise
         except Exception as e:
             if any(marker in str(e) for marker in OUT_OF_MEMORY):
-                raise UserError("out of memory: lower --size or --batch, or use --low-memory "
-                                f"({str(e).splitlines()[0][-160:]})") from None
+                raise UserError(f"out of memory: {remedy} ({str(e).splitlines()[0][-160:]})") from None
             raise
 
     return wrapper
@@ -116,6 +150,41 @@ def text_list(value, what: str) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise UserError(f"{what}: expected a string or a list of strings, got {type(value).__name__}")
+
+
+def whole_pair(pair, flag: str, least: int, names: dict | None = None) -> tuple[int, int]:
+    """(a, b) of whole numbers ≥ `least` (Python or numpy), as Python ints: original_size, target_size, crops."""
+    values = [as_number(v) for v in pair] if isinstance(pair, (tuple, list, np.ndarray)) else []
+    if len(values) != 2 or not all(isinstance(v, int) and v >= least for v in values):
+        raise UserError(f"{spelled(flag, names)} {pair!r}: expected two whole numbers ≥ {least}")
+    return tuple(values)
+
+
+def as_image(value, flag: str, mode: str):
+    """An image argument as diffusers' image processor takes it — a PIL image, a numpy array [H, W], [H, W, 1|3|4]
+    (uint8, or float in [0, 1]) — or a path to an image file, as a PIL image in `mode` ("RGB", or "L" for masks).
+    Float arrays are rounded to 8 bits, as a PNG of them would hold them. None stays None."""
+    from PIL import Image
+
+    if value is None or (hasattr(value, "convert") and hasattr(value, "size")):
+        return value
+    if isinstance(value, (str, Path)):
+        return load_image(value, flag, mode=mode)
+    if not isinstance(value, np.ndarray):
+        raise UserError(f"{flag}: expected a PIL image, a numpy array or a path, got {type(value).__name__}")
+    array = value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
+        raise UserError(f"{flag}: an array of shape {list(value.shape)}; expected [height, width] or "
+                        "[height, width, channels] with 1, 3 or 4 channels")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise UserError(f"{flag}: a float array must hold values in [0, 1] (as diffusers takes them); this one "
+                            f"holds {np.nanmin(array):g} to {np.nanmax(array):g}")
+        array = np.round(array * 255)
+    elif array.dtype != np.uint8:
+        raise UserError(f"{flag}: an array of {array.dtype}; expected uint8 (0–255) or float in [0, 1]")
+    image = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
+    return image.convert(mode)
 
 
 class Pipeline:
@@ -136,9 +205,23 @@ class Pipeline:
                            for name, folder in data["tokenizers"].items()}
 
     @classmethod
+    def check_dir(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
+                  work: Sequence[str] = work_for()) -> Manifest:
+        """The engine directory opened and checked for `work` on `backend`, without starting the backend: every
+        manifest field the runtime reads (load_manifest), the components the work needs (manifest.WORK: the default is
+        text to images), the files the backend reads. Each problem is one line naming the directory and what fixes
+        it, before any work starts. Pipeline.load starts with it; `serve --ray` runs it in the driver, before Ray."""
+        if backend not in BACKENDS:
+            raise UserError(f"backend {backend!r}: unknown; accepted: {', '.join(BACKENDS)}")
+        manifest = load_manifest(engine_dir)
+        manifest.require(*work)
+        manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
+        return manifest
+
+    @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
              cuda_graphs: str = "step", low_memory: bool = False, loras=None, buckets=None,
-             max_device_memory: float | None = None) -> Pipeline:
+             max_device_memory: float | None = None, work: Sequence[str] = work_for()) -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
         by default; a file's sha256 is remembered until the file changes: manifest.checked_sha256). `cuda_graphs`:
         ort-cuda's mode (step, loop, off: see device_loop.py). `low_memory`: models are loaded when their stage
@@ -146,10 +229,11 @@ class Pipeline:
         model's default size are decoded in tiles (tiling.py). `loras`: LoRA adapters to apply (see `set_loras`).
         ort-cuda only: `buckets`, the sizes ("WxH" or (W, H)) whose sessions and CUDA graphs are kept resident
         (default: the nine SDXL buckets and the model's default size; other sizes run on a session for any shape);
-        `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first)."""
+        `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first).
+        `work`: what the calls will do (manifest.work_for; default: text to images), checked now (`check_dir`); a
+        call that needs more is checked again before it starts."""
         started = time.perf_counter()
-        manifest = load_manifest(engine_dir)
-        manifest.check_files(hashes=check_hashes, only=used_files(backend, manifest))
+        manifest = cls.check_dir(engine_dir, backend, check_hashes, work)
         checked = time.perf_counter()
         pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs,
                                           buckets=buckets, max_device_memory=max_device_memory))
@@ -159,18 +243,19 @@ class Pipeline:
             pipe.set_loras(loras)
         return pipe
 
-    def set_loras(self, loras) -> None:
+    def set_loras(self, loras, names: dict | None = None) -> None:
         """Apply LoRA adapters to the base UNet and the text encoders from the next call on, replacing the ones
-        applied before: "path[:scale]" strings, (path, scale) pairs or lora.Adapter; None or [] for the model as
-        exported. Files are read and checked now; the weights are merged when a session is next made (lora.py)."""
+        applied before: "path[:scale]" strings, (path, scale) pairs or lora.Adapter, scales within
+        validate.LORA_SCALE_RANGE; None or [] for the model as exported. Files are read and checked now; the weights
+        are merged when a session is next made (lora.py). `names`: how errors spell the arguments (validate.py)."""
         from .lora import as_adapters
 
-        adapters = as_adapters(loras)
+        adapters = as_adapters(loras, names)
         self._wait_prepared()
         if not hasattr(self.backend, "set_loras"):
             if adapters:
-                raise UserError(f"LoRA adapters are not supported on {self.backend.name}; use --backend ort-cpu, "
-                                "ort-cuda or a TensorRT backend")
+                raise UserError(f"LoRA adapters are not supported on {self.backend.name}; use "
+                                f"{spelled('backend', names)} ort-cpu, ort-cuda or a TensorRT backend")
             return
         self.backend.set_loras(adapters)
         self.loras = adapters
@@ -199,7 +284,8 @@ class Pipeline:
 
     @property
     def has_refiner(self) -> bool:
-        return "refiner" in self.roles
+        """A refiner to run: the role, with its UNet (a subset export may leave only the CLIP-G it shares)."""
+        return "refiner" in self.roles and "unet" in self.roles["refiner"]["components"]
 
     # --- conditioning -----------------------------------------------------------------------------------------
 
@@ -311,18 +397,20 @@ class Pipeline:
                 latents = ((1 - inpaint.mask) * known + inpaint.mask * latents).astype(np.float32)
         return latents
 
-    @_out_of_memory_as_user_error
+    @_user_errors
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "euler",
                  spacing: str | None = None, num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
-                 latents: np.ndarray | None = None, image=None, mask_image=None, strength: float | None = None,
+                 generator=None, latents: np.ndarray | None = None, image=None, mask_image=None,
+                 strength: float | None = None,
                  denoising_end: float | None = None, refiner_start: float | None = None,
                  refine_strength: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
-                 long_prompt: str = "truncate", output_type: str = "pil", progress: bool = True) -> Result:
-        """Text to image; image to image with `image` (a PIL image) and `strength` (default 0.3); inpainting with
+                 long_prompt: str = "truncate", output_type: str = "pil", progress: bool = True,
+                 names: dict | None = None) -> Result:
+        """Text to image; image to image with `image` and `strength` (default 0.3); inpainting with
         `image` and `mask_image` (white = repaint; `strength` default 0.9999), for 4-channel UNets by blending the
         kept part back each step, for 9-channel inpainting UNets through their extra input channels, as diffusers'
         StableDiffusionXLInpaintPipeline. Arguments are diffusers' where they exist. The refiner, if the engine
@@ -330,54 +418,62 @@ class Pipeline:
         `denoising_start` = F) or after the base as an img2img pass on its latents with `refine_strength`.
         `denoising_end` alone stops the base early (with output_type "latent").
         `long_prompt` "truncate" cuts prompts at 77 tokens as diffusers does; "chunk" encodes 77-token windows
-        and concatenates them along the UNet's context axis."""
+        and concatenates them along the UNet's context axis.
+
+        As diffusers takes them: numbers may be numpy scalars; `image` and `mask_image` a PIL image, a numpy array
+        (uint8, or float in [0, 1]) or a path; `generator` a numpy Generator, or a list of one seed or Generator per
+        image, instead of `seed`; `height` or `width` alone leaves the other at the model's default size (with an
+        `image`, at the image's, as diffusers' image processor). Errors name the arguments as `names` spells them
+        (validate.CLI_NAMES for the CLI's flags; default: these argument names)."""
         timings = {}
-        prompts = text_list(prompt, "prompt")
+        say = functools.partial(spelled, names=names)
+        prompts = text_list(prompt, say("prompt"))
         negatives = ([negative_prompt] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str)
-                     else text_list(negative_prompt, "negative prompt"))
+                     else text_list(negative_prompt, say("negative_prompt")))
         if not prompts:
             raise UserError("no prompt given")
         if len(negatives) != len(prompts):
-            raise UserError("give one negative prompt, or one per prompt")
-        for name, value in (("image", image), ("mask image", mask_image)):
-            if value is not None and not (hasattr(value, "convert") and hasattr(value, "size")):
-                raise UserError(f"{name}: expected a PIL image, got {type(value).__name__}")
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UserError(f"{name} {value!r}: expected a whole number of pixels")
-        for name, pair, least in (("original size", original_size, 1), ("target size", target_size, 1),
-                                  ("crop top-left", crops_coords_top_left, 0)):
-            if pair is not None and (len(pair) != 2 or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= least for v in pair)):
-                raise UserError(f"{name} {pair!r}: expected two whole numbers ≥ {least}")
-        finite(aesthetic_score, "aesthetic score")
-        finite(negative_aesthetic_score, "negative aesthetic score")
+            raise UserError(f"give one {say('negative_prompt')}, or one per prompt")
+        image = as_image(image, say("image"), "RGB")
+        mask_image = as_image(mask_image, say("mask_image"), "L")
+        height, width = (None if v is None else whole(v, k, 1, names) for k, v in (("height", height), ("width", width)))
+        original_size, target_size, crops_coords_top_left = (
+            None if pair is None else whole_pair(pair, name, least, names)
+            for name, pair, least in (("original_size", original_size, 1), ("target_size", target_size, 1),
+                                      ("crops_coords_top_left", crops_coords_top_left, 0)))
+        aesthetic_score = finite(aesthetic_score, "aesthetic_score", names=names)
+        negative_aesthetic_score = finite(negative_aesthetic_score, "negative_aesthetic_score", names=names)
+        num_inference_steps = whole(num_inference_steps, "num_inference_steps", 1, names)
+        num_images_per_prompt = whole(num_images_per_prompt, "num_images_per_prompt", 1, names)
         if strength is not None:
-            finite(strength, "strength")
-        for name, value in (("denoising end", denoising_end), ("refiner start", refiner_start),
-                            ("refine strength", refine_strength)):
-            if value is not None:
-                finite(value, name, 0.0, 1.0)
+            strength = finite(strength, "strength", names=names)
+        denoising_end, refiner_start, refine_strength = (
+            None if value is None else finite(value, name, 0.0, 1.0, names)
+            for name, value in (("denoising_end", denoising_end), ("refiner_start", refiner_start),
+                                ("refine_strength", refine_strength)))
         if mask_image is not None and image is None:
-            raise UserError("a mask needs the image it masks (--init-image)")
-        if image is not None and (height is None or width is None):
-            width, height = default_size(image, self.model["vae_scale_factor"])
+            raise UserError(f"{say('mask_image')} needs the image it masks ({say('image')})")
+        if image is not None:  # diffusers' image processor: a side not given is the image's, rounded down to 8
+            scale = self.model["vae_scale_factor"]
+            default_w, default_h = default_size(image, scale)
+            width, height = width or default_w, height or default_h
         if mask_image is not None and mask_image.size != image.size:
-            raise UserError(f"mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
-                            f"{image.size[0]}x{image.size[1]}: they must be the same size")
+            raise UserError(f"{say('mask_image')} is {mask_image.size[0]}x{mask_image.size[1]} but the "
+                            f"{say('image')} is {image.size[0]}x{image.size[1]}: they must be the same size")
         if strength is None:
             strength = INPAINT_STRENGTH if mask_image is not None else DEFAULT_STRENGTH
         if guidance_scale is None:
             guidance_scale = INPAINT_GUIDANCE if mask_image is not None else DEFAULT_GUIDANCE
         size = self.model["default_size"]
-        height, width = height or size, width or size
-        self._check(height, width, num_inference_steps, num_images_per_prompt, output_type, image, latents,
-                    strength, refiner_start, refine_strength)
-        finite(guidance_scale, "guidance")
-        finite(guidance_rescale, "guidance rescale", 0.0, 1.0)
+        height, width = height or size, width or size  # as diffusers: a side not given is the model's default
+        self._check(height, width, num_inference_steps, output_type, image, latents, strength, refiner_start,
+                    refine_strength, names)
+        guidance_scale = finite(guidance_scale, "guidance_scale", *GUIDANCE_RANGE, names)
+        guidance_rescale = finite(guidance_rescale, "guidance_rescale", *GUIDANCE_RESCALE_RANGE, names)
         if len(prompts) * num_images_per_prompt > MAX_IMAGES:
-            raise UserError(f"{len(prompts) * num_images_per_prompt} images in one call (prompts × batch) is more than "
-                            f"the {MAX_IMAGES} one call makes; split the work into several calls")
+            raise UserError(f"{len(prompts) * num_images_per_prompt} images in one call (prompts × "
+                            f"{say('num_images_per_prompt')}) is more than the {MAX_IMAGES} one call makes; split the "
+                            "work into several calls")
         if refiner_start is not None:
             denoising_end = refiner_start
         role = self.main_role
@@ -386,18 +482,19 @@ class Pipeline:
         n = len(prompts)
         scale = self.model["vae_scale_factor"]
         shape = (n, self.model["latent_channels"], height // scale, width // scale)
-        seeds = image_seeds(seed, n)
-        rngs = [np.random.Generator(np.random.Philox(key=s)) for s in seeds]
+        seeds, rngs = noise_streams(seed, generator, n, names)
         conditioning = dict(original_size=tuple(original_size or (height, width)), crop=crops_coords_top_left,
                             target_size=tuple(target_size or (height, width)), aesthetic_score=aesthetic_score,
                             negative_aesthetic_score=negative_aesthetic_score)
         guidance = guidance_scale > 1.0
         if long_prompt not in ("truncate", "chunk"):
-            raise UserError(f"long prompt mode {long_prompt!r}: expected truncate or chunk")
+            raise UserError(f"{say('long_prompt')} {long_prompt!r}: expected truncate or chunk")
         windows = self.prompt_windows(prompts, negatives) if long_prompt == "chunk" else None
 
         t = time.perf_counter()
         cond = self.encode_prompt(role, prompts, negatives, guidance, windows)
+        self._require_finite(cond, "the text encoders produced",
+                             (self._components(role, "clip_g", "clip_l") or ["the text encoders"])[0])
         cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
         timings["text"] = time.perf_counter() - t
         self._release(*self._components(role, "clip_l", "clip_g"))
@@ -409,11 +506,14 @@ class Pipeline:
             evals = range(len(first.timesteps))
             latents = draw(rngs, shape[1:]) if latents is None else np.asarray(latents)
             if latents.shape != shape or not np.issubdtype(latents.dtype, np.floating):
-                raise UserError(f"latents of shape {latents.shape} ({latents.dtype}): expected float {shape} for "
-                                f"{n} images of {width}x{height}")
+                raise UserError(f"{say('latents')} of shape {latents.shape} ({latents.dtype}): expected float {shape} "
+                                f"for {n} images of {width}x{height}")
             if not np.isfinite(latents).all():
-                raise UserError("latents hold NaN or Inf")
+                raise UserError(f"{say('latents')} hold NaN or Inf")
             latents = latents.astype(np.float32) * np.float32(first.init_noise_sigma)
+            if not np.isfinite(latents).all():
+                raise UserError(f"{say('latents')} times the sampler's initial sigma ({first.init_noise_sigma:.4g}) "
+                                "leave fp32's range; initial latents are standard normal noise")
         else:
             pixels = to_model_input(image, width, height)
             from_noise_only = mask_image is not None and strength == 1.0 and self.roles[role]["unet_in_channels"] == 9
@@ -430,6 +530,7 @@ class Pipeline:
             evals = range(evals.start, evals.start + int(np.sum(first.timesteps[evals.start:] >= cutoff)))
         latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress,
                                 inpaint)
+        self._require_finite([latents], "the denoising loop produced", self._components(role, "unet")[0])
         timings[role] = time.perf_counter() - t
         self._release(*self._components(role, "unet", "vae_encoder"))
 
@@ -449,12 +550,11 @@ class Pipeline:
             ref_cond = (*ref_cond, self.time_ids("refiner", n, guidance, **conditioning))
             latents = self._denoise("refiner", latents, refiner, evals, ref_cond, guidance_scale, guidance_rescale,
                                     rngs, progress)
+            self._require_finite([latents], "the refiner's denoising loop produced",
+                                 self._components("refiner", "unet")[0])
             timings["refiner"] = time.perf_counter() - t
             self._release(*self._components("refiner", "clip_l", "clip_g", "unet"))
 
-        if not np.isfinite(latents).all():
-            raise UserError("the denoising loop produced NaN/Inf latents (an fp16 overflow in the UNet, or extreme "
-                            "guidance); nothing was written")
         if output_type == "latent":
             self._settle()
             return Result(None, latents, seeds, timings)
@@ -470,14 +570,15 @@ class Pipeline:
                 refiner: bool = False, wait: bool = True) -> None:
         """Make now, on several threads at once, the sessions a call of this shape will run on the device (text
         encoders, the UNet — the refiner's too with `refiner` —, the VAE decoder), instead of one after the other
-        during the call: a one-shot `generate` starts sooner. With `wait` False this returns at once and the next
+        during the call: a one-shot `generate` starts sooner. The UNets' and the VAE's sessions also run once on
+        zeros, so that the call's first steps run at full speed. With `wait` False this returns at once and the next
         call overlaps with it: the text encoders run as soon as their sessions are made, while the UNet's weights
-        are still being uploaded, and the denoising loop starts once every session is ready (load_timings'
+        are still being uploaded, and the denoising loop starts once every session is ready and warm (load_timings'
         "sessions" is then the time all of them took). Does nothing on backends without a device loop."""
         if not self._can_prepare:
             return
         self._preparing = (time.perf_counter(), self.backend.prepare(self._plan(width, height, images, guidance,
-                                                                                refiner), wait=False))
+                                                                                refiner), wait=False, warm=True))
         if wait:
             self._wait_prepared()
 
@@ -542,31 +643,50 @@ class Pipeline:
             taken[f"{width}x{height}"] = time.perf_counter() - started
         return taken
 
-    def _check(self, height, width, steps, batch, output_type, image, latents, strength, refiner_start,
-               refine_strength) -> None:
-        check_size(width, height)
-        positive_int(steps, "steps")
-        positive_int(batch, "batch")
+    def _check(self, height, width, steps, output_type, image, latents, strength, refiner_start, refine_strength,
+               names=None) -> None:
+        say = functools.partial(spelled, names=names)
+        size = f"{say('width')} {width}x{height}" if say("width") == say("height") else \
+            f"{say('width')} {width}, {say('height')} {height}"
+        check_size(width, height, size)
         if output_type not in ("pil", "np", "latent"):
-            raise UserError(f"output type {output_type!r}: expected pil, np or latent")
+            raise UserError(f"{say('output_type')} {output_type!r}: expected pil, np or latent")
         if image is not None and latents is not None:
-            raise UserError("give an init image or initial latents, not both")
+            raise UserError(f"give {say('image')} or {say('latents')}, not both")
         if image is not None and not 0 < strength <= 1:
-            raise UserError(f"strength {strength}: expected a fraction in (0, 1]")
+            raise UserError(f"{say('strength')} {strength}: expected a fraction in (0, 1]")
         if image is not None and int(steps * strength) < 1:
-            raise UserError(f"strength {strength} of {steps} steps leaves no step to run; raise one of them")
+            raise UserError(f"{say('strength')} {strength} of {steps} steps leaves no step to run; raise "
+                            f"{say('strength')} or {say('num_inference_steps')}")
         if refiner_start is not None and refine_strength is not None:
-            raise UserError("use the refiner either from --refiner-start or with --refine-strength, not both")
-        for name, value in (("refiner start", refiner_start), ("refine strength", refine_strength)):
+            raise UserError(f"use the refiner either from {say('refiner_start')} or with {say('refine_strength')}, "
+                            "not both")
+        for name, value in (("refiner_start", refiner_start), ("refine_strength", refine_strength)):
             if value is None:
                 continue
             if not self.has_refiner:
-                raise UserError(f"{self.manifest.root} has no refiner; export one with --refiner to use the {name}")
+                raise UserError(f"{self.manifest.root} has no refiner (export one with `sdxl-trt export --refiner`) "
+                                f"to use {say(name)}")
             low_ok = value > 0
-            high_ok = value < 1 if name == "refiner start" else value <= 1
+            high_ok = value < 1 if name == "refiner_start" else value <= 1
             if not (low_ok and high_ok):
-                raise UserError(f"{name} {value}: expected a fraction strictly between 0 and 1"
-                                + ("" if name == "refiner start" else " (or 1)"))
+                raise UserError(f"{say(name)} {value}: expected a fraction strictly between 0 and 1"
+                                + ("" if name == "refiner_start" else " (or 1)"))
+        # the components this call needs (a subset export may lack them): said now, not after the denoising loop
+        self.manifest.require(*work_for(decode=output_type != "latent", img2img=image is not None,
+                                        refiner=refiner_start is not None or refine_strength is not None))
+
+
+    def _require_finite(self, arrays, what: str, component: str, advice: str | None = None,
+                        fp16_advice: str | None = None) -> None:
+        """A UserError, in terms true for the precision `component` ran in on this backend (backends.non_finite), when
+        its outputs hold NaN or Inf: nothing is written and no image made of them is returned."""
+        if all(np.isfinite(a).all() for a in arrays):
+            return
+        advice = advice or ("with guidance and LoRA scales in range, look at what went in: the initial latents "
+                            "(standard normal noise), the LoRA adapters or the model's weights")
+        fp16_advice = fp16_advice or "lower the guidance or LoRA scales, or compare with fp32 on ort-cpu"
+        raise UserError(non_finite(what, component, self.backend, advice, fp16_advice) + "; nothing was written")
 
     def _start_from(self, sampler, init: np.ndarray, strength: float, rngs, from_noise: bool = False):
         """img2img's start, as diffusers: skip the first (1 - strength) of the steps and noise `init` to that point
@@ -636,8 +756,8 @@ class Pipeline:
             image = decode_tiled(run, latent, self.vae_tile or self.model["default_size"] // scale, scale)
         else:
             image = run(latent)
-        if not np.isfinite(image).all():
-            raise UserError("the VAE produced NaN/Inf (an fp16 overflow?); run the VAE in fp32")
+        self._require_finite([image], "the VAE produced", self.roles[self.main_role]["components"]["vae_decoder"],
+                             "the latents it decoded were far outside a sampler's range", VAE_FP16_ADVICE)
         return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
 

@@ -19,7 +19,12 @@ from .errors import UserError
 
 def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, replicas: int,
                    autoscaling: dict | None = None, resident: dict | None = None) -> None:
-    """`resident`: Pipeline.load's buckets and max_device_memory for every replica."""
+    """`resident`: Pipeline.load's buckets and max_device_memory for every replica. The engine directory is checked
+    here, in the driver, before Ray starts (manifest, the components serving needs, every file the backend reads): in a
+    replica a broken directory would come back as Ray's "Deploying application failed" after its own traceback."""
+    from .pipeline import Pipeline
+
+    Pipeline.check_dir(engine_dir, backend)  # the replicas' hashing then finds the files' sha256 remembered
     try:
         import ray
         from ray import serve

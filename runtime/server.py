@@ -1,15 +1,19 @@
 """`sdxl-trt serve DIR`: an HTTP API for one engine directory (FastAPI on uvicorn, the `serve` extra).
 
     POST /v1/images/generations   OpenAI's images API where it overlaps (prompt, n, size "WxH", response_format
-                                  b64_json) plus negative_prompt, steps, guidance, sampler, seed, refiner_start,
-                                  init_image (base64 PNG/JPEG) with strength, lora ([{"name", "scale"}]: adapters
-                                  from --lora-dir) → {"created", "data": [{"b64_json", "seed"}], "timings"}
+                                  b64_json, output_format) plus what `sdxl-trt generate` takes: negative_prompt,
+                                  steps, guidance, guidance_rescale, sampler, spacing, seed, refiner_start or
+                                  refine_strength, init_image (base64 PNG/JPEG) with strength and mask (inpainting),
+                                  long_prompt, lora ([{"name", "scale"}]: adapters from --lora-dir)
+                                  → {"created", "data": [{"b64_json", "seed"}], "timings"}; PNGs carry what made
+                                  them as generate's do (metadata.py), output_format "latent" gives .npy files
     GET  /health                  200 once the engines are loaded and warmed up, 503 before
     GET  /metrics                 Prometheus text: requests by status, queue depth, batch sizes, latency per stage,
                                   images generated
 
 Requests are checked by the runtime's own checks (the CLI's and the Python API's: sizes, profiles, steps, seeds, …)
-plus the server's limits (n, steps, body size); a bad request is a 400 with {"error": {"message", "type"}}.
+plus the server's limits (n, steps, body size); a bad request is a 400 with {"error": {"message", "type"}} whose
+message names the request's JSON field (the pipeline's own checks spell its arguments through HTTP_NAMES).
 
 Dynamic batching: requests that can share a pipeline call (same size, steps, sampler, guidance, refiner start, LoRA
 adapters; no init image) are merged, up to --max-batch images, for at most --max-wait-ms after the first one arrives.
@@ -34,6 +38,18 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
+# How the pipeline's errors spell its arguments for HTTP clients: the request's JSON fields (validate.CLI_NAMES is
+# the CLI's); low_memory and backend are the server's start-up flags.
+HTTP_NAMES = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
+    "num_inference_steps": "steps", "guidance_scale": "guidance", "guidance_rescale": "guidance_rescale",
+    "sampler": "sampler", "spacing": "spacing", "num_images_per_prompt": "n", "seed": "seed", "generator": "seed",
+    "image": "init_image", "mask_image": "mask", "strength": "strength", "refiner_start": "refiner_start",
+    "refine_strength": "refine_strength", "long_prompt": "long_prompt", "output_type": "output_format",
+    "loras": "lora", "low_memory": "the server's --low-memory", "backend": "the server's --backend",
+}
+
+
 @dataclass
 class Limits:
     max_batch: int = 4  # images per pipeline call
@@ -56,6 +72,8 @@ class Job:
     seeds: list[int]
     kwargs: dict
     image: object = None  # PIL image (img2img): runs alone
+    mask: object = None  # PIL image, grey (inpainting, with image)
+    inputs: dict = field(default_factory=dict)  # {"init_image"/"mask": {"sha256"}}: what the PNGs' record keeps
     loras: tuple = ()  # lora.Adapter: applied to the pipeline before the call (jobs with other adapters wait)
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -207,9 +225,9 @@ class Batcher:
         negatives = [j.negative or "" for j in batch for _ in range(j.n)]
         seeds = [s for j in batch for s in j.seeds]
         if tuple(first.loras) != tuple(getattr(self.pipe, "loras", ())):  # merged weights cached: switching back is cheap
-            self.pipe.set_loras(first.loras)
+            self.pipe.set_loras(first.loras, HTTP_NAMES)
         return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
-                         image=first.image, progress=False, **first.kwargs)
+                         image=first.image, mask_image=first.mask, progress=False, names=HTTP_NAMES, **first.kwargs)
 
     def _answer(self, batch: list[Job], outcomes: list) -> None:
         """Each job its images (its slice of the Result it shared) or its exception; metrics once per pipeline call."""
@@ -221,14 +239,15 @@ class Batcher:
                     job.future.set_exception(outcome)
                 continue
             key = id(outcome)
+            made = outcome.images if outcome.images is not None else outcome.array  # PIL images, or latents
             if key not in start:
                 start[key] = 0
-                self.metrics.batch.observe(len(outcome.images))
+                self.metrics.batch.observe(len(made))
                 self.metrics.batch_requests.observe(merged[key])
-                self.metrics.images.inc(len(outcome.images))
+                self.metrics.images.inc(len(made))
                 for stage, seconds in outcome.timings.items():
                     self.metrics.stage.labels(stage).observe(seconds)
-            images = outcome.images[start[key]:start[key] + job.n]
+            images = made[start[key]:start[key] + job.n]
             start[key] += job.n
             if not job.future.done():
                 job.future.set_result((images, job.seeds, outcome.timings, merged[key]))
@@ -238,22 +257,48 @@ class QueueFull(Exception):
     pass
 
 
-def png_base64(image) -> str:
+def npy_bytes(latent) -> bytes:
+    """One image's latents as the .npy file `sdxl-trt generate --output-type latent` writes ([1,4,h,w])."""
+    import numpy as np
+
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    np.save(buffer, latent[None])
+    return buffer.getvalue()
 
 
-def decode_image(data: str):
+def decode_image(data: str, name: str = "init_image", mode: str = "RGB"):
+    """A request's base64 image field → (PIL image in `mode`, {"sha256": of the bytes sent}), or a UserError naming
+    the field."""
     from PIL import Image, UnidentifiedImageError
+
+    from .metadata import file_sha256
 
     try:
         raw = base64.b64decode(data, validate=True)
         image = Image.open(io.BytesIO(raw))
         image.load()
     except (ValueError, UnidentifiedImageError, OSError) as e:
-        raise UserError(f"init_image: not a base64 PNG or JPEG ({str(e).splitlines()[0][:120]})") from None
-    return image.convert("RGB")
+        raise UserError(f"{name}: not a base64 PNG or JPEG ({str(e).splitlines()[0][:120]})") from None
+    return image.convert(mode), {"sha256": file_sha256(raw)}
+
+
+def check_address(host: str, port: int) -> None:
+    """The address can be listened on, checked before the engines load: uvicorn would say it only after the load and
+    exit with its own status 3; here it is one line and status 2, as for any bad input."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
+                            "--port, or stop what holds it") from None
 
 
 def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = None, warmup: bool = True,
@@ -268,8 +313,12 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from typing import Literal
+
     from pydantic import BaseModel, ConfigDict, Field
 
+    from .images import png_bytes
+    from .metadata import generation_record
     from .pipeline import Pipeline, image_seeds
     from .samplers import SAMPLERS
     from .validate import parse_size
@@ -293,11 +342,17 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         negative_prompt: str | None = None
         steps: int = Field(30, ge=1)
         guidance: float | None = None
+        guidance_rescale: float = Field(0.0, ge=0, le=1)
         sampler: str = "euler"
+        spacing: Literal["leading", "trailing", "linspace"] | None = None
         seed: int | None = Field(None, ge=0)
-        refiner_start: float | None = None
+        refiner_start: float | None = Field(None, gt=0, lt=1)
+        refine_strength: float | None = Field(None, gt=0, le=1)
         init_image: str | None = None
-        strength: float | None = None
+        strength: float | None = Field(None, gt=0, le=1)
+        mask: str | None = None  # inpainting: white = repaint, the init image's size
+        long_prompt: Literal["truncate", "chunk"] = "truncate"
+        output_format: Literal["png", "latent"] = "png"
         lora: list[LoraChoice] | None = None
 
     def error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
@@ -418,8 +473,11 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
             return error(500, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", "server_error")
         metrics.requests.labels("200").inc()
         metrics.latency.observe(time.perf_counter() - started)
+        files = [npy_bytes(image) if body.output_format == "latent" else png_bytes(image, record(body, job, image, seed))
+                 for image, seed in zip(images, seeds)]
         return {"created": int(time.time()),
-                "data": [{"b64_json": png_base64(image), "seed": seed} for image, seed in zip(images, seeds)],
+                "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed}
+                         for data, seed in zip(files, seeds)],
                 "timings": {**{k: round(v, 4) for k, v in timings.items()}, "batched_requests": merged,
                             "total": round(time.perf_counter() - started, 4)}}
 
@@ -430,24 +488,47 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
             raise UserError(f"n {body.n}: at most {limits.max_n} images per request")
         if body.steps > limits.max_steps:
             raise UserError(f"steps {body.steps}: at most {limits.max_steps}")
-        kwargs = {"num_inference_steps": body.steps, "sampler": body.sampler}
+        kwargs = {"num_inference_steps": body.steps, "sampler": body.sampler, "spacing": body.spacing,
+                  "guidance_rescale": body.guidance_rescale, "long_prompt": body.long_prompt,
+                  "output_type": "latent" if body.output_format == "latent" else "pil"}
         if body.size:
             width, height = parse_size(body.size, "size")
             kwargs.update(width=width, height=height)
         if body.guidance is not None:
             kwargs["guidance_scale"] = body.guidance
-        if body.refiner_start is not None:
-            kwargs["refiner_start"] = body.refiner_start
-        image = None
+        check_refiner(body)
+        kwargs.update({k: v for k in ("refiner_start", "refine_strength") if (v := getattr(body, k)) is not None})
+        image = mask = None
+        inputs = {}
         if body.init_image is not None:
-            image = decode_image(body.init_image)
+            image, inputs["init_image"] = decode_image(body.init_image)
             kwargs["strength"] = body.strength
-        elif body.strength is not None:
-            raise UserError("strength goes with init_image")
+        elif body.strength is not None or body.mask is not None:
+            raise UserError(f"{'strength' if body.strength is not None else 'mask'} goes with init_image")
+        if body.mask is not None:
+            mask, inputs["mask"] = decode_image(body.mask, "mask", mode="L")
+            if mask.size != image.size:
+                raise UserError(f"mask is {mask.size[0]}x{mask.size[1]} but init_image is "
+                                f"{image.size[0]}x{image.size[1]}: they must be the same size")
         if body.sampler not in SAMPLERS:
             raise UserError(f"sampler {body.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image,
-                   loras=request_loras(body.lora or []))
+                   mask=mask, inputs=inputs, loras=request_loras(body.lora or []))
+
+    def check_refiner(body) -> None:
+        """The refiner's two uses, checked before the request waits in the queue."""
+        chosen = [k for k in ("refiner_start", "refine_strength") if getattr(body, k) is not None]
+        if len(chosen) == 2:
+            raise UserError("refiner_start and refine_strength: give one (the refiner as second expert, or as "
+                            "img2img after the base), not both")
+        if chosen and not state["batcher"].pipe.has_refiner:
+            raise UserError(f"{chosen[0]}: the model this server runs has no refiner")
+
+    def record(body, job: Job, image, seed: int) -> dict:
+        """What made one image (metadata.generation_record), as `generate` writes it: the PNG can be run again."""
+        return generation_record(state["batcher"].pipe, job.kwargs, prompt=body.prompt, negative=body.negative_prompt,
+                                 seed=seed, size=image.size, backend=backend,
+                                 loras=[{"name": a.path.stem, "scale": a.scale} for a in job.loras], **job.inputs)
 
     def request_loras(choices) -> tuple:
         """A request's adapters: files `<name>.safetensors` of --lora-dir, nothing outside it."""

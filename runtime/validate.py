@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
+
+import numpy as np
 
 from .errors import UserError
 
@@ -11,6 +14,48 @@ from .errors import UserError
 VAE_FACTOR = 8
 MAX_PIXELS = 4096 * 4096  # per image: 16 times SDXL's native area; beyond it one image needs tens of GB
 MAX_IMAGES = 16  # per call (prompts × batch)
+
+# Ranges outside which a number is a mistake, not a setting. Guidance: SDXL's default is 5, diffusers users go up to
+# about 30 (A1111's slider ends there); 100 leaves a wide margin for experiments, while far beyond it the guided
+# prediction is the text-minus-unconditional difference blown up and the image collapses to a few saturated colours
+# (guidance 1e30 gave a two-colour image). Values ≤ 1 turn guidance off, as in diffusers, so negative ones mean nothing.
+GUIDANCE_RANGE = (0.0, 100.0)
+# guidance_rescale blends the rescaled and the plain prediction (Lin et al. 2023 use 0.7): outside [0, 1] it extrapolates.
+GUIDANCE_RESCALE_RANGE = (0.0, 1.0)
+# LoRA scales: 0–1.5 for most adapters, negative and larger ones for "slider" adapters (UIs offer about ±5 to ±8);
+# ±20 is beyond any published use, while a scale like 1e38 only pushes the merged weights out of fp32's range.
+LORA_SCALE_RANGE = (-20.0, 20.0)
+
+# How each front door spells an argument in its errors. Checks take the Python API's argument name (the API's own
+# spelling) and a `names` map from it to the caller's: the CLI's flags here; the HTTP server maps to its request fields.
+CLI_NAMES = {
+    "prompt": "PROMPT", "negative_prompt": "--negative", "height": "--size", "width": "--size",
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_rescale": "--guidance-rescale",
+    "sampler": "--sampler", "spacing": "--spacing", "num_images_per_prompt": "--batch", "seed": "--seed",
+    "latents": "--latents", "image": "--init-image", "mask_image": "--mask", "strength": "--strength",
+    "refiner_start": "--refiner-start", "refine_strength": "--refine-strength", "long_prompt": "--long-prompt",
+    "output_type": "--output-type", "loras": "--lora", "low_memory": "--low-memory", "buckets": "--buckets",
+    "max_device_memory": "--max-device-memory", "backend": "--backend", "generator": "--seed",
+}
+
+
+def spelled(name: str, names: dict | None = None) -> str:
+    """An argument's name as the caller spells it (the API's own name when `names` has none for it)."""
+    return (names or {}).get(name, name)
+
+
+def as_number(value):
+    """A Python or numpy real number (a numpy scalar or 0-d array too, as numpy code hands them over) as a Python int
+    or float; None for anything else, booleans included (True is not a step count)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
@@ -38,10 +83,9 @@ def resident_options(backend: str, buckets=None, max_device_memory=None) -> dict
     if (buckets is not None or max_device_memory is not None) and backend != "ort-cuda":
         raise UserError(f"--buckets and --max-device-memory choose what --backend ort-cuda keeps on the GPU; "
                         f"{backend} takes neither")
-    if max_device_memory is not None and (isinstance(max_device_memory, bool) or
-                                          not isinstance(max_device_memory, (int, float)) or
-                                          not math.isfinite(max_device_memory) or max_device_memory <= 0):
-        raise UserError(f"--max-device-memory {max_device_memory!r}: expected a positive number of GiB")
+    gib = as_number(max_device_memory)
+    if max_device_memory is not None and (gib is None or not math.isfinite(gib) or gib <= 0):
+        raise UserError(f"--max-device-memory {shown(max_device_memory)}: expected a positive number of GiB")
     if isinstance(buckets, str):
         buckets = parse_sizes(buckets, "--buckets")
     elif buckets is not None:
@@ -50,13 +94,14 @@ def resident_options(backend: str, buckets=None, max_device_memory=None) -> dict
             if isinstance(size, str):
                 sizes.append(parse_size(size, "--buckets"))
             elif (isinstance(size, (tuple, list)) and len(size) == 2 and
-                  all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                  all(isinstance(as_number(v), int) for v in size)):
+                size = tuple(as_number(v) for v in size)
                 check_size(*size, f"--buckets {size[0]}x{size[1]}")
-                sizes.append(tuple(size))
+                sizes.append(size)
             else:
                 raise UserError(f"--buckets {size!r}: expected WIDTHxHEIGHT or (width, height)")
         buckets = sizes
-    return {"buckets": buckets, "max_device_memory": None if max_device_memory is None else float(max_device_memory)}
+    return {"buckets": buckets, "max_device_memory": None if max_device_memory is None else float(gib)}
 
 
 def check_size(width: int, height: int, what: str | None = None) -> None:
@@ -68,18 +113,34 @@ def check_size(width: int, height: int, what: str | None = None) -> None:
                         "(SDXL is trained at about 1 megapixel)")
 
 
-def finite(value: float, flag: str, low: float | None = None, high: float | None = None) -> float:
-    """A finite number, within [low, high] where given."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{flag} {value!r}: expected a finite number")
-    if (low is not None and value < low) or (high is not None and value > high):
+def finite(value: float, flag: str, low: float | None = None, high: float | None = None,
+           names: dict | None = None) -> float:
+    """A finite number (Python or numpy), within [low, high] where given, as a Python float; `flag` is the argument's
+    API name, spelled through `names` in the error."""
+    number = as_number(value)
+    flag = spelled(flag, names)
+    if number is None or not math.isfinite(number):
+        raise UserError(f"{flag} {shown(value)}: expected a finite number")
+    if (low is not None and number < low) or (high is not None and number > high):
         span = f"between {low:g} and {high:g}" if low is not None and high is not None else \
             f"at least {low:g}" if low is not None else f"at most {high:g}"
-        raise UserError(f"{flag} {value!r}: expected a number {span}")
-    return value
+        raise UserError(f"{flag} {shown(value)}: expected a number {span}")
+    return float(number)
 
 
-def positive_int(value: int, flag: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{flag} {value!r}: expected a whole number ≥ 1")
-    return value
+def whole(value: int, flag: str, least: int = 1, names: dict | None = None) -> int:
+    """A whole number (Python or numpy) ≥ `least`, as a Python int."""
+    number = as_number(value)
+    if not isinstance(number, int) or number < least:
+        raise UserError(f"{spelled(flag, names)} {shown(value)}: expected a whole number ≥ {least}")
+    return number
+
+
+def positive_int(value: int, flag: str, names: dict | None = None) -> int:
+    return whole(value, flag, 1, names)
+
+
+def shown(value) -> str:
+    """A value as an error message quotes it: numpy scalars as the number they hold (1e+30, not np.float64(1e+30))."""
+    number = as_number(value)
+    return repr(value) if number is None or type(value) in (int, float) else repr(number)

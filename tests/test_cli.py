@@ -85,7 +85,7 @@ def test_demo_writes_a_png(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as image:
         assert image.size == (64, 96) and image.mode == "RGB"
-        assert '"seed": 7' in image.text["parameters"]
+        assert '"seed": 7' in image.text["sdxl-trt"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]  # no temp file left beside it
 
 
@@ -115,7 +115,7 @@ def test_generate_writes_pngs_with_their_parameters(tiny_engine, tmp_path, capsy
     for path, seed in zip(paths, (5, 6)):
         with Image.open(path) as image:
             assert image.size == (64, 96)
-            params = json.loads(image.text["parameters"])
+            params = json.loads(image.text["sdxl-trt"])
             assert params["seed"] == seed and params["prompt"] == "a cat" and len(params["manifest_sha256"]) == 64
 
 
@@ -162,7 +162,7 @@ def test_generate_latents_and_prompt_files(tiny_engine, tmp_path):
     (["--size", "4104x4104"], "megapixels"),
     (["--guidance", "nan"], "guidance nan: expected a finite number"),
     (["--guidance", "inf"], "guidance inf: expected a finite number"),
-    (["--guidance-rescale", "nan"], "guidance rescale nan"),
+    (["--guidance-rescale", "nan"], "--guidance-rescale nan"),
     (["--guidance-rescale", "1.5"], "between 0 and 1"),
     (["--guidance-rescale", "-0.1"], "between 0 and 1"),
     (["--seed", "-5"], "seed -5: expected a whole number from 0"),
@@ -187,7 +187,7 @@ def test_generate_img2img_and_refine(tiny_engine, tmp_path):
                  "--steps", "4", "--seed", "2", "--refine-strength", "0.3", "--out", str(tmp_path / "out.png")]) == 0
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (96, 72)  # the input's size rounded down to a multiple of 8
-        assert json.loads(image.text["parameters"])["strength"] == 0.6
+        assert json.loads(image.text["sdxl-trt"])["strength"] == 0.6
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -216,7 +216,7 @@ def test_generate_inpainting(tiny_engine, tmp_path):
     assert main(["generate", str(tiny_engine), "a window", "--init-image", str(tmp_path / "in.png"), "--mask",
                  str(tmp_path / "mask.png"), "--steps", "4", "--seed", "1", "--out", str(out)]) == 0
     with Image.open(out) as image:
-        assert image.size == (96, 64) and json.loads(image.text["parameters"])["mask"].endswith("mask.png")
+        assert image.size == (96, 64) and json.loads(image.text["sdxl-trt"])["mask"].endswith("mask.png")
 
 
 def test_generate_on_a_missing_or_tampered_engine_dir(tiny_engine, tmp_path, capsys):

@@ -294,7 +294,7 @@ def test_generate_cli_applies_adapters_and_records_them(tiny_engine, lora_files,
     spec = f"{lora_files / 'unet_peft.safetensors'}:0.6"
     args = ["generate", str(tiny_engine), "a cat", "--size", "64x64", "--steps", "2", "--seed", "1", "--out"]
     assert main([*args, str(out), "--lora", spec, "--lora", str(lora_files / "text_peft.safetensors")]) == 0
-    loras = json.loads(Image.open(out).text["parameters"])["loras"]
+    loras = json.loads(Image.open(out).text["sdxl-trt"])["loras"]
     assert [(Path(a["file"]).name, a["scale"]) for a in loras] == [("unet_peft.safetensors", 0.6),
                                                                    ("text_peft.safetensors", 1.0)]
     plain = tmp_path / "plain.png"

@@ -140,7 +140,7 @@ def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
     ({"prompt": "a cat", "response_format": "url"}, None, 400, "b64_json"),
     ({"prompt": "a cat", "strength": 0.5}, None, 400, "init_image"),
     ({"prompt": "a cat", "init_image": "not base64!"}, None, 400, "init_image"),
-    ({"prompt": "a cat", "size": "64x64", "refiner_start": 1.5}, None, 400, "refiner start"),
+    ({"prompt": "a cat", "size": "64x64", "refiner_start": 1.5}, None, 400, "refiner_start"),
     ({"prompt": "a cat", "lora": [{"name": "style"}]}, None, 400, "--lora-dir"),
     ({"prompt": "a cat", "lora": [{"name": "style", "weight": 1}]}, None, 400, "weight"),
     ({"prompt": "x" * (2 << 20)}, None, 413, "over the limit"),
@@ -318,6 +318,9 @@ def test_health_answers_503_while_the_sizes_warm_up_and_200_after():
     class Stand:
         backend = SimpleNamespace(name="stand-in")
         loras = ()
+        # what the server reads to describe its PNGs (metadata.generation_record)
+        manifest = SimpleNamespace(sha256="0" * 64, data={"sources": {}}, components={})
+        roles, main_role, scheduler_config = {}, "base", {}
 
         def warm_up(self):
             assert release.wait(30)

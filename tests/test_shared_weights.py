@@ -321,29 +321,3 @@ def test_a_thread_waiting_for_a_session_that_failed_makes_it_itself():
         t.join()
     assert attempts == ["background", "call"] and len(errors) == 2 and len(resident) == 0
 
-
-def test_uploads_take_turns_in_the_order_they_asked():
-    """cuda.UPLOADS: one file's upload at a time, first come first served (the text encoders' weights, asked for
-    first, are on the device first instead of all files finishing late together)."""
-    import threading
-    import time
-
-    from sdxl_trt.runtime.cuda import FifoLock
-
-    lock, order, inside, most = FifoLock(), [], [], []
-
-    def upload(i):
-        with lock:
-            inside.append(i)
-            most.append(len(inside))
-            order.append(i)
-            time.sleep(0.02)
-            inside.remove(i)
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-        time.sleep(0.005)  # asked in this order
-    for t in threads:
-        t.join()
-    assert order == list(range(6)) and max(most) == 1  # in turn, one at a time
