@@ -157,20 +157,28 @@ def read_external(info: dict, src_dir: Path) -> bytes:
         return f.read(int(info["length"])) if "length" in info else f.read()
 
 
+def has_external_data(model: onnx.ModelProto, stubs: dict | None = None) -> bool:
+    """Whether write_model puts this model's weights in a `.data` file (large models, and weights already outside)."""
+    tensors = [t for t in initializers(model) if t.name in (stubs or {}) or external_info(t) or t.raw_data]
+    return bool(stubs) or any(external_info(t) for t in tensors) or \
+        sum(len(t.raw_data) for t in tensors) > EXTERNAL_ABOVE
+
+
 def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict | None = None,
-                transform=None, data_path: Path | None = None) -> None:
+                transform=None, data_path: Path | None = None, location: str | None = None) -> None:
     """Save with our IR version; the weights of a large model go, tensor by tensor, into one `<name>.data` file
     (never the whole model in memory twice).
 
-    `data_path` (default `<path>.data`) lets a caller write under a temporary name with the final data file name.
+    `data_path` (default `<path>.data`) and `location` (the data file's name recorded in the model, default
+    `data_path`'s) let a caller write both files under temporary names and rename them into place.
     `stubs` maps tensor names to the external location of their data in `src_dir` for tensors that carry no data
     in `model`; `transform(tensor, data)` may rewrite a stub's bytes on the way (the fp16 conversion does)."""
     stubs = stubs or {}
     model.ir_version = IR_VERSION
     tensors = [t for t in initializers(model) if t.name in stubs or external_info(t) or t.raw_data]
-    external = bool(stubs) or any(external_info(t) for t in tensors) or \
-        sum(len(t.raw_data) for t in tensors) > EXTERNAL_ABOVE
+    external = has_external_data(model, stubs)
     data_path = data_path or path.with_name(path.name + ".data")
+    location = location or data_path.name
     if external:
         offset = 0
         with open(data_path, "wb") as out:
@@ -185,7 +193,7 @@ def write_model(model: onnx.ModelProto, path: Path, src_dir: Path, stubs: dict |
                 out.write(b"\0" * pad)
                 offset += pad
                 out.write(data)
-                _point_to(tensor, data_path.name, offset, len(data))
+                _point_to(tensor, location, offset, len(data))
                 offset += len(data)
             out.flush()
             os.fsync(out.fileno())

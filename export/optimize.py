@@ -39,7 +39,7 @@ from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_record, load_manifest
 from .fuse_attention import drop_dead_nodes, import_ms_domain
-from .onnx_export import model_files, write_model
+from .onnx_export import has_external_data, model_files, write_model
 
 TARGETS = ("cuda",)
 MODEL_TYPES = {"unet": "unet", "unet_refiner": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
@@ -218,9 +218,16 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
         return stub_to_fp16(tensor, data)
 
     data_path = dest.with_name(dest.name + ".data")
-    data_path.unlink(missing_ok=True)  # a previous version's weights, if any
-    with atomic_file(dest) as tmp_path:  # the model file appears last, once its weights are complete
-        write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=data_path)
+    if not has_external_data(model, stubs):
+        with atomic_file(dest) as tmp_path:
+            write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform)
+        data_path.unlink(missing_ok=True)  # a previous version's weights
+        return fused
+    # both files under temporary names, renamed into place once complete — the weights first, then the model file
+    # that names them: an interrupted run leaves the previous version whole
+    with atomic_file(dest) as tmp_path, atomic_file(data_path) as tmp_data:
+        write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=tmp_data,
+                    location=data_path.name)
     return fused
 
 

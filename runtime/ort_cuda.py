@@ -75,6 +75,8 @@ class OrtCudaBackend:
         self._loading: dict[tuple, threading.Lock] = {}  # weights being loaded, by the same key
         self._lock = threading.RLock()
         self._preparing: list = []  # futures of the last prepare
+        self._scheduled: dict = {}  # file → the future of prepare's loader that uploads its weights
+        self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
         self._baseline = device_memory()[0]  # other processes' memory (and none of ours yet)
         self.resident = Resident(used=lambda: device_memory()[0] - self._baseline,
@@ -142,7 +144,14 @@ class OrtCudaBackend:
             return []
         components = sorted({c for c, _ in plan}, key=lambda c: -self._weight_bytes(c))
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
-        weights = {c: loader.submit(self._shared, c, None) for c in components}
+        def load(component):
+            self._loader.active = True  # this thread's own requests never wait for the loader (itself)
+            return self._shared(component, None)
+
+        with self._lock:  # a call asking for these weights meanwhile waits for the loader instead of competing
+            weights = {c: loader.submit(load, c) for c in components}
+            for component, future in weights.items():
+                self._scheduled[self._path(component, None)] = future
         loader.shutdown(wait=False)
 
         def make(component, dims):
@@ -251,6 +260,19 @@ class OrtCudaBackend:
         return self._load_once((path, tuple((str(a.path), a.scale) for a in self.adapters.active)), merged)
 
     def _load_once(self, key: tuple, load):
+        with self._lock:
+            if key in self._weights:
+                return self._weights[key]
+            scheduled = self._scheduled.get(key[0]) if not key[1] else None
+        if scheduled is not None and not getattr(self._loader, "active", False):
+            try:  # prepare's loader has this file in its queue: wait for it rather than upload beside it
+                scheduled.result()
+            except Exception:  # noqa: BLE001 - loaded (and its error raised) here instead
+                pass
+            with self._lock:
+                self._scheduled.pop(key[0], None)
+                if key in self._weights:
+                    return self._weights[key]
         with self._lock:
             if key in self._weights:
                 return self._weights[key]

@@ -201,8 +201,19 @@ class Pipeline:
         self.backend = backend
         data = manifest.data
         self.model, self.scheduler_config, self.roles = data["model"], data["scheduler"], data["pipelines"]
-        self.tokenizers = {name: ClipTokenizer.from_dir(manifest.path(folder))
-                           for name, folder in data["tokenizers"].items()}
+        from concurrent.futures import ThreadPoolExecutor
+
+        folders = {name: manifest.path(folder) for name, folder in data["tokenizers"].items()}
+        build = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizers")
+        self._tokenizers = build.submit(lambda: {name: ClipTokenizer.from_dir(f) for name, f in folders.items()})
+        build.shutdown(wait=False)
+
+    @property
+    def tokenizers(self) -> dict:
+        """The text encoders' tokenizers by folder name. They are built on a thread from `load` on (half a second of
+        vocabulary parsing, which a one-shot overlaps with uploading weights); a broken tokenizer folder is an error
+        at the first use."""
+        return self._tokenizers.result()
 
     @classmethod
     def check_dir(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,

@@ -300,3 +300,43 @@ def test_each_backend_hashes_only_the_files_it_reads(tiny_engine, tiny_optimized
     assert "onnx/unet/model.cuda.fp16.onnx" in cuda and "onnx/unet/model.fp16.onnx" not in cuda
     assert {"onnx/vae_decoder/model.cuda.fp16.onnx", "onnx/vae_decoder/model.onnx"} <= set(cuda)
     assert "scheduler/scheduler_config.json" in cuda and used_files("tensorrt", optimized) is None
+
+
+def test_an_interrupted_optimize_of_external_weights_keeps_the_previous_version(tiny_engine, tmp_path, monkeypatch):
+    """A full-size optimize streams its weights into `<file>.data`: interrupted while writing them (here: after a few
+    tensors), the previous optimized model and its weights are still there, byte for byte, and nothing temporary is
+    left; the next run writes a model whose data file is the one it names, with every weight in it."""
+    import sdxl_trt.export.optimize as opt
+    from sdxl_trt.export import fp16
+
+    src = tiny_engine / "onnx" / "unet" / "model.onnx"
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(str(src)), str(external), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    monkeypatch.setattr(opt, "LOAD_BELOW", 4096)
+    dest = tmp_path / "out" / "model.cuda.fp16.onnx"
+    opt.optimize_file(external, dest, "unet", ["timestep", "time_ids"])
+    before = {p.name: p.read_bytes() for p in dest.parent.iterdir()}
+    assert set(before) == {dest.name, dest.name + ".data"}
+    converted = []
+    original = fp16.stub_to_fp16
+
+    def interrupted(tensor, data):
+        converted.append(tensor.name)
+        if len(converted) == 5:
+            raise KeyboardInterrupt
+        return original(tensor, data)
+
+    monkeypatch.setattr(fp16, "stub_to_fp16", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.optimize_file(external, dest, "unet", ["timestep", "time_ids"])
+    assert {p.name: p.read_bytes() for p in dest.parent.iterdir()} == before  # whole, and no .tmp-* left
+    monkeypatch.setattr(fp16, "stub_to_fp16", original)
+    (dest.parent / (dest.name + ".data")).unlink()
+    opt.optimize_file(external, dest, "unet", ["timestep", "time_ids"])
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, dest.name + ".data"]
+    model = onnx.load(str(dest))  # reads each weight from the location the model names
+    assert {e.value for t in onnx.load(str(dest), load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "location"} == {dest.name + ".data"}
+    assert all(t.raw_data or t.float_data or t.int64_data for t in model.graph.initializer)
