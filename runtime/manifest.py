@@ -438,10 +438,17 @@ class _Schema:
         self.need(_whole(value) and value == VAE_FACTOR, "model.vae_scale_factor", value,
                   f"{VAE_FACTOR} (pixels per latent of SDXL's VAE)")
         value = model.get("latent_channels", MISSING)
-        channels = {spec["shape"][1] for entry in self.data["components"].values() for spec in entry["inputs"]
-                    if spec["name"] in ("sample", "latent") and len(spec["shape"]) > 1 and _whole(spec["shape"][1])}
-        expected = channels.pop() if len(channels) == 1 else 4  # as the contracts say; SDXL's VAE has 4
-        self.need(_whole(value) and value == expected, "model.latent_channels", value,
+
+        def channels(name):
+            return {spec["shape"][1] for entry in self.data["components"].values() for spec in entry["inputs"]
+                    if spec["name"] == name and len(spec["shape"]) > 1 and _whole(spec["shape"][1])}
+
+        # the VAE decoder's latent channels; a UNet takes as many, or 2c + 1 when it inpaints (latents, the masked
+        # image's latents and the mask)
+        vae, unets = channels("latent"), channels("sample")
+        expected = next(iter(vae)) if len(vae) == 1 else min(((c - 1) // 2 if c % 2 else c for c in unets), default=4)
+        self.need(_whole(value) and value == expected and all(c in (value, 2 * value + 1) for c in unets),
+                  "model.latent_channels", value,
                   f"{expected} (the latent channels of the UNet's and VAE's contracts)")
         value = model.get("default_size", MISSING)
         largest = math.isqrt(MAX_PIXELS)

@@ -192,7 +192,7 @@ def test_seeds_are_reproducible_and_per_image(pipe):
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(height=100), "multiples of 8"),
     (dict(num_inference_steps=0), "steps 0"),
-    (dict(num_images_per_prompt=0), "batch 0"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt 0"),
     (dict(sampler="plms"), "plms"),
     (dict(refiner_start=1.0), "strictly between 0 and 1"),
     (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "latents of shape"),
@@ -200,7 +200,7 @@ def test_seeds_are_reproducible_and_per_image(pipe):
     (dict(latents=np.full((1, 4, 8, 8), np.nan, np.float32)), "NaN"),
     (dict(image=init_image(), strength=0.0), "strength 0.0"),
     (dict(image=init_image(), strength=0.01, num_inference_steps=10), "leaves no step"),
-    (dict(refine_strength=1.5), "refine strength 1.5"),
+    (dict(refine_strength=1.5), "refine_strength 1.5"),
     (dict(refine_strength=0.3, refiner_start=0.8), "not both"),
 ])
 def test_bad_input(pipe, kwargs, pattern):
