@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,26 +74,9 @@ def child(engine: str, search: str, pythonpath: str | None) -> dict:
 
 
 def one_shot(engine: str, pythonpath: str | None, label: str) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "sdxl_trt.runtime.cli", "generate", engine, "a red fox", "--backend",
-                   "ort-cuda", "--seed", "0", "--timings", "--out", str(Path(tmp) / "fox.png")]
-        started = time.perf_counter()
-        run = subprocess.run(command, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-    parts = {}
-    for line in run.stdout.splitlines():
-        for key, value in re.findall(r"([a-z][a-z ]*?) ([0-9.]+) s", line.split(":", 1)[-1]):
-            parts[key.strip()] = float(value)
-    out = {"code": label, "wall_s": round(wall, 2), "exit": run.returncode, "parts_s": parts,
-           "stderr_lines": len([x for x in run.stderr.splitlines() if x.strip()]),
-           "command": shlex.join(["sdxl-trt", *command[3:-2], "--out", "fox.png"])}
-    if run.returncode != 0:
-        out["error"] = (run.stderr.strip().splitlines() or ["?"])[-1][:300]
-    print(json.dumps(out), flush=True)
-    return out
+    from cold_start import one_shot as run  # benchmarks/cold_start.py: the same command, more variants
+
+    return run(engine, pythonpath, label, [])
 
 
 def main() -> int:
