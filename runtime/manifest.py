@@ -198,7 +198,12 @@ def load_manifest(root: str | Path) -> Manifest:
         raise UserError(f"{path} has format version {data.get('format_version')}; this sdxl-trt reads version "
                         f"{FORMAT_VERSION}: {EXPORT_HINT} with this version")
     manifest = Manifest(root, data)
-    _Schema(manifest).check()
+    try:
+        _Schema(manifest).check()
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
+        # a shape of value no field check foresaw (a list where a name goes, …): still one line, never a traceback
+        raise UserError(f"{path}: a field has a value of the wrong kind ({type(e).__name__}: {e}); "
+                        f"{EXPORT_HINT}") from None
     _check_file_lists(manifest)
     return manifest
 
@@ -339,7 +344,8 @@ class _Schema:
             field = f"components.{name}"
             self.need(isinstance(entry, dict), field, entry, "a JSON object")
             contract = entry.get("contract", MISSING)
-            self.need(contract in CONTRACT_IO, f"{field}.contract", contract, ", ".join(CONTRACT_IO))
+            self.need(isinstance(contract, str) and contract in CONTRACT_IO, f"{field}.contract", contract,
+                      ", ".join(CONTRACT_IO))
             for side, names in zip(("inputs", "outputs"), CONTRACT_IO[contract]):
                 self.tensors(entry, f"{field}.{side}", side, names)
             bounds = self.table(entry, "bounds", f"{field}.bounds")
@@ -401,7 +407,8 @@ class _Schema:
                 self.need(kind in (*TOKENIZERS, "unet", "vae_decoder", "vae_encoder"), f"{field}.components",
                           kind, "clip_l, clip_g, unet, vae_decoder, vae_encoder")
                 contract = ("unet" if role == "base" else "unet_refiner") if kind == "unet" else kind
-                self.need(name in components and components[name]["contract"] == contract, where, name,
+                self.need(isinstance(name, str) and name in components and components[name]["contract"] == contract,
+                          where, name,
                           f"the name of an exported {contract} (this directory has "
                           f"{', '.join(n for n, e in components.items() if e['contract'] == contract) or 'none'})")
             time_ids = pipeline.get("time_ids", MISSING)

@@ -170,4 +170,24 @@ def read_record(path: str | Path, flag: str = "--from-png") -> dict:
         raise UserError(f"{flag} {str(path)!r}: its {CHUNK!r} chunk is not JSON ({e})") from None
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise UserError(f"{flag} {str(path)!r}: its {CHUNK!r} chunk is not a {SCHEMA} record")
+    for key, (kinds, required) in RECORD_FIELDS.items():
+        value = record.get(key)
+        if (value is None and required) or (value is not None and (not isinstance(value, kinds)
+                                                                   or isinstance(value, bool))):
+            raise UserError(f"{flag} {str(path)!r}: its record's {key!r} is {json.dumps(value)[:60]}; expected "
+                            f"{' or '.join(k.__name__ for k in kinds)} (a record edited by hand or from another "
+                            "version)")
+    if not all(isinstance(a, dict) for a in record.get("loras") or []):
+        raise UserError(f"{flag} {str(path)!r}: its record's 'loras' is not a list of adapters")
     return record
+
+
+# what --from-png reads of a record: key → (accepted types, required); generation_record writes them
+RECORD_FIELDS = {
+    "prompt": ((str,), True), "negative_prompt": ((str,), False), "seed": ((int,), True), "steps": ((int,), True),
+    "sampler": ((str,), True), "spacing": ((str,), False), "guidance": ((int, float), True),
+    "guidance_rescale": ((int, float), False), "size": ((str,), True), "long_prompt": ((str,), False),
+    "refiner_start": ((int, float), False), "refine_strength": ((int, float), False), "strength": ((int, float), False),
+    "init_image": ((str,), False), "mask": ((str,), False), "init_image_sha256": ((str,), False),
+    "mask_sha256": ((str,), False), "model_hash": ((str,), True), "loras": ((list,), False),
+}

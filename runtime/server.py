@@ -537,6 +537,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         from pathlib import Path
 
         from .lora import Adapter
+        from .validate import LORA_SCALE_RANGE
 
         if choices and not limits.lora_dir:
             raise UserError("lora: this server serves no adapters (start it with --lora-dir)")
@@ -547,8 +548,10 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
             path = Path(limits.lora_dir) / f"{choice.name}.safetensors"
             if not path.is_file():
                 raise UserError(f"lora {choice.name!r}: no such adapter on this server")
-            if not math.isfinite(choice.scale):
-                raise UserError(f"lora {choice.name!r}: scale must be a finite number")
+            low, high = LORA_SCALE_RANGE
+            if not math.isfinite(choice.scale) or not low <= choice.scale <= high:
+                raise UserError(f"lora {choice.name!r}: scale {choice.scale!r}: expected a number from {low:g} to "
+                                f"{high:g}")
             adapters.append(Adapter(path, choice.scale))
         return tuple(adapters)
 

@@ -249,6 +249,13 @@ FIELDS = [  # (field, bad value): missing, wrong type, out of range, unknown enu
     ("sources.base.spec", 5), ("sources", []),
     ("created", 20261127),
     ("engines", []), ("engines", {"engines/tensorrt/unet.engine": {"backend": "onnx"}}),
+    # a list or an object where a name or a number goes (these reached dict lookups: TypeError tracebacks)
+    ("pipelines.base.components.unet", ["unet"]), ("pipelines.base.components.vae_decoder", {"name": "vae"}),
+    ("components.unet.contract", ["unet"]), ("components.unet.contract", {"unet": 1}),
+    ("tokenizers.tokenizer", ["tokenizer"]), ("scheduler.beta_schedule", ["scaled_linear"]),
+    ("scheduler.timestep_spacing", {"leading": 1}), ("components.unet.precisions.fp32", ["onnx/unet/model.onnx"]),
+    ("model.default_size", [1024]), ("model.vae_scaling_factor", {"v": 0.13}),
+    ("pipelines.base.time_ids", {"original_height": 0}), ("sources.base", ["tiny:base"]),
 ]
 
 

@@ -337,7 +337,8 @@ def test_server_applies_the_adapters_a_request_names(tiny_engine, lora_files, tm
             got = Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"])))
             assert np.abs(np.asarray(got, int) - np.asarray(expected, int)).max() <= 2
         for bad, says in (([{"name": "nope"}], "no such adapter"), ([{"name": "../style"}], "names of"),
-                          ([{"name": "style", "scale": 1e999}], "finite")):
+                          ([{"name": "style", "scale": 1e999}], "from -20 to 20"),
+                          ([{"name": "style", "scale": 1e30}], "from -20 to 20")):  # refused with the request
             status, answer, _ = server.post({"prompt": "a cat", "size": "64x64", "steps": 2, "lora": bad})
             assert status == 400 and says in answer["error"]["message"], answer
     finally:

@@ -221,3 +221,37 @@ def test_from_png_made_with_other_weights_warns_that_the_image_will_differ(tiny_
     Image.fromarray(pixels).save(source, pnginfo=png_info({**record, "model_hash": "0123456789"}))
     assert main(["generate", str(tiny_engine), "--from-png", str(source), "--out", str(tmp_path / "x.png")]) == 0
     assert "other weights (model hash 0123456789" in caplog.text  # a warning on stderr outside pytest
+
+
+def _record_png(path, **changes):
+    """A PNG whose sdxl-trt record is a valid one with `changes` (None: the key removed)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    record = {"schema": "sdxl-trt/1", "prompt": "a cat", "negative_prompt": "", "seed": 1, "steps": 2,
+              "sampler": "euler", "spacing": "leading", "guidance": 5.0, "guidance_rescale": 0.0, "size": "64x64",
+              "long_prompt": "truncate", "loras": [], "model_hash": "0123456789"}
+    for key, value in changes.items():
+        if value is None:
+            record.pop(key)
+        else:
+            record[key] = value
+    info = PngInfo()
+    info.add_text("sdxl-trt", json.dumps(record))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(model_hash=None), "'model_hash'"),  # was a KeyError traceback
+    (dict(prompt=None), "'prompt'"), (dict(seed="1"), "'seed'"), (dict(steps=2.5), "'steps'"),
+    (dict(guidance="high"), "'guidance'"), (dict(size=[64, 64]), "'size'"), (dict(seed=True), "'seed'"),
+    (dict(loras=["x.safetensors"]), "'loras'"), (dict(loras={"a": 1}), "'loras'"),
+    (dict(strength="0.5"), "'strength'"),
+])
+def test_from_png_with_a_broken_record_is_one_line(tiny_engine, tmp_path, changes, says, capsys):
+    """A record edited by hand (or from another version): one line naming the key, nothing generated."""
+    path = tmp_path / "edited.png"
+    _record_png(path, **changes)
+    assert main(["generate", str(tiny_engine), "--from-png", str(path), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "--from-png" in err, err
+    assert not (tmp_path / "x.png").exists()
