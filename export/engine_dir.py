@@ -68,7 +68,7 @@ def weights_sha256(module) -> str:
     return h.hexdigest()
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, need_bytes: int = 0) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -78,7 +78,8 @@ def _check_out(out: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {str(out)!r}: cannot create folder {parent} ({e.strerror})") from None
-    check_writable(out, f"--out {str(out)!r}")  # a read-only or full filesystem: said now, not after the export
+    # a read-only or full filesystem: said now, not after the export (`need_bytes`: the result's size, where known)
+    check_writable(out, f"--out {str(out)!r}", need_bytes)
 
 
 def _resolve_vae(spec: str, allow_pickle: bool) -> SourceSpec:
@@ -157,6 +158,11 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
                         continue
                     source = vae_src if module_name == "vae" and vae_src else src
                     module = _load_module(source, module_name, allow_pickle)
+                    # room for this module's files (fp32, and fp16 beside it), checked before it is traced: a disk
+                    # that fills up is said before the work on it, not after
+                    numel = sum(p.numel() for p in module.parameters())
+                    check_writable(tmp / "onnx", f"--out {str(out)!r}",
+                                   numel * len(names) * (6 if precision == "fp16" else 4))
                     digest = weights_sha256(module)
                     if module_name in SHAREABLE and module_name in shared and shared[module_name][0] == digest:
                         pipeline["components"].update(shared[module_name][1])  # identical weights: reuse the files

@@ -63,7 +63,8 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
     root, out = Path(engine_dir), Path(out).expanduser()
     manifest = mf.load_manifest(root)
     manifest.check_files()
-    _check_out(out, force)
+    # the refitted directory is a copy of this one with new weights: its size is known exactly
+    _check_out(out, force, sum(int(r.get("size", 0)) for r in manifest.data["files"].values()))
     if out.resolve() == root.resolve():
         raise UserError("--out: give a new directory (DIR itself is read while the new one is written)")
     sources = manifest.data["sources"]
