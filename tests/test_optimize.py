@@ -5,9 +5,11 @@ numbers on the GPU are checked in test_ort_cuda.py (GroupNorm, NhwcConv and Bias
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import shutil
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -25,37 +27,61 @@ def op_counts(path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-class Attention(torch.nn.Module):
-    """Self- or cross-attention the way diffusers' AttnProcessor2_0 computes it (separate Q/K/V projections, SDPA)."""
+# Fused attention (ONNX Runtime CPU MultiHeadAttention) against diffusers' Attention, fp32 both sides: only the
+# order of the sums differs: measured max abs difference 9e-8 (default scale) and 1.2e-7 (scale 0.3) on outputs of
+# magnitude ~0.5. Bounds rtol 1e-4 / atol 1e-5 (~100x) leave room for other CPUs' kernels and stay far below one
+# notch: the scale 10 % off moves the output by max 1.7e-2 (test_attention_bounds_catch_a_wrong_scale).
+ATTN_RTOL, ATTN_ATOL = 1e-4, 1e-5
 
-    def __init__(self, dim: int, context_dim: int, heads: int, scale: float | None):
+
+class Attention(torch.nn.Module):
+    """diffusers' own `Attention` module (self- or cross-attention, separate Q/K/V projections) run by its
+    AttnProcessor2_0 (SDPA), as SDXL's transformer blocks use it; wrapped only to take the context positionally.
+
+    AttnProcessor2_0 always leaves SDPA's default scale 1/sqrt(d) and ignores a set `attn.scale`. For a non-default
+    scale, the graph to fuse is traced with SDPA given `scale=attn.scale`, and `reference` computes the expected
+    output with diffusers' classic AttnProcessor (baddbmm with alpha=attn.scale, softmax, bmm), which honours it."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, scale: float | None, bias: bool):
         super().__init__()
-        self.heads, self.scale = heads, scale
-        self.to_q = torch.nn.Linear(dim, dim, bias=False)
-        self.to_k = torch.nn.Linear(context_dim, dim, bias=True)
-        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
-        self.to_out = torch.nn.Linear(dim, dim)
+        from diffusers.models.attention_processor import Attention as DiffusersAttention
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.attn = DiffusersAttention(query_dim=dim, cross_attention_dim=context_dim, heads=heads,
+                                       dim_head=dim // heads, bias=bias, out_bias=True, processor=AttnProcessor2_0())
+        self.custom_scale = scale is not None
+        if self.custom_scale:
+            self.attn.scale = scale
 
     def forward(self, x, context):
-        b = x.shape[0]
-        d = self.to_q.out_features // self.heads
-        q, k, v = (t.view(b, -1, self.heads, d).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.to_out(out.transpose(1, 2).reshape(b, -1, self.heads * d))
+        if not self.custom_scale:
+            return self.attn(x, encoder_hidden_states=context)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
+                               functools.partial(sdpa, scale=self.attn.scale)):
+            return self.attn(x, encoder_hidden_states=context)
+
+    def reference(self, x, context):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        if not self.custom_scale:
+            return self.attn(x, encoder_hidden_states=context)
+        return AttnProcessor()(self.attn, x, encoder_hidden_states=context)
 
 
+@pytest.mark.parametrize("bias", [False, True])  # SDXL's to_q/k/v have no bias; with one, the fusion must keep it
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_fused_attention_matches_torch_sdpa(tmp_path, scale):
+def test_fused_attention_matches_diffusers_attention(tmp_path, scale, bias):
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    module = Attention(64, 48, heads=4, scale=scale).eval()
+    module = Attention(64, 48, heads=4, scale=scale, bias=bias).eval()
     x, context = torch.randn(2, 37, 64), torch.randn(2, 11, 48)
     path = tmp_path / "attention.onnx"
     with torch.no_grad():
         torch.onnx.export(module, (x, context), str(path), dynamo=False, opset_version=17, input_names=["x", "context"],
                           output_names=["out"], dynamic_axes={"x": {0: "B", 1: "S"}, "context": {0: "B", 1: "L"}})
         x2, c2 = torch.randn(3, 50, 64), torch.randn(3, 20, 48)  # other batch and lengths than traced
-        expected = module(x2, c2).numpy()
+        expected = module.reference(x2, c2).numpy()
     model = onnx.load(str(path))
     assert fuse_attention(model) == 1
     counts = collections.Counter(n.op_type for n in model.graph.node)
@@ -67,19 +93,33 @@ def test_fused_attention_matches_torch_sdpa(tmp_path, scale):
     onnx.checker.check_model(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x2.numpy(), "context": c2.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=ATTN_RTOL, atol=ATTN_ATOL)
+
+
+def test_attention_bounds_catch_a_wrong_scale():
+    """One notch: the softmax scale 10 % off (what a fusion that mis-read or dropped the scale would compute)
+    moves diffusers' own output by far more than ATTN_RTOL / ATTN_ATOL."""
+    torch.manual_seed(0)
+    module = Attention(64, 48, heads=4, scale=0.25, bias=False).eval()  # 0.25 = 1/sqrt(16), the default
+    x, context = torch.randn(3, 50, 64), torch.randn(3, 20, 48)
+    with torch.no_grad():
+        right = module.reference(x, context).numpy()
+        module.attn.scale *= 1.1
+        wrong = module.reference(x, context).numpy()
+    assert not np.allclose(wrong, right, rtol=ATTN_RTOL, atol=ATTN_ATOL)
 
 
 def test_attention_with_a_mask_is_left_alone(tmp_path):
     """CLIP's causal attention adds a mask before the softmax: not the pattern, so nothing changes."""
     class Masked(Attention):
         def forward(self, x, context):
-            b, d = x.shape[0], self.to_q.out_features // self.heads
-            q, k, v = (t.view(b, -1, self.heads, d).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
+            a = self.attn
+            b, d = x.shape[0], a.to_q.out_features // a.heads
+            q, k, v = (t.view(b, -1, a.heads, d).transpose(1, 2) for t in (a.to_q(x), a.to_k(x), a.to_v(x)))
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, -1, 64)
 
     path = tmp_path / "masked.onnx"
-    torch.onnx.export(Masked(64, 64, 4, None).eval(), (torch.randn(1, 5, 64), torch.randn(1, 5, 64)), str(path),
+    torch.onnx.export(Masked(64, 64, 4, None, False).eval(), (torch.randn(1, 5, 64), torch.randn(1, 5, 64)), str(path),
                       dynamo=False, opset_version=17)
     model = onnx.load(str(path))
     before = len(model.graph.node)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
@@ -20,6 +21,33 @@ def reference_ids(folder, prompts):
     return np.array(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
 
 
+@pytest.fixture(scope="module")
+def shipped_reference(tmp_path_factory):
+    """transformers' CLIPTokenizers built from the vocabulary as it ships (open_clip's bpe_simple_vocab_16e6.txt.gz,
+    found by bpe_bytes()), not from the folders our export code writes: vocab.json + merges.txt derived here the way
+    OpenAI CLIP's SimpleTokenizer reads the file (header line skipped, 49152 - 256 - 2 merges), with transformers' own
+    (GPT-2) bytes_to_unicode. Pad tokens as SDXL's published tokenizer configs: CLIP-L <|endoftext|>, CLIP-G "!"."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from sdxl_trt.export.vocab import bpe_bytes
+
+    merges = gzip.decompress(bpe_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(merges) == 48894 and len(tokens) == len(set(tokens)) == 49408
+    refs = {}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        folder = tmp_path_factory.mktemp(f"shipped_{name}")
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": pad,
+             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+        refs[name] = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return refs
+
+
 def test_corpus_is_varied():
     assert len(PROMPTS) >= 200
     assert "" in PROMPTS
@@ -27,10 +55,13 @@ def test_corpus_is_varied():
 
 
 @pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
-def test_ids_match_transformers(tokenizer_dirs, name):
+def test_ids_match_transformers(tokenizer_dirs, shipped_reference, name):
+    """Exact equality of every id (no tolerance: ids are integers) against a reference that shares none of our files."""
     ours = ClipTokenizer.from_dir(tokenizer_dirs[name])
     got = ours(PROMPTS).ids
-    want = reference_ids(tokenizer_dirs[name], PROMPTS)
+    tok = shipped_reference[name]
+    # exactly what StableDiffusionXLPipeline.encode_prompt does
+    want = np.array(tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
     assert got.dtype == np.int32 and got.shape == (len(PROMPTS), 77)
     mismatched = [p for p, g, w in zip(PROMPTS, got, want) if not np.array_equal(g, w)]
     assert not mismatched, f"{len(mismatched)} prompts differ, first: {mismatched[0]!r}"
