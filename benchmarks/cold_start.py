@@ -177,17 +177,23 @@ def one_shot(engine: str, pythonpath: str | None, label: str, extra: list[str], 
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks that compare this code with an earlier copy on one engine directory."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--engine", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--baseline-path", help="PYTHONPATH entry holding the earlier sdxl_trt to compare with")
     p.add_argument("--baseline-label", default="baseline")
+    p.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")
+    return p
+
+
+def main() -> int:
+    p = parser(__doc__)
     p.add_argument("--runs", type=int, default=3, help="one-shot runs of each variant")
     p.add_argument("--parts", nargs="+", default=["start", "upload", "sessions", "first_call", "one_shot"],
                    choices=["start", "upload", "sessions", "first_call", "one_shot"])
     p.add_argument("--levels", default="ORT_ENABLE_EXTENDED,ORT_ENABLE_BASIC,ORT_DISABLE_ALL")
-    p.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")
     args = p.parse_args()
     from sdxl_trt.runtime import tensorrt_api
     from sdxl_trt.runtime.bench import git_state, versions

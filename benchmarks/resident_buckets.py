@@ -15,7 +15,6 @@ The mixed-size serving run is benchmarks/load.py --mixed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -80,14 +79,11 @@ def one_shot(engine: str, pythonpath: str | None, label: str) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engine", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--baseline-path", help="PYTHONPATH entry holding the earlier sdxl_trt to compare with")
-    p.add_argument("--baseline-label", default="baseline")
+    from cold_start import parser
+
+    p = parser(__doc__)
     p.add_argument("--one-shots", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["sequence", "one_shot"], choices=["sequence", "one_shot"])
-    p.add_argument("--git", metavar="COMMIT", help="the commit measured, where the tree has no .git")
     args = p.parse_args()
     from sdxl_trt.runtime import tensorrt_api
     from sdxl_trt.runtime.bench import git_state, versions
