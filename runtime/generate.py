@@ -129,8 +129,8 @@ def generate(args) -> list[Path]:
             raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
     suffix = ".npy" if args.output_type == "latent" else ".png"
     # a bad or unwritable --out (or working folder, for the default name) fails before any work
-    first = output_paths(args.out, 0, len(prompts) * args.batch, suffix)[0]
-    check_writable(first, f"--out {str(first)!r}" if args.out else "the working folder (no --out)")
+    planned = output_paths(args.out, 0, len(prompts) * args.batch, suffix)  # names with the seed are known later
+    check_writable(planned[0], f"--out {str(planned[0])!r}" if args.out else "the working folder (no --out)")
     image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
     from .lora import as_adapters
@@ -150,7 +150,7 @@ def generate(args) -> list[Path]:
         log.warning("--from-png %s was made with other weights (model hash %s; %s has %s): the image will differ",
                     args.from_png, record["model_hash"], args.dir, model_hash(pipe, pipe.main_role))
     w, h = (width, height) if width else image.size if image is not None else (pipe.model["default_size"],) * 2
-    output_room(output_paths(args.out, 0, len(prompts) * args.batch, suffix), w, h, args.output_type == "latent")
+    output_room(planned, w, h, args.output_type == "latent")
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                 sampler=args.sampler, spacing=args.spacing, strength=args.strength, refiner_start=args.refiner_start,
                 refine_strength=args.refine_strength, long_prompt=args.long_prompt)

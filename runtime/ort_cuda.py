@@ -96,13 +96,11 @@ class OrtCudaBackend:
     def session(self, component: str):
         """The component's session for any shape (plain runs), on the weights its other sessions share."""
         entry = self._entry(component)
-        if (component, None) not in self.resident:
-            self._shared(component, None)
         if session_file(entry)[0] == "cuda" and entry["optimized"]["cuda"].get("overflow_check"):
             make = functools.partial(self._make, component)
-            return self.resident.get((component, None), component,
-                                     lambda: CheckedSession(component, make, functools.partial(make, file="fp32")))
-        return self.resident.get((component, None), component, lambda: self._make(component))
+            return self._kept((component, None), lambda: CheckedSession(component, make,
+                                                                        functools.partial(make, file="fp32")))
+        return self._kept((component, None), lambda: self._make(component))
 
     def loop_session(self, component: str, input_shapes: dict[str, tuple[int, ...]]):
         """The session the device loop runs `component` (a UNet, a text encoder, the VAE) with at these input shapes:
@@ -119,10 +117,8 @@ class OrtCudaBackend:
         scale = self.manifest.data["model"]["vae_scale_factor"]
         if "h" in dims and "w" in dims and (dims["w"] * scale, dims["h"] * scale) not in self.buckets:
             return self.session(component)
-        key = (component, tuple(sorted(dims.items())))
-        if key not in self.resident:
-            self._shared(component, None)
-        return self.resident.get(key, component, lambda: self._make(component, cuda_graph=True, dims=dims))
+        return self._kept((component, tuple(sorted(dims.items()))),
+                          lambda: self._make(component, cuda_graph=True, dims=dims))
 
     def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True,
                 warm: bool = False):
@@ -144,6 +140,7 @@ class OrtCudaBackend:
             return []
         components = sorted({c for c, _ in plan}, key=lambda c: -self._weight_bytes(c))
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+
         def load(component):
             self._loader.active = True  # this thread's own requests never wait for the loader (itself)
             return self._shared(component, None)
@@ -228,6 +225,13 @@ class OrtCudaBackend:
         self._drop_weights(component)
 
     # --- internals ------------------------------------------------------------------------------------------
+
+    def _kept(self, key: tuple, make):
+        """The session kept under `key` ((component, shape)), or a new one from `make()`. The component's weights are
+        loaded first, outside the session's making, so that what the session is measured to hold is its own."""
+        if key not in self.resident:
+            self._shared(key[0], None)
+        return self.resident.get(key, key[0], make)
 
     def _entry(self, component: str) -> dict:
         entry = self.manifest.components.get(component)

@@ -79,22 +79,17 @@ class SharedWeights:
         tensors = shareable(model.graph, nhwc)
         offsets, copies, total = layout(tensors, self.path.parent)
         self.nbytes = total
-        if device is None:
-            self._memory = np.empty(max(total, 1), np.uint8)
-            base = self._memory.ctypes.data
-            for source, start, nbytes, offset in copies:
-                _read_into(source, start, self._memory[offset:offset + nbytes])
-        else:
-            from .cuda import DeviceBuffer, upload_file_ranges
+        self._memory, base, kind = _allocate(total, device)
+        if device is not None:  # the files' weights through staging buffers, several threads at once
+            from .cuda import upload_file_ranges
 
-            self._memory = DeviceBuffer(total)
-            base = self._memory.ptr
             upload_file_ranges([(source, start, nbytes, base + offset) for source, start, nbytes, offset in copies
                                 if isinstance(source, Path)])
-            for source, start, nbytes, offset in copies:
-                if not isinstance(source, Path):  # weights inside the model file itself (small files)
-                    self._memory.copy_from_host(np.frombuffer(source, np.uint8, nbytes, start), offset)
-        kind = (KDL_CPU, 0) if device is None else (KDL_CUDA, device)
+        for source, start, nbytes, offset in copies:
+            if not isinstance(source, Path):  # weights inside the model file itself (small files)
+                _put(self._memory, np.frombuffer(source, np.uint8, nbytes, start), offset)
+            elif device is None:
+                _read_into(source, start, self._memory[offset:offset + nbytes])
         self.layout = {tensor.name: (offsets[tensor.name], tuple(tensor.dims), tensor.data_type) for tensor in tensors}
         self.values = {name: dlpack_value(base + offset, dims, data_type, kind)
                        for name, (offset, dims, data_type) in self.layout.items()}
@@ -135,24 +130,12 @@ class WeightSet:
         offsets, total = {}, 0
         for name, array in arrays.items():
             offsets[name] = total
-            total += -(-array.nbytes // ALIGN) * ALIGN
+            total += _aligned(array.nbytes)
         self.nbytes = total
-        if self.device is None:
-            self._memory = np.empty(max(total, 1), np.uint8)
-            base_ptr = self._memory.ctypes.data
-        else:
-            from .cuda import DeviceBuffer
-
-            self._memory = DeviceBuffer(total)
-            base_ptr = self._memory.ptr
-        kind = (KDL_CPU, 0) if self.device is None else (KDL_CUDA, self.device)
+        self._memory, base_ptr, kind = _allocate(total, self.device)
         values = {}
         for name, array in arrays.items():
-            raw = array.reshape(-1).view(np.uint8)
-            if self.device is None:
-                self._memory[offsets[name]:offsets[name] + raw.nbytes] = raw
-            else:
-                self._memory.copy_from_host(raw, offsets[name])
+            _put(self._memory, array.reshape(-1).view(np.uint8), offsets[name])
             values[name] = dlpack_value(base_ptr + offsets[name], array.shape, _onnx_type(array.dtype), kind)
         self.values = {**base.values, **values}
 
@@ -232,14 +215,32 @@ def _inline_bytes(tensor) -> bytes:
     return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
 
 
-def _read_into(source, start: int, out: np.ndarray) -> None:
-    """Fill `out` (uint8) with `out.size` bytes of `source` (a file's Path, or bytes) from `start`."""
+def _read_into(path: Path, start: int, out: np.ndarray) -> None:
+    """Fill `out` (uint8) with `out.size` bytes of the file at `path` from `start`."""
     from .cuda import read_bytes
 
-    if not isinstance(source, Path):
-        out[:] = np.frombuffer(source, np.uint8, out.size, start)
-    elif out.size:
-        read_bytes(np.memmap(source, np.uint8, mode="r"), start, out)
+    if out.size:
+        read_bytes(np.memmap(path, np.uint8, mode="r"), start, out)
+
+
+def _allocate(nbytes: int, device: int | None) -> tuple:
+    """One buffer of `nbytes` in host memory (`device` None) or on GPU `device`: (the buffer — a uint8 array or a
+    cuda.DeviceBuffer —, its address, its DLPack device)."""
+    if device is None:
+        memory = np.empty(max(nbytes, 1), np.uint8)
+        return memory, memory.ctypes.data, (KDL_CPU, 0)
+    from .cuda import DeviceBuffer
+
+    memory = DeviceBuffer(nbytes)
+    return memory, memory.ptr, (KDL_CUDA, device)
+
+
+def _put(memory, raw: np.ndarray, offset: int) -> None:
+    """Copy the bytes `raw` (uint8) into `memory` (as _allocate made it) at `offset`."""
+    if isinstance(memory, np.ndarray):
+        memory[offset:offset + raw.nbytes] = raw
+    else:
+        memory.copy_from_host(raw, offset)
 
 
 # --- DLPack views of memory we own, for ONNX Runtime (OrtValue.from_dlpack) ---------------------------------------
