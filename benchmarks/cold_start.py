@@ -12,7 +12,8 @@
   first_call in one process: load, prepare, then the first 1024² call and a second one, each stage's seconds.
   one_shot   `sdxl-trt generate DIR "a red fox" --backend ort-cuda --timings` in fresh processes, in turn with this
              code, this code with --cuda-graphs off, and the baseline code: wall time and the parts printed; one more
-             run with --verbose records when each weight upload and session finished.
+             run of each of this code's variants with --verbose records when each weight upload, session, warm run
+             and stage finished (seconds since the process was started).
 """
 
 from __future__ import annotations
@@ -153,11 +154,17 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def one_shot(engine: str, pythonpath: str | None, label: str, extra: list[str], verbose: bool = False) -> dict:
+RUN_CLI = "import sys\nfrom sdxl_trt.runtime.cli import main\nsys.exit(main())\n"
+
+
+def one_shot(engine: str, pythonpath: str | None, label: str, extra: list[str], verbose: bool = False,
+             prelude: str = "") -> dict:
+    """One fresh `sdxl-trt generate` process (as `python -c`, so that `prelude` may set a module constant first)."""
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "sdxl_trt.runtime.cli", "generate", engine, PROMPT, "--backend", "ort-cuda",
-                   "--seed", "0", "--timings", *extra, *(["--verbose"] if verbose else []),
-                   "--out", str(Path(tmp) / "fox.png")]
+        args = ["generate", engine, PROMPT, "--backend", "ort-cuda", "--seed", "0", "--timings", *extra,
+                *(["--verbose"] if verbose else [])]
+        command = [sys.executable, "-c", prelude + RUN_CLI, *args, "--out", str(Path(tmp) / "fox.png")]
+        launched = time.time()
         started = time.perf_counter()
         run = subprocess.run(command, env=env_with(pythonpath), capture_output=True, text=True)
         wall = time.perf_counter() - started
@@ -166,9 +173,16 @@ def one_shot(engine: str, pythonpath: str | None, label: str, extra: list[str], 
         for key, value in re.findall(r"([a-z][a-z ]*?) ([0-9.]+) s", line.split(":", 1)[-1]):
             parts[key.strip()] = float(value)
     out = {"code": label, "wall_s": round(wall, 2), "exit": run.returncode, "parts_s": parts,
-           "command": shlex.join(["sdxl-trt", *command[3:-2], "--out", "fox.png"])}
-    if verbose:
-        out["log"] = [x[:200] for x in run.stderr.splitlines() if "made the session" in x or "of weights" in x]
+           "command": shlex.join(["sdxl-trt", *args, "--out", "fox.png"])}
+    if prelude:
+        out["prelude"] = prelude.strip()
+    if verbose:  # our log's lines, each with the seconds since the process was started
+        out["log"] = []
+        for line in run.stderr.splitlines():
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (sdxl_trt[.\w]*): (.*)", line)
+            if stamp:
+                at = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - launched
+                out["log"].append(f"+{at:.3f} s {stamp[2]}: {stamp[3][:160]}")
     else:
         out["stderr_lines"] = len([x for x in run.stderr.splitlines() if x.strip()])
     if run.returncode != 0:
@@ -223,19 +237,23 @@ def main() -> int:
         print(json.dumps({"first_call": result["first_call"]}), flush=True)
         save()
     if "one_shot" in args.parts:
-        variants = [("this", None, []), ("this, --cuda-graphs off", None, ["--cuda-graphs", "off"])]
+        variants = [("this", None, [], ""),
+                    ("this, text encoders' weights first", None, [],
+                     "import sdxl_trt.runtime.ort_cuda as o\no.PREPARE_ORDER = 'stage'\n"),
+                    ("this, --cuda-graphs off", None, ["--cuda-graphs", "off"], "")]
         if args.baseline_path:
-            variants.append((args.baseline_label, args.baseline_path, []))
+            variants.append((args.baseline_label, args.baseline_path, [], ""))
         result["one_shot"] = []
         for _ in range(args.runs):
-            for label, path, extra in variants:
-                result["one_shot"].append(one_shot(args.engine, path, label, extra))
+            for label, path, extra, prelude in variants:
+                result["one_shot"].append(one_shot(args.engine, path, label, extra, prelude=prelude))
                 save()
         result["one_shot_median_s"] = {label: statistics.median(r["wall_s"] for r in result["one_shot"]
                                                                 if r["code"] == label and r["exit"] == 0)
-                                       for label, _, _ in variants
+                                       for label, *_ in variants
                                        if any(r["code"] == label and r["exit"] == 0 for r in result["one_shot"])}
-        result["one_shot_timeline"] = one_shot(args.engine, None, "this", [], verbose=True)
+        result["one_shot_timelines"] = [one_shot(args.engine, None, label, extra, verbose=True, prelude=prelude)
+                                        for label, path, extra, prelude in variants[:2]]
         save()
     print(f"wrote {out}")
     return 0

@@ -36,6 +36,9 @@ from .weights import SharedWeights, WeightSet
 
 log = logging.getLogger(__name__)
 PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
+# the order in which `prepare` uploads files: "size", largest first (the UNet's, whose session and warm run are the
+# longest), or "stage", in the order a call runs them (text encoders, UNet, VAE: the prompts can be encoded sooner)
+PREPARE_ORDER = "size"
 
 
 class OrtCudaBackend:
@@ -138,7 +141,9 @@ class OrtCudaBackend:
 
         if not plan:
             return []
-        components = sorted({c for c, _ in plan}, key=lambda c: -self._weight_bytes(c))
+        components = list(dict.fromkeys(c for c, _ in plan))  # the plan's own order: a call's stages
+        if PREPARE_ORDER == "size":
+            components.sort(key=lambda c: -self._weight_bytes(c))
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
 
         def load(component):
@@ -155,8 +160,10 @@ class OrtCudaBackend:
             weights[component].result()
             session = self.shape_session(component, dims)
             if warm and "input_ids" not in session.inputs and isinstance(session, OrtCudaSession) and session.dims:
+                started = time.perf_counter()
                 session.run(**{t["name"]: np.zeros([dims.get(d, d) if isinstance(d, str) else d for d in t["shape"]],
                                                    session.dtype(t["name"])) for t in session.entry["inputs"]})
+                log.info("ran %s once on zeros in %.2f s", component, time.perf_counter() - started)
             return time.perf_counter()
 
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan))), thread_name_prefix="prepare")

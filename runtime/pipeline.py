@@ -508,6 +508,7 @@ class Pipeline:
                              (self._components(role, "clip_g", "clip_l") or ["the text encoders"])[0])
         cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
         timings["text"] = time.perf_counter() - t
+        log.info("%s done in %.2f s", "text", timings["text"])
         self._release(*self._components(role, "clip_l", "clip_g"))
 
         t = time.perf_counter()
@@ -543,6 +544,7 @@ class Pipeline:
                                 inpaint)
         self._require_finite([latents], "the denoising loop produced", self._components(role, "unet")[0])
         timings[role] = time.perf_counter() - t
+        log.info("%s done in %.2f s", role, timings[role])
         self._release(*self._components(role, "unet", "vae_encoder"))
 
         if refiner_start is not None or refine_strength is not None:
@@ -572,6 +574,7 @@ class Pipeline:
         t = time.perf_counter()
         array = self.decode_uint8(latents) if output_type == "pil" else self.decode(latents)
         timings["vae"] = time.perf_counter() - t
+        log.info("%s done in %.2f s", "vae", timings["vae"])
         self._release(*self._components(self.main_role, "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
         self._settle()
@@ -600,6 +603,7 @@ class Pipeline:
         (started, futures), self._preparing = self._preparing, None
         ready = [future.result() for future in futures]
         self.load_timings = {**self.load_timings, "sessions": max(ready, default=started) - started}
+        log.info("sessions prepared in %.2f s", self.load_timings["sessions"])
 
     @property
     def _can_prepare(self) -> bool:

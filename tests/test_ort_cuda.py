@@ -26,15 +26,23 @@ def rel_l2(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# fp16 on CUDA against fp32 on the CPU, final latents of the tiny model: measured ≤ 2.4e-3 on the H100. A guidance
+# 10% off moves them 0.8-1.2e-2 at this setting (the test shows it exceeds the bound each time), so the bound sits
+# between the two: a guidance, sampler or conditioning mistake on the GPU path cannot hide under it.
+CUDA_VS_CPU = 5e-3
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras", "euler_a"])
 def test_ort_cuda_matches_ort_cpu_through_the_pipeline(pipelines, sampler):
     cuda, cpu = pipelines
     kw = dict(height=256, width=192, num_inference_steps=8, sampler=sampler, seed=11, output_type="latent",
               progress=False, refiner_start=0.8)
     got, expected = cuda("a red bicycle", **kw).array, cpu("a red bicycle", **kw).array
+    notch = rel_l2(cpu("a red bicycle", **{**kw, "guidance_scale": 4.5}).array, expected)
     error = rel_l2(got, expected)
-    print(f"{sampler}: final latents rel-L2 {error:.2e} (fp16 on CUDA vs fp32 on CPU)")
-    assert error < 1e-2
+    print(f"{sampler}: final latents rel-L2 {error:.2e} (fp16 on CUDA vs fp32 on CPU); guidance 5 → 4.5 moves "
+          f"them {notch:.2e}")
+    assert error < CUDA_VS_CPU < notch
 
 
 def test_ort_cuda_unet_step_and_decode(pipelines):
@@ -70,9 +78,12 @@ def test_the_device_loop_computes_what_the_numpy_loop_computes(pipelines, sample
         numpy_loop = cuda("a lighthouse at dawn", **kw).array
     finally:
         cuda.device_loop = True
-    error = rel_l2(on_device, numpy_loop)
-    print(f"{sampler}: device loop vs numpy loop rel-L2 {error:.2e}")
-    assert error < 1e-5
+    difference = np.abs(on_device - numpy_loop).max()
+    print(f"{sampler}: device loop vs numpy loop: largest difference {difference:.3e}, rel-L2 "
+          f"{rel_l2(on_device, numpy_loop):.2e}")
+    # the step kernels compute the numpy loop's float32 arithmetic in its order (test_kernels: bit-exact), and the
+    # UNet runs are the same session's on the same inputs: the latents are the same to the bit
+    assert np.array_equal(on_device, numpy_loop)
 
 
 # --- the optimized files (sdxl-trt optimize) and CUDA graphs --------------------------------------------------------
@@ -102,9 +113,12 @@ def test_optimized_files_match_ort_cpu(optimized, pipelines):
         assert cuda.backend.session(name).file == "cuda", name
     kw = dict(height=256, width=192, num_inference_steps=8, seed=11, output_type="latent", progress=False,
               refiner_start=0.8)
-    error = rel_l2(cuda("a red bicycle", **kw).array, cpu("a red bicycle", **kw).array)
-    print(f"optimized files: final latents rel-L2 {error:.2e} (fused fp16 on CUDA vs fp32 on CPU)")
-    assert error < 1e-2
+    expected = cpu("a red bicycle", **kw).array
+    error = rel_l2(cuda("a red bicycle", **kw).array, expected)
+    notch = rel_l2(cpu("a red bicycle", **{**kw, "guidance_scale": 4.5}).array, expected)
+    print(f"optimized files: final latents rel-L2 {error:.2e} (fused fp16 on CUDA vs fp32 on CPU); guidance 5 → 4.5 "
+          f"moves them {notch:.2e}")
+    assert error < CUDA_VS_CPU < notch
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, 4, 32, 24)).astype(np.float32)
     image, reference = cuda.decode(latents), cpu.decode(latents)
