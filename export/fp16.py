@@ -11,8 +11,6 @@ fp32 file's external data into the fp16 file's: a full-size UNet (10 GB of fp32 
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,22 +54,15 @@ def load_stubbed(path: Path, load_below: int = 0) -> tuple[onnx.ModelProto, dict
     return model, stubs
 
 
-@contextlib.contextmanager
 def stub_value_info():
-    """ONNX Runtime's converter reads an initializer's shape from its data; a stub has only its dims."""
-    from unittest import mock
-
-    from onnxruntime.transformers import float16
+    """ONNX Runtime's converter reads an initializer's shape from its data; a stub has only its dims (a private hook:
+    ort_internals.initializer_value_info)."""
+    from .ort_internals import initializer_value_info
 
     def value_info(tensor):
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
-    # ONNX Runtime's optimizer imports the converter again as the top-level module `float16`: patch both
-    copies = [m for m in (float16, sys.modules.get("float16")) if m is not None]
-    with contextlib.ExitStack() as stack:
-        for module in copies:
-            stack.enter_context(mock.patch.object(module, "make_value_info_from_tensor", value_info))
-        yield
+    return initializer_value_info(value_info)
 
 
 def stub_to_fp16(tensor: onnx.TensorProto, data: bytes) -> bytes:

@@ -24,7 +24,6 @@ sha256 of the fp32 file it came from; running the command again skips what is up
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -259,60 +258,33 @@ LOAD_BELOW = 1 << 20  # bytes: weights smaller than this are read for the fusion
 @contextlib.contextmanager
 def _nhwc_weights_as_transposes(stubs: dict):
     """ONNX Runtime's NhwcConv fusion transposes each weight in memory; have it insert a Transpose node instead
-    (folded by _fold_weight_transposes), and let its 4-D check see a stub's shape."""
-    from types import SimpleNamespace
-    from unittest import mock
-
+    (folded by _fold_weight_transposes), and let its 4-D check see a stub's shape (a private hook: ort_internals)."""
     from onnx import numpy_helper
-    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path, as it imports itself)
 
-    # ONNX Runtime's transformer scripts import one another as top-level modules: patch those
-    fusion_nhwc_conv = importlib.import_module("fusion_nhwc_conv")
-    onnx_model_unet = importlib.import_module("onnx_model_unet")
+    from .ort_internals import nhwc_weights_as_transposes
 
     def to_array(tensor):
         if tensor.name in stubs:
             return np.broadcast_to(np.float32(0), tuple(tensor.dims))  # shape only, no memory
         return numpy_helper.to_array(tensor)
 
-    def convert_conv_to_nhwc(self):
-        fusion_nhwc_conv.FusionNhwcConv(self, update_weight=False).apply()
-
-    with mock.patch.object(fusion_nhwc_conv, "numpy_helper", SimpleNamespace(to_array=to_array)), \
-            mock.patch.object(onnx_model_unet.UnetOnnxModel, "convert_conv_to_nhwc", convert_conv_to_nhwc):
+    with nhwc_weights_as_transposes(to_array):
         yield
 
 
 BIAS_SPLIT_GELU_SIZES = (2560, 5120, 6144, 10240, 12288)  # the hidden sizes ONNX Runtime's CUDA kernel takes
 
 
-@contextlib.contextmanager
 def _cuda_kernel_shapes_only():
     """Fuse GroupNorm and BiasSplitGelu only where ONNX Runtime's CUDA kernels take the shape (they fail at run time
     otherwise): GroupNorm with an even number of channels per group, BiasSplitGelu at the hidden sizes its kernel
     is built for. SDXL's layers all qualify; a model with, say, 32 channels in 32 groups keeps the plain form
-    there, which runs anywhere."""
-    from unittest import mock
+    there, which runs anywhere. (FusionOptions can only turn a fusion off for the whole model: a private hook,
+    ort_internals.fused_only_where.)"""
+    from .ort_internals import fused_only_where
 
-    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
-
-    def only_if(fusion_class, op_type, supported):
-        original = fusion_class.fuse
-
-        def fuse(self, node, input_name_to_nodes, output_name_to_node):
-            added, removed = len(self.nodes_to_add), len(self.nodes_to_remove)
-            original(self, node, input_name_to_nodes, output_name_to_node)
-            if any(n.op_type == op_type and not supported(self.model, n) for n in self.nodes_to_add[added:]):
-                del self.nodes_to_add[added:]
-                del self.nodes_to_remove[removed:]
-
-        return mock.patch.object(fusion_class, "fuse", fuse)
-
-    group_norm = importlib.import_module("fusion_group_norm").FusionGroupNorm
-    split_gelu = importlib.import_module("fusion_biassplitgelu").FusionBiasSplitGelu
-    with only_if(group_norm, "GroupNorm", _cuda_group_norm_supports), \
-            only_if(split_gelu, "BiasSplitGelu", _cuda_bias_split_gelu_supports):
-        yield
+    return fused_only_where({"GroupNorm": _cuda_group_norm_supports,
+                             "BiasSplitGelu": _cuda_bias_split_gelu_supports})
 
 
 def _cuda_bias_split_gelu_supports(model, node) -> bool:
