@@ -236,13 +236,21 @@ def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
 
 
 def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine):
-    s = Server(tiny_engine, "--timeout-s", "0.5")
+    """Timings that leave one outcome each: the slow call (100 steps at 256x256: 8-17 s here) is far over the 3 s
+    limit; once it has run out (the pipeline is free: its image is counted in the metrics), a 1-step 64x64 call
+    (0.1-0.25 s here) is far under it and must be answered."""
+    s = Server(tiny_engine, "--timeout-s", "3")
     try:
+        images = 'sdxl_images_generated_total{}'
         status, body, _ = s.post({"prompt": "a cat", "size": "256x256", "steps": 100})
-        assert status == 504 and "0.5 s" in body["error"]["message"]
-        status, body, _ = s.post({"prompt": "a cat", "size": "64x64", "steps": 1})
-        assert status in (200, 504)  # the server still answers (the slow call may still hold the pipeline)
-        assert s.get("/health")[0] == 200
+        assert status == 504 and "3 s" in body["error"]["message"]
+        deadline = time.monotonic() + 120
+        while s.metrics().get(images, 0) < 1:  # the timed-out call still runs to its end, then frees the pipeline
+            assert time.monotonic() < deadline, "the timed-out call never finished"
+            time.sleep(0.2)
+        status, body, _ = s.post({"prompt": "a cat", "size": "64x64", "steps": 1, "seed": 1})
+        assert status == 200 and len(body["data"]) == 1, body
+        assert s.metrics()[images] == 2 and s.get("/health")[0] == 200
     finally:
         s.stop()
 
