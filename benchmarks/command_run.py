@@ -27,7 +27,8 @@ def manifest_figures(root: Path) -> dict:
     for name, entry in manifest["components"].items():
         files = {}
         for record in [entry, *entry.get("optimized", {}).values()]:
-            for path in record.get("files", []):
+            listed = record.get("files", [])  # an export's: {precision: [paths]}; an optimized file's: [paths]
+            for path in [p for group in listed.values() for p in group] if isinstance(listed, dict) else listed:
                 if (root / path).is_file():
                     files[path] = (root / path).stat().st_size
         out[name] = {"fused": {target: record.get("fused") for target, record in entry.get("optimized", {}).items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 
 import numpy as np
 
@@ -24,8 +25,6 @@ def start_in_background() -> None:
     it overlaps with importing and loading ONNX Runtime, which hold the GIL while cuda-python's calls release it; the
     first CUDA call of the main thread then finds the context made (or waits for it inside the driver). A process
     without a GPU or cuda-python loses nothing: any failure here is left for that first call to report."""
-    import threading
-
     def start():
         try:
             cudart().cudaFree(0)
@@ -70,6 +69,40 @@ class Stream:
             self.handle = None
 
 
+_captures = {"running": 0, "deferred": []}  # CUDA graph captures in flight, and the frees waiting for them to end
+_captures_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def capturing():
+    """Around work that may capture a CUDA graph (an ONNX Runtime run with a graph id, our own loop capture): ONNX
+    Runtime captures in global mode, where a cudaFree from any thread meanwhile breaks the capture ("operation failed
+    due to a previous error during capture"). Our device memory freed meanwhile (free_device: e.g. the weights of a
+    pipeline that the garbage collector finalizes on another thread) is freed once no capture runs."""
+    with _captures_lock:
+        _captures["running"] += 1
+    try:
+        yield
+    finally:
+        with _captures_lock:
+            _captures["running"] -= 1
+            pending = [] if _captures["running"] else _captures["deferred"]
+            if pending:
+                _captures["deferred"] = []
+            for ptr in pending:
+                check(cudart().cudaFree(ptr))
+
+
+def free_device(ptr: int) -> None:
+    """cudaFree, or later if a CUDA graph is being captured (capturing). The lock is held through the free, so a
+    capture starts only after a free already under way has finished."""
+    with _captures_lock:
+        if _captures["running"]:
+            _captures["deferred"].append(ptr)
+        else:
+            check(cudart().cudaFree(ptr))
+
+
 class DeviceBuffer:
     """`nbytes` of device memory; grows only through `reserve` (which returns whether the address changed)."""
 
@@ -109,7 +142,7 @@ class DeviceBuffer:
 
     def free(self) -> None:
         if self.ptr:
-            check(cudart().cudaFree(self.ptr))
+            free_device(self.ptr)
             self.ptr, self.nbytes = 0, 0
 
 

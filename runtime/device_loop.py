@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cuda import BufferPool, Graph
+from .cuda import BufferPool, Graph, capturing
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class DeviceLoop:
         graph = Graph()
         try:
             stream.synchronize()
-            with graph.capture(stream):
+            with capturing(), graph.capture(stream):
                 queue_loop()
         except Exception as e:  # a library call that cannot be captured: per-step graphs on a fresh session
             graph.close()

@@ -29,16 +29,17 @@ import numpy as np
 from . import tensorrt_api
 from .backends import (CUDA_GRAPH_MODES, VAE_FP16_ADVICE, OrtSession, check_onnxruntime_install, non_finite,
                        output_shapes, quiet_onnxruntime, session_file, symbol_values)
-from .cuda import BufferPool, Stream, device_memory
+from .cuda import BufferPool, Stream, capturing, device_memory
 from .errors import UserError
 from .manifest import Manifest
 from .weights import SharedWeights, WeightSet
 
 log = logging.getLogger(__name__)
 PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
-# the order in which `prepare` uploads files: "size", largest first (the UNet's, whose session and warm run are the
-# longest), or "stage", in the order a call runs them (text encoders, UNet, VAE: the prompts can be encoded sooner)
-PREPARE_ORDER = "size"
+# the order in which `prepare` uploads files: "stage", in the order a call runs them (text encoders, UNet, VAE: the
+# prompts are encoded while the UNet's weights go up), or "size", largest first. One-shot medians on the H100
+# (benchmarks/results/h100-cold-start-one-shot-*.json): stage 6.24 / 5.16 s, size 6.31 / 5.29 s on two machines
+PREPARE_ORDER = "stage"
 
 
 class OrtCudaBackend:
@@ -126,7 +127,7 @@ class OrtCudaBackend:
     def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True,
                 warm: bool = False):
         """Make the sessions `plan` names ((component, dims) pairs) on several threads at once, so that a first call
-        does not make them one after the other. Weights go up one file at a time, largest first (uploads in parallel
+        does not make them one after the other. Weights go up one file at a time, in PREPARE_ORDER (uploads in parallel
         share the bandwidth and all finish late: on the H100 a one-shot's 4.8 GiB UNet took 1.2 s beside the text
         encoders' uploads, 0.42 s alone); each component's sessions are made (ONNX Runtime makes sessions without
         holding the GIL) as soon as its weights are up, while the next file uploads. With `warm`, each session but
@@ -394,8 +395,12 @@ class OrtCudaSession(OrtSession):
             binding.bind_output(name, "cuda", 0, np.dtype(dtype), list(shape), address)
 
     def run_bound(self, binding, graph_id: int = PLAIN_RUN) -> None:
-        """Queue one run of `binding` on the stream; no host synchronisation."""
-        self._session.run_with_iobinding(binding, self.run_options(graph_id))
+        """Queue one run of `binding` on the stream; no host synchronisation. A run with a graph id may capture."""
+        if graph_id == PLAIN_RUN:
+            self._session.run_with_iobinding(binding, self.run_options(graph_id))
+            return
+        with capturing():
+            self._session.run_with_iobinding(binding, self.run_options(graph_id))
 
     def new_binding(self):
         return self._session.io_binding()
