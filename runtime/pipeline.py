@@ -503,6 +503,8 @@ class Pipeline:
         if long_prompt not in ("truncate", "chunk"):
             raise UserError(f"{say('long_prompt')} {long_prompt!r}: expected truncate or chunk")
         windows = self.prompt_windows(prompts, negatives) if long_prompt == "chunk" else None
+        # the schedule before any model runs: a sampler, spacing or step count it refuses fails the call at once
+        first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
 
         t = time.perf_counter()
         cond = self.encode_prompt(role, prompts, negatives, guidance, windows)
@@ -515,7 +517,6 @@ class Pipeline:
 
         t = time.perf_counter()
         inpaint = None
-        first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
         if image is None:
             evals = range(len(first.timesteps))
             latents = draw(rngs, shape[1:]) if latents is None else np.asarray(latents)

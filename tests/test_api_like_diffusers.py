@@ -260,3 +260,20 @@ def test_height_alone_with_an_image_takes_the_images_width_as_diffusers(pipe, ph
         height, width = processor.get_default_height_width(image, **given)
         ours = run(pipe, image=image, strength=0.5, **{"height": None, "width": None, **given})
         assert ours.shape[2:] == (height // 8, width // 8), (given, ours.shape, (height, width))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sampler="lcm", num_inference_steps=60), "too many for lcm"),
+    (dict(sampler="tcd", num_inference_steps=51), "too many for tcd"),
+    (dict(sampler="euler", num_inference_steps=1001), "out of range"),
+    (dict(spacing="quadratic"), "unknown timestep spacing"),
+    (dict(sampler="unipc"), "unknown sampler"),
+])
+def test_a_schedule_the_samplers_refuse_fails_before_any_model_runs(pipe, monkeypatch, kwargs, message):
+    """The sampler's schedule is made before the text encoders run: a refusal costs no model time (it used to come
+    after the prompts were encoded)."""
+    def ran(*args, **kw):
+        raise AssertionError("a model ran before the schedule was checked")
+
+    monkeypatch.setattr(pipe, "encode_prompt", ran)
+    assert message in refusal(pipe, **kwargs)
