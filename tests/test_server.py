@@ -33,13 +33,13 @@ def free_port() -> int:
 class Server:
     """`sdxl-trt serve ENGINE FLAGS` in a child process (its own session: signals go to it alone), healthy."""
 
-    def __init__(self, engine, *flags, start_timeout: float = 120):
+    def __init__(self, engine, *flags, start_timeout: float = 120, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "sdxl_trt.runtime.cli", "serve", str(engine), "--port",
                                          str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, "the server exited while starting"
@@ -235,14 +235,30 @@ def test_ray_serve_runs_the_same_api_on_two_replicas(tiny_engine):
         s.stop()
 
 
-def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine):
-    """Timings that leave one outcome each: the slow call (100 steps at 256x256: 8-17 s here) is far over the 3 s
-    limit; once it has run out (the pipeline is free: its image is counted in the metrics), a 1-step 64x64 call
-    (0.1-0.25 s here) is far under it and must be answered."""
-    s = Server(tiny_engine, "--timeout-s", "3")
+# loaded by the server process at start (sitecustomize): a call asking for 100 steps sleeps 10 s first, whatever
+# the machine's speed, so that the timeout test's two calls have one outcome each
+SLOW_CALLS = """
+import time
+from sdxl_trt.runtime import pipeline
+_call = pipeline.Pipeline.__call__
+def _slow(self, *args, **kwargs):
+    if kwargs.get("num_inference_steps") == 100:
+        time.sleep(10)
+    return _call(self, *args, **kwargs)
+pipeline.Pipeline.__call__ = _slow
+"""
+
+
+def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine, tmp_path):
+    """The slow call (made 10 s slower than it is by SLOW_CALLS) is far over the 3 s limit; once it has run out (the
+    pipeline is free: its image is counted in the metrics), a 1-step 64x64 call (0.1-0.25 s on the CI machine) is
+    far under it and must be answered."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_CALLS)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    s = Server(tiny_engine, "--timeout-s", "3", env={"PYTHONPATH": path})
     try:
         images = 'sdxl_images_generated_total{}'
-        status, body, _ = s.post({"prompt": "a cat", "size": "256x256", "steps": 100})
+        status, body, _ = s.post({"prompt": "a cat", "size": "64x64", "steps": 100})
         assert status == 504 and "3 s" in body["error"]["message"]
         deadline = time.monotonic() + 120
         while s.metrics().get(images, 0) < 1:  # the timed-out call still runs to its end, then frees the pipeline
