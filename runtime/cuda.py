@@ -86,11 +86,10 @@ def capturing():
     finally:
         with _captures_lock:
             _captures["running"] -= 1
-            pending = [] if _captures["running"] else _captures["deferred"]
-            if pending:
-                _captures["deferred"] = []
-            for ptr in pending:
-                check(cudart().cudaFree(ptr))
+            if not _captures["running"]:
+                pending, _captures["deferred"] = _captures["deferred"], []
+                for ptr in pending:
+                    check(cudart().cudaFree(ptr))
 
 
 def free_device(ptr: int) -> None:

@@ -19,6 +19,7 @@ image → a warning and the fp32 file from then on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -396,10 +397,7 @@ class OrtCudaSession(OrtSession):
 
     def run_bound(self, binding, graph_id: int = PLAIN_RUN) -> None:
         """Queue one run of `binding` on the stream; no host synchronisation. A run with a graph id may capture."""
-        if graph_id == PLAIN_RUN:
-            self._session.run_with_iobinding(binding, self.run_options(graph_id))
-            return
-        with capturing():
+        with contextlib.nullcontext() if graph_id == PLAIN_RUN else capturing():
             self._session.run_with_iobinding(binding, self.run_options(graph_id))
 
     def new_binding(self):

@@ -187,6 +187,12 @@ def as_image(value, flag: str, mode: str):
     return image.convert(mode)
 
 
+def stage_done(timings: dict, stage: str, started: float) -> None:
+    """A call's stage has ended: its seconds into the call's timings, and a log line (--verbose shows them)."""
+    timings[stage] = time.perf_counter() - started
+    log.info("%s done in %.2f s", stage, timings[stage])
+
+
 class Pipeline:
     device_loop = True  # on backends that have one (ort-cuda), run the denoising loop on the device (device_loop.py)
     graph_text_encoders = True  # with the device loop, the text encoders as CUDA graphs (benchmarks turn it off)
@@ -511,8 +517,7 @@ class Pipeline:
         self._require_finite(cond, "the text encoders produced",
                              (self._components(role, "clip_g", "clip_l") or ["the text encoders"])[0])
         cond = (*cond, self.time_ids(role, n, guidance, **conditioning))
-        timings["text"] = time.perf_counter() - t
-        log.info("%s done in %.2f s", "text", timings["text"])
+        stage_done(timings, "text", t)
         self._release(*self._components(role, "clip_l", "clip_g"))
 
         t = time.perf_counter()
@@ -538,7 +543,7 @@ class Pipeline:
             latents, evals, noise = self._start_from(first, init, strength, rngs, from_noise=mask_image is not None)
             if mask_image is not None:
                 inpaint = self._inpainting(role, pixels, mask_to_array(mask_image, width, height), init, noise, rngs)
-            timings["vae encode"] = time.perf_counter() - t
+            stage_done(timings, "vae encode", t)
             t = time.perf_counter()
         if denoising_end is not None:
             cutoff = self._cutoff(denoising_end)
@@ -546,8 +551,7 @@ class Pipeline:
         latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress,
                                 inpaint)
         self._require_finite([latents], "the denoising loop produced", self._components(role, "unet")[0])
-        timings[role] = time.perf_counter() - t
-        log.info("%s done in %.2f s", role, timings[role])
+        stage_done(timings, role, t)
         self._release(*self._components(role, "unet", "vae_encoder"))
 
         if refiner_start is not None or refine_strength is not None:
@@ -568,7 +572,7 @@ class Pipeline:
                                     rngs, progress)
             self._require_finite([latents], "the refiner's denoising loop produced",
                                  self._components("refiner", "unet")[0])
-            timings["refiner"] = time.perf_counter() - t
+            stage_done(timings, "refiner", t)
             self._release(*self._components("refiner", "clip_l", "clip_g", "unet"))
 
         if output_type == "latent":
@@ -576,8 +580,7 @@ class Pipeline:
             return Result(None, latents, seeds, timings)
         t = time.perf_counter()
         array = self.decode_uint8(latents) if output_type == "pil" else self.decode(latents)
-        timings["vae"] = time.perf_counter() - t
-        log.info("%s done in %.2f s", "vae", timings["vae"])
+        stage_done(timings, "vae", t)
         self._release(*self._components(self.main_role, "vae_decoder"))
         images = to_pil(array) if output_type == "pil" else None
         self._settle()
