@@ -11,7 +11,7 @@
              first run, steady run, and the largest difference of its output from the default level's.
   first_call in one process: load, prepare, then the first 1024² call and a second one, each stage's seconds.
   one_shot   `sdxl-trt generate DIR "a red fox" --backend ort-cuda --timings` in fresh processes, in turn with this
-             code, this code with --cuda-graphs off, and the baseline code: wall time and the parts printed; one more
+             code in each upload order (ort_cuda.PREPARE_ORDER) and the baseline code: wall time and the parts printed; one more
              run of each of this code's variants with --verbose records when each weight upload, session, warm run
              and stage finished (seconds since the process was started).
 """
@@ -237,10 +237,10 @@ def main() -> int:
         print(json.dumps({"first_call": result["first_call"]}), flush=True)
         save()
     if "one_shot" in args.parts:
+        order = "import sdxl_trt.runtime.ort_cuda as o\no.PREPARE_ORDER = {!r}\n"
         variants = [("this", None, [], ""),
-                    ("this, largest file first", None, [],
-                     "import sdxl_trt.runtime.ort_cuda as o\no.PREPARE_ORDER = 'size'\n"),
-                    ("this, --cuda-graphs off", None, ["--cuda-graphs", "off"], "")]
+                    ("this, the UNet's weights second", None, [], order.format("unet-second")),
+                    ("this, largest file first", None, [], order.format("size"))]
         if args.baseline_path:
             variants.append((args.baseline_label, args.baseline_path, [], ""))
         # one run first, not counted: a fresh export's files are hashed once (then recorded by file identity), and
@@ -256,7 +256,7 @@ def main() -> int:
                                        for label, *_ in variants
                                        if any(r["code"] == label and r["exit"] == 0 for r in result["one_shot"])}
         result["one_shot_timelines"] = [one_shot(args.engine, None, label, extra, verbose=True, prelude=prelude)
-                                        for label, path, extra, prelude in variants[:2]]
+                                        for label, path, extra, prelude in variants[:3]]
         save()
     print(f"wrote {out}")
     return 0

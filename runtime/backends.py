@@ -94,6 +94,7 @@ class OrtSession:
         self.path = manifest.path(path or entry["precisions"][precision])
         # the values (and the memory they view) must outlive the session: ONNX Runtime uses that memory in place
         self._shared = shared
+        self._shared_ready = shared is None
         self._overrides = dict(shared.values) if shared is not None else {}
         overrides = adapters.overrides(component, self.path) if adapters else {}
         for name, array in overrides.items():
@@ -129,8 +130,17 @@ class OrtSession:
         kind = DTYPES[spec["dtype"]]
         return kind[self.precision] if isinstance(kind, dict) else kind
 
+    def weights_ready(self) -> None:
+        """Wait, before a run, for the shared weights this session was made on to be in their buffer (prepare makes
+        sessions while the weights still go up; weights.SharedWeights)."""
+        if self._shared is not None:
+            self._shared.wait()
+            self._shared_ready = True
+
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
+        if not self._shared_ready:
+            self.weights_ready()
         return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
 
 

@@ -55,6 +55,9 @@ class _Shape:
 
 class DeviceLoop:
     def __init__(self, backend):
+        import time
+
+        started = time.perf_counter()
         import cuda.core as core
 
         from ..kernels.nvrtc import StepKernels
@@ -64,6 +67,7 @@ class DeviceLoop:
         self._shapes: dict[tuple, _Shape] = {}
         self._graph_ids = itertools.count()  # ONNX Runtime's gpu_graph_id: one per shape, never reused
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
+        log.info("loaded the step kernels in %.2f s", time.perf_counter() - started)
 
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
                 noise: np.ndarray | None = None) -> np.ndarray:

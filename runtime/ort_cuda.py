@@ -38,7 +38,8 @@ from .weights import SharedWeights, WeightSet
 log = logging.getLogger(__name__)
 PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
 # the order in which `prepare` uploads files: "stage", in the order a call runs them (text encoders, UNet, VAE: the
-# prompts are encoded while the UNet's weights go up), or "size", largest first. One-shot medians on the H100
+# prompts are encoded while the UNet's weights go up), "size", largest first, or "unet-second" (the first text
+# encoder's, then the UNets', then the rest). One-shot medians on the H100, sessions made after their upload
 # (benchmarks/results/h100-cold-start-one-shot-*.json): stage 6.24 / 5.16 s, size 6.31 / 5.29 s on two machines
 PREPARE_ORDER = "stage"
 
@@ -55,16 +56,11 @@ class OrtCudaBackend:
         `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
         `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default)."""
         check_onnxruntime_install()
-        quiet_onnxruntime()
-        import onnxruntime as ort
-
         if cuda_graphs not in CUDA_GRAPH_MODES:
             raise UserError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
-        if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, where the system has none
-            ort.preload_dlls()
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError("this ONNX Runtime has no CUDA execution provider: pip uninstall -y onnxruntime "
-                            "onnxruntime-gpu, then pip install 'sdxl-trt[gpu]'")
+        # ONNX Runtime (0.2-0.3 s to import and load its CUDA libraries) loads on a thread of its own while the weights
+        # are laid out and go up, which needs only CUDA; the first session waits for it (and raises its error)
+        self._onnxruntime = load_onnxruntime()
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
         from .lora import Adapters
@@ -128,10 +124,11 @@ class OrtCudaBackend:
     def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True,
                 warm: bool = False):
         """Make the sessions `plan` names ((component, dims) pairs) on several threads at once, so that a first call
-        does not make them one after the other. Weights go up one file at a time, in PREPARE_ORDER (uploads in parallel
-        share the bandwidth and all finish late: on the H100 a one-shot's 4.8 GiB UNet took 1.2 s beside the text
-        encoders' uploads, 0.42 s alone); each component's sessions are made (ONNX Runtime makes sessions without
-        holding the GIL) as soon as its weights are up, while the next file uploads. With `warm`, each session but
+        does not make them one after the other. Every file's device buffer is allocated first, and each component's
+        sessions are made on it at once (ONNX Runtime makes sessions without holding the GIL, and reads none of our
+        buffers while it does: weights.SharedWeights), while the weights go up one file at a time, in PREPARE_ORDER
+        (uploads in parallel share the bandwidth and all finish late: on the H100 a one-shot's 4.8 GiB UNet took 1.2 s
+        beside the text encoders' uploads, 0.42 s alone); a session's runs wait for its file. With `warm`, each session but
         the text encoders' (a call's first stage, which runs at once) also runs once on zeros, without a CUDA graph:
         its first run's one-time work (kernel and algorithm choice, arena growth) is done while the prompts are
         encoded. With `wait` False this returns at once with the futures: a call may start meanwhile (a session it
@@ -139,29 +136,50 @@ class OrtCudaBackend:
         `preparing`), but must wait for them all before anything captures a CUDA graph (a capture fails if another
         thread allocates meanwhile). Each future's result is the time.perf_counter() at which it was done."""
         import time
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         if not plan:
             return []
         components = list(dict.fromkeys(c for c, _ in plan))  # the plan's own order: a call's stages
         if PREPARE_ORDER == "size":
             components.sort(key=lambda c: -self._weight_bytes(c))
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        elif PREPARE_ORDER == "unet-second":  # the first text encoder's small file, then the UNets'
+            components.sort(key=lambda c: (0 if c == components[0] else 1 if "unet" in c else 2))
+        allocated = {c: Future() for c in components}
 
-        def load(component):
+        def load():
+            """Every file's buffer laid out and allocated first (its sessions are made meanwhile), then filled."""
             self._loader.active = True  # this thread's own requests never wait for the loader (itself)
-            return self._shared(component, None)
+            made, errors = [], []
+            for component in components:
+                try:
+                    weights = self._shared(component, None, upload=False)
+                    allocated[component].set_result(weights)
+                    made.append(getattr(weights, "base", weights))  # under LoRA adapters: the file's own weights
+                except BaseException as e:  # noqa: BLE001 - raised by each session waiting for it, and here
+                    allocated[component].set_exception(e)
+                    errors.append(e)
+            for weights in made:
+                try:
+                    weights.upload()
+                except BaseException as e:  # noqa: BLE001 - the other files still go up: a call may not need this one
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+            return time.perf_counter()
 
-        with self._lock:  # a call asking for these weights meanwhile waits for the loader instead of competing
-            weights = {c: loader.submit(load, c) for c in components}
-            for component, future in weights.items():
+        with self._lock:  # a call asking for these weights meanwhile waits for their buffer instead of competing
+            for component, future in allocated.items():
                 self._scheduled[self._path(component, None)] = future
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        uploaded = loader.submit(load)
         loader.shutdown(wait=False)
 
         def make(component, dims):
-            weights[component].result()
+            allocated[component].result()
             session = self.shape_session(component, dims)
             if warm and "input_ids" not in session.inputs and isinstance(session, OrtCudaSession) and session.dims:
+                session.weights_ready()
                 started = time.perf_counter()
                 session.run(**{t["name"]: np.zeros([dims.get(d, d) if isinstance(d, str) else d for d in t["shape"]],
                                                    session.dtype(t["name"])) for t in session.entry["inputs"]})
@@ -172,11 +190,11 @@ class OrtCudaBackend:
         order = sorted(plan, key=lambda item: components.index(item[0]))
         futures = [pool.submit(make, component, dims) for component, dims in order]
         pool.shutdown(wait=False)
-        self._preparing = futures + list(weights.values())
+        self._preparing = futures + [uploaded]
         if wait:
-            for future in futures:
+            for future in self._preparing:
                 future.result()
-        return futures
+        return self._preparing
 
     @property
     def preparing(self) -> bool:
@@ -255,12 +273,15 @@ class OrtCudaBackend:
         _, precision, path = session_file(entry, file)
         return self.manifest.path(path or entry["precisions"][precision])
 
-    def _shared(self, component: str, file: str | None):
+    def _shared(self, component: str, file: str | None, upload: bool = True):
         """The device weights of `component`'s file `file` under the active LoRA adapters, loaded once (a thread
-        asking for weights another thread is loading waits for them)."""
+        asking for weights another thread is loading waits for them). Weights `prepare`'s loader has allocated may
+        still be going up: sessions made on them wait for them before they run (SharedWeights.wait). `upload`
+        False: lay out and allocate only (the loader fills the buffers once all of them are allocated)."""
         path = self._path(component, file)
         overrides = self.adapters.overrides(component, path)
-        base = self._load_once((path, ()), lambda: SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1"))
+        base = self._load_once((path, ()), lambda: SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1",
+                                                                 upload=upload))
         if not overrides:
             return base
 
@@ -302,6 +323,7 @@ class OrtCudaBackend:
 
     def _make(self, component: str, file: str | None = None, cuda_graph: bool = False,
               dims: dict[str, int] | None = None) -> OrtCudaSession:
+        self._onnxruntime.result()
         return OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
                               weights=self._shared(component, file), conv_search=self.conv_search)
 
@@ -320,6 +342,36 @@ class OrtCudaBackend:
     def _evicted(self, key, session) -> None:
         if self._loop is not None:
             self._loop.forget_session(session)
+
+
+def load_onnxruntime():
+    """Import ONNX Runtime, quiet it and load its CUDA libraries (the nvidia-* wheels', where the system has none) on
+    a thread; the Future's result is the time.perf_counter() at which it was done, its exception a UserError when this
+    ONNX Runtime has no CUDA provider."""
+    import time
+    from concurrent.futures import Future
+
+    future = Future()
+
+    def load():
+        started = time.perf_counter()
+        try:
+            quiet_onnxruntime()
+            import onnxruntime as ort
+
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("this ONNX Runtime has no CUDA execution provider: pip uninstall -y onnxruntime "
+                                "onnxruntime-gpu, then pip install 'sdxl-trt[gpu]'")
+        except BaseException as e:  # noqa: BLE001 - raised where a session is first made
+            future.set_exception(e)
+            return
+        log.info("loaded ONNX Runtime in %.2f s", time.perf_counter() - started)
+        future.set_result(time.perf_counter())
+
+    threading.Thread(target=load, name="onnxruntime", daemon=True).start()
+    return future
 
 
 def resident_sizes(manifest: Manifest, buckets=None) -> frozenset[tuple[int, int]]:
@@ -397,6 +449,8 @@ class OrtCudaSession(OrtSession):
 
     def run_bound(self, binding, graph_id: int = PLAIN_RUN) -> None:
         """Queue one run of `binding` on the stream; no host synchronisation. A run with a graph id may capture."""
+        if not self._shared_ready:
+            self.weights_ready()
         with contextlib.nullcontext() if graph_id == PLAIN_RUN else capturing():
             self._session.run_with_iobinding(binding, self.run_options(graph_id))
 

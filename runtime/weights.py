@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -68,33 +69,76 @@ def shareable(graph, nhwc: bool) -> list:
 class SharedWeights:
     """The shareable weights of one ONNX file in one buffer on device `device` (a CUDA device id), or in host memory
     for `device` None; `values` maps initializer names to ONNX Runtime values viewing that buffer. Sessions given
-    these values must keep this object alive (OrtSession does)."""
+    these values must keep this object alive (OrtSession does).
 
-    def __init__(self, path: Path, device: int | None, nhwc: bool = False):
+    With `upload` False the buffer is only laid out and allocated: `upload()` fills it later (prepare's loader does,
+    one file at a time) while sessions are made on it already — ONNX Runtime reads only the file's own copy of an
+    initializer while it makes a session (its passes and constant folding; of the shared ones no operator packs or
+    transposes its weight, weights.shareable says which), and takes the address of ours — and every run of those
+    sessions first waits for `wait()` (OrtSession does)."""
+
+    def __init__(self, path: Path, device: int | None, nhwc: bool = False, upload: bool = True):
         import onnx
 
         started = time.perf_counter()
         self.path, self.device = Path(path), device
         model = onnx.load(str(path), load_external_data=False)
         tensors = shareable(model.graph, nhwc)
-        offsets, copies, total = layout(tensors, self.path.parent)
+        offsets, self._copies, total = layout(tensors, self.path.parent)
         self.nbytes = total
-        self._memory, base, kind = _allocate(total, device)
-        if device is not None:  # the files' weights through staging buffers, several threads at once
-            from .cuda import upload_file_ranges
-
-            upload_file_ranges([(source, start, nbytes, base + offset) for source, start, nbytes, offset in copies
-                                if isinstance(source, Path)])
-        for source, start, nbytes, offset in copies:
-            if not isinstance(source, Path):  # weights inside the model file itself (small files)
-                _put(self._memory, np.frombuffer(source, np.uint8, nbytes, start), offset)
-            elif device is None:
-                _read_into(source, start, self._memory[offset:offset + nbytes])
+        self._memory, self._base, self._kind = _allocate(total, device)
         self.layout = {tensor.name: (offsets[tensor.name], tuple(tensor.dims), tensor.data_type) for tensor in tensors}
-        self.values = {name: dlpack_value(base + offset, dims, data_type, kind)
-                       for name, (offset, dims, data_type) in self.layout.items()}
-        log.info("read %.2f GiB of weights of %s into %s memory in %.2f s", total / 2**30, self.path,
-                 "host" if device is None else "device", time.perf_counter() - started)
+        self._values = None
+        self._values_lock = threading.Lock()
+        self._uploaded = threading.Event()
+        self._error: BaseException | None = None
+        log.info("allocated %.2f GiB for the weights of %s in %.2f s", total / 2**30, self.path,
+                 time.perf_counter() - started)
+        if upload:
+            self.upload()
+            self.wait()
+
+    @property
+    def values(self) -> dict:
+        """{initializer name: OrtValue viewing its place in the buffer}, made on first use (it needs ONNX Runtime,
+        which the loader does not wait for)."""
+        with self._values_lock:
+            if self._values is None:
+                self._values = {name: dlpack_value(self._base + offset, dims, data_type, self._kind)
+                                for name, (offset, dims, data_type) in self.layout.items()}
+            return self._values
+
+    def upload(self) -> None:
+        """Copy the file's weights into the buffer (once); a failure is kept and raised by `wait()` too."""
+        if self._uploaded.is_set():
+            return
+        started = time.perf_counter()
+        try:
+            if self.device is not None:  # the files' weights through staging buffers, several threads at once
+                from .cuda import upload_file_ranges
+
+                upload_file_ranges([(source, start, nbytes, self._base + offset)
+                                    for source, start, nbytes, offset in self._copies if isinstance(source, Path)])
+            for source, start, nbytes, offset in self._copies:
+                if not isinstance(source, Path):  # weights inside the model file itself (small files)
+                    _put(self._memory, np.frombuffer(source, np.uint8, nbytes, start), offset)
+                elif self.device is None:
+                    _read_into(source, start, self._memory[offset:offset + nbytes])
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            self._copies = []
+            self._uploaded.set()
+        log.info("read %.2f GiB of weights of %s into %s memory in %.2f s", self.nbytes / 2**30, self.path,
+                 "host" if self.device is None else "device", time.perf_counter() - started)
+
+    def wait(self) -> None:
+        """Return once the buffer holds the file's weights (at once after `upload()`); raise the upload's error."""
+        if not self._uploaded.is_set():
+            self._uploaded.wait()
+        if self._error is not None:
+            raise self._error
 
     def view(self, name: str) -> np.ndarray:
         """Host weights only: the array every session reads for `name` (tests change it to show that they do)."""
@@ -111,7 +155,7 @@ class SharedWeights:
     def free(self) -> None:
         """Give the memory back (sessions hold a reference to the weights they use, so this runs when the last of
         them and the backend have let go)."""
-        self.values = {}
+        self._values = {}
         memory = getattr(self, "_memory", None)
         if hasattr(memory, "free"):
             memory.free()
@@ -137,7 +181,14 @@ class WeightSet:
         for name, array in arrays.items():
             _put(self._memory, array.reshape(-1).view(np.uint8), offsets[name])
             values[name] = dlpack_value(base_ptr + offsets[name], array.shape, _onnx_type(array.dtype), kind)
-        self.values = {**base.values, **values}
+        self._values = {**base.values, **values}
+
+    @property
+    def values(self) -> dict:
+        return self._values
+
+    def wait(self) -> None:
+        self.base.wait()
 
     free = SharedWeights.free
     __del__ = SharedWeights.__del__

@@ -362,6 +362,47 @@ def test_prepare_makes_on_several_threads_the_sessions_a_call_then_uses(tiny_opt
     assert np.abs(result.array.astype(int) - fresh.array).max() <= 4  # the fused files' run-to-run noise
 
 
+def test_prepare_makes_sessions_while_the_weights_go_up_and_runs_wait_for_them(tiny_optimized, monkeypatch):
+    """prepare allocates every file's buffer, makes the sessions on them at once and uploads meanwhile. With each
+    file's upload slowed down (0.3 s first), the UNet's session is made before its weights are on the device — the
+    overlap is real — and the image is the one a pipeline whose sessions were made after the upload gives: nothing
+    ran on a buffer still being filled, and ONNX Runtime read none of it while making the sessions."""
+    import time
+
+    from sdxl_trt.runtime import Pipeline, cuda, ort_cuda
+    from sdxl_trt.runtime.weights import SharedWeights
+
+    kw = dict(width=192, height=256, num_inference_steps=4, seed=3, progress=False)
+    reference = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])("a kite", **kw).array
+    events = []
+    upload, make, slow = SharedWeights.upload, ort_cuda.OrtCudaBackend._make, cuda.upload_file_ranges
+
+    def slow_upload(copies, *a, **k):
+        time.sleep(0.3)
+        return slow(copies, *a, **k)
+
+    def timed_upload(self):
+        upload(self)
+        events.append(("uploaded", self.path.parent.name, time.perf_counter()))
+
+    def timed_make(self, component, *a, **k):
+        session = make(self, component, *a, **k)
+        events.append(("made", component, time.perf_counter()))
+        return session
+
+    monkeypatch.setattr(cuda, "upload_file_ranges", slow_upload)
+    monkeypatch.setattr(SharedWeights, "upload", timed_upload)
+    monkeypatch.setattr(ort_cuda.OrtCudaBackend, "_make", timed_make)
+    pipe = Pipeline.load(tiny_optimized, backend="ort-cuda", buckets=[BUCKET])
+    pipe.prepare(192, 256, images=1, guidance=True, wait=False)
+    got = pipe("a kite", **kw).array
+    made = min(t for kind, name, t in events if kind == "made" and name == "unet")
+    uploaded = min(t for kind, name, t in events if kind == "uploaded" and name == "unet")
+    print(f"the UNet's session was made {uploaded - made:.2f} s before its weights were up")
+    assert made < uploaded
+    assert np.abs(got.astype(int) - reference).max() <= 4  # the fused files' run-to-run noise (tests below)
+
+
 def test_a_call_overlapping_a_background_prepare_waits_for_it_and_makes_nothing_twice(tiny_optimized):
     """`generate` prepares in the background (prepare(wait=False)) and starts the call at once: the text encoders
     take the sessions being made, the loop waits for the rest; every session is made once, the image is the one a

@@ -63,6 +63,48 @@ def test_sessions_of_one_file_read_one_weight_buffer(unet):
     assert rel_l2(restored, before[0]) < 1e-6
 
 
+def test_a_session_is_made_before_its_weights_arrive_and_its_runs_wait_for_them(tiny_engine):
+    """prepare makes sessions on a file's buffer while the file still goes up (SharedWeights(upload=False), then
+    upload()): making the session reads nothing of the buffer — here it holds NaN until the upload —, and a run asked
+    for meanwhile waits for the upload, then computes what a session reading the file computes."""
+    import threading
+
+    manifest = load_manifest(tiny_engine)
+    path = manifest.path(manifest.components["unet"]["precisions"]["fp32"])
+    feeds = unet_feeds()
+    plain = OrtSession(manifest, "unet", "fp32", CPU).run(**feeds)["noise_pred"]
+    weights = SharedWeights(path, None, upload=False)
+    weights._memory[:] = 0xFF  # every float in the buffer NaN: a session that read it now would compute NaN
+    session = OrtSession(manifest, "unet", "fp32", CPU, dims={"B": 2, "S": 77, "h": 8, "w": 12}, shared=weights)
+    out, ran = {}, threading.Event()
+
+    def run():
+        out["pred"] = session.run(**feeds)["noise_pred"]
+        ran.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert not ran.wait(0.5)  # waiting for the weights, not computing on NaN
+    weights.upload()
+    thread.join(30)
+    assert ran.is_set() and np.isfinite(out["pred"]).all()
+    assert rel_l2(out["pred"], plain) < 1e-5  # as in the test above: the sessions' passes differ by ≈ 1e-7
+
+
+def test_a_failed_upload_is_raised_by_every_run_that_waited_for_it(tmp_path):
+    """A file that is cut short after its layout was read: upload() raises, and so does every wait() after it,
+    instead of a run computing on a half-filled buffer."""
+    path, arrays = external_model(tmp_path, GAPS)
+    weights = SharedWeights(path, None, upload=False)
+    data = tmp_path / "weights.bin"
+    data.write_bytes(data.read_bytes()[:-10])
+    with pytest.raises(UserError, match="ended early"):
+        weights.upload()
+    for _ in range(2):
+        with pytest.raises(UserError, match="ended early"):
+            weights.wait()
+
+
 def test_nearly_every_weight_byte_is_shared_and_only_where_no_pass_rewrites_it(tiny_optimized, tiny_engine):
     """What is shared: inputs of MatMul, Gemm, Gather, LayerNormalization and com.microsoft ops (and Conv where the
     provider keeps NCHW); never the inputs of ops ONNX Runtime's transpose and layout passes rewrite in place. On the
