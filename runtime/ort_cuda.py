@@ -144,7 +144,8 @@ class OrtCudaBackend:
         if PREPARE_ORDER == "size":
             components.sort(key=lambda c: -self._weight_bytes(c))
         elif PREPARE_ORDER == "unet-second":  # the first text encoder's small file, then the UNets'
-            components.sort(key=lambda c: (0 if c == components[0] else 1 if "unet" in c else 2))
+            first = components[0]
+            components.sort(key=lambda c: 0 if c == first else 1 if "unet" in c else 2)
         allocated = {c: Future() for c in components}
 
         def load():
