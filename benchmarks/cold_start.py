@@ -239,7 +239,7 @@ def main() -> int:
     if "one_shot" in args.parts:
         order = "import sdxl_trt.runtime.ort_cuda as o\no.PREPARE_ORDER = {!r}\n"
         variants = [("this", None, [], ""),
-                    ("this, the UNet's weights second", None, [], order.format("unet-second")),
+                    ("this, text encoders' weights first", None, [], order.format("stage")),
                     ("this, largest file first", None, [], order.format("size"))]
         if args.baseline_path:
             variants.append((args.baseline_label, args.baseline_path, [], ""))

@@ -37,11 +37,12 @@ from .weights import SharedWeights, WeightSet
 
 log = logging.getLogger(__name__)
 PLAIN_RUN = -1  # gpu_graph_id that runs without capturing or replaying a CUDA graph
-# the order in which `prepare` uploads files: "stage", in the order a call runs them (text encoders, UNet, VAE: the
-# prompts are encoded while the UNet's weights go up), "size", largest first, or "unet-second" (the first text
-# encoder's, then the UNets', then the rest). One-shot medians on the H100, sessions made after their upload
-# (benchmarks/results/h100-cold-start-one-shot-*.json): stage 6.24 / 5.16 s, size 6.31 / 5.29 s on two machines
-PREPARE_ORDER = "stage"
+# the order in which `prepare` uploads files: "unet-second" (the first text encoder's, then the UNets', then the
+# rest: the UNet's warm run, the longest path to the loop, starts soonest while the prompts are still encoded), "stage"
+# (the order a call runs them) or "size" (largest first). One-shot medians on the H100 with every session made while
+# the weights go up (benchmarks/results/h100-cold-start-one-shot-e79b63a.json, 5 runs each): unet-second 4.23 s,
+# stage 4.34 s, size 4.57 s
+PREPARE_ORDER = "unet-second"
 
 
 class OrtCudaBackend:
