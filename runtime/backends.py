@@ -284,5 +284,5 @@ def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_
     if name in ("tensorrt", "tensorrt-rtx"):
         from .trt_backend import TensorRTBackend
 
-        return TensorRTBackend(manifest, name, check_hashes=check_hashes)
+        return TensorRTBackend(manifest, name, check_hashes=check_hashes, cuda_graphs=cuda_graphs)
     return OrtCpuBackend(manifest)

@@ -227,6 +227,8 @@ class DeviceLoop:
         addresses = {name: buffer.ptr for name, buffer in shape.buffers.items()}
         if shape.binding is not None and shape.binding[1] == addresses and shape.binding[2] is session:
             return False
+        if shape.binding is not None and hasattr(shape.binding[0], "close"):  # a TensorRT binding's graphs
+            shape.binding[0].close()
         binding = session.new_binding()
         session.bind(binding, inputs, outputs)
         shape.binding = (binding, addresses, session)
@@ -245,6 +247,8 @@ class DeviceLoop:
             shape = self._shapes.pop(key)
             for graph, _ in shape.loops.values():
                 graph.close()
+            if shape.binding is not None and hasattr(shape.binding[0], "close"):  # a TensorRT binding's graphs
+                shape.binding[0].close()
             for buffer in shape.buffers.values():
                 buffer.free()
 

@@ -291,10 +291,12 @@ class Pipeline:
 
     @property
     def _on_device(self) -> bool:
-        """Whether work goes through the backend's device loop (ort-cuda, unless `device_loop` is turned off). Asked of
+        """Whether work goes through the backend's device loop (ort-cuda, tensorrt, tensorrt-rtx; unless `device_loop` is
+        turned off, or the backend says it cannot: `device_loop_usable`, e.g. on the tests' stand-in GPU). Asked of
         the backend's class: the loop itself is made on first use (hasattr on the instance would make it, loading
         cuda.core and the kernels, 0.3-0.8 s, before `prepare` could start the uploads)."""
-        return self.device_loop and hasattr(type(self.backend), "device_loop")
+        return (self.device_loop and hasattr(type(self.backend), "device_loop")
+                and getattr(self.backend, "device_loop_usable", True))
 
     @property
     def main_role(self) -> str:

@@ -9,6 +9,14 @@ profile's largest shapes when the profile is first used and bound to the context
 warm-up a call allocates nothing and can be captured in a CUDA graph (`enqueue` on the backend's stream, which
 the caller may supply).
 
+The device loop (device_loop.py) runs on the engines as on ONNX Runtime's sessions, through the same engine
+interface: `new_binding` / `bind` (input shapes → the profile; device addresses by tensor name) / `run_bound` (one
+`execute_async_v3` on the backend's stream). With a graph id, as ONNX Runtime does for its own CUDA graphs, the first
+run of a binding is a plain enqueue (TensorRT must have run a shape once before it is captured) and the second is
+captured as a CUDA graph of ours, which that binding's later runs replay; a binding is kept per shape by the device
+loop, so each bucket keeps its graphs (`--cuda-graphs step`). `--cuda-graphs loop` captures the whole loop around
+plain enqueues; `off` enqueues one by one.
+
 TensorRT-RTX compiles kernels on first load; they are kept in `engines/tensorrt-rtx/runtime-cache.<sm>.bin` and
 reused by later processes.
 """
@@ -23,7 +31,8 @@ import numpy as np
 
 from . import engines as eng
 from . import tensorrt_api
-from .cuda import DeviceBuffer, Stream
+from .backends import CUDA_GRAPH_MODES, VAE_FP16_ADVICE, non_finite
+from .cuda import DeviceBuffer, Graph, Stream, capturing
 from .errors import UserError
 from .fileio import atomic_file
 from .manifest import Manifest
@@ -60,9 +69,16 @@ class RuntimeCache:
 
 
 class TensorRTBackend:
-    def __init__(self, manifest: Manifest, name: str, check_hashes: bool = True, stream: Stream | None = None):
-        """`stream`: the CUDA stream every copy, profile switch and run is queued on (default: a new one)."""
+    device_loop_usable = True  # the tests' stand-in GPU on the CPU has no kernels to launch: it turns this off
+
+    def __init__(self, manifest: Manifest, name: str, check_hashes: bool = True, stream: Stream | None = None,
+                 cuda_graphs: str = "step"):
+        """`stream`: the CUDA stream every copy, profile switch and run is queued on (default: a new one).
+        `cuda_graphs`: the device loop's mode (step, loop, off: device_loop.py)."""
+        if cuda_graphs not in CUDA_GRAPH_MODES:
+            raise UserError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
         self.manifest, self.name, self.check_hashes = manifest, name, check_hashes
+        self.cuda_graphs = cuda_graphs
         self.trt = tensorrt_api.import_trt(name)
         self.device = tensorrt_api.gpu()
         if self.device is None:
@@ -79,6 +95,7 @@ class TensorRTBackend:
 
         self.adapters = Adapters()
         self._sessions: dict[str, TrtEngine] = {}
+        self._loop = None
         # engines hold no reference to the backend, so it can be collected; then (or at exit) this releases them
         self._finalizer = weakref.finalize(self, _release, self.runtime_cache, self._sessions,
                                            None if stream else self.stream)
@@ -88,6 +105,39 @@ class TensorRTBackend:
             self._sessions[component] = TrtEngine(self, component)
         return self._sessions[component]
 
+    # --- what the device loop asks of a backend (device_loop.py) ---------------------------------------------------
+
+    @property
+    def device_loop(self):
+        """The denoising loop on the device, created on first use."""
+        if self._loop is None:
+            from .device_loop import DeviceLoop
+
+            self._loop = DeviceLoop(self)
+        return self._loop
+
+    def loop_session(self, component: str, input_shapes: dict) -> TrtEngine:
+        """One engine serves every shape its profiles hold (the profile is chosen when a binding is made)."""
+        return self.session(component)
+
+    def decode_session(self, component: str, latent_shape: tuple[int, ...]) -> TrtEngine:
+        return self.session(component)
+
+    def overflowed(self, component: str) -> None:
+        """The VAE engine's image held NaN/Inf: there is no other engine to fall back to here."""
+        raise UserError(non_finite("the VAE produced", component, self, "the latents it decoded were far outside a "
+                                   "sampler's range", VAE_FP16_ADVICE + " (sdxl-trt build --vae-precision fp32)")
+                        + "; nothing was written")
+
+    def settle(self) -> None:
+        """Nothing is resident beyond the engines themselves."""
+
+    def drop_loop_sessions(self) -> None:
+        """Forget every CUDA graph captured on the engines (a capture failed: the loop falls back to another mode)."""
+        if self._loop is not None:
+            for component in list(self._sessions):
+                self._loop.forget(component)
+
     def set_loras(self, adapters) -> None:
         """Apply LoRA adapters (lora.Adapter) by refitting the loaded engines of the affected components (built with
         `--refittable`); engines loaded later are refitted when they load."""
@@ -96,6 +146,8 @@ class TensorRTBackend:
         for component in changed:
             if component in self._sessions:
                 self._sessions[component].apply_loras(self.adapters)
+                if self._loop is not None:  # graphs captured before the refit are captured again after it
+                    self._loop.forget(component)
 
     def close(self) -> None:
         """Save the runtime cache and free every engine's device memory."""
@@ -140,8 +192,12 @@ class TrtEngine:
         self.io = {t["name"]: t for t in self.record["io"]}
         self.inputs = [n for n, t in self.io.items() if t["mode"] == "input"]
         self.outputs = [n for n, t in self.io.items() if t["mode"] == "output"]
+        self.entry = manifest.components[component]  # the contract (device_loop computes output shapes from it)
+        self.output_dtypes = {n: NUMPY[self.io[n]["dtype"]] for n in self.outputs}
+        self.cuda_graph = True  # runs can be captured (after one plain enqueue per shape): run_bound
         self.contexts: dict[int, object] = {}
         self.bound: dict[int, dict[str, int]] = {}  # profile → tensor → address bound in its context
+        self.set_shapes_of: dict[int, dict[str, tuple]] = {}  # profile → input shapes last set in its context
         self.buffers = {name: DeviceBuffer(0) for name in self.io}
         self.scratch = DeviceBuffer(self.engine.device_memory_size_v2)  # the largest profile's activations
         self.profile: int | None = None
@@ -203,27 +259,83 @@ class TrtEngine:
         """Pick the profile for these input shapes, set them, bind the buffers; returns every tensor's shape."""
         if set(shapes) != set(self.inputs):
             raise UserError(f"{self.name}: takes inputs {self.inputs}, was given {sorted(shapes)}")
-        profile = select_profile(self.record["profiles"], {n: tuple(s) for n, s in shapes.items()})
-        context = self._context(profile)
-        self.logger.clear()
-        for name, shape in shapes.items():
-            if not context.set_input_shape(name, tuple(shape)):
-                raise UserError(f"{self.name}: {self.backend_name} rejected {name} {list(shape)}: "
-                                f"{self.logger.last_error()}")
-        bound = self.bound[profile]
-        for name, buffer in self.buffers.items():
-            if bound.get(name) != buffer.ptr:
-                context.set_tensor_address(name, buffer.ptr)
-                bound[name] = buffer.ptr
-        self.profile = profile
+        shapes = {n: tuple(s) for n, s in shapes.items()}
+        profile = select_profile(self.record["profiles"], shapes)
+        self._context(profile)  # made on first use, which sizes the buffers for its profile: their addresses after
+        context = self._apply(profile, shapes, {name: buffer.ptr for name, buffer in self.buffers.items()})
         self.shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.io}
         return self.shapes
+
+    def _apply(self, profile: int, shapes: dict[str, tuple], addresses: dict[str, int]):
+        """Make the profile's context hold these input shapes and tensor addresses (only what changed is set)."""
+        context = self._context(profile)
+        if self.set_shapes_of.get(profile) != shapes:
+            self.logger.clear()
+            for name, shape in shapes.items():
+                if not context.set_input_shape(name, shape):
+                    self.set_shapes_of.pop(profile, None)
+                    raise UserError(f"{self.name}: {self.backend_name} rejected {name} {list(shape)}: "
+                                    f"{self.logger.last_error()}")
+            self.set_shapes_of[profile] = dict(shapes)
+        bound = self.bound[profile]
+        for name, ptr in addresses.items():
+            if bound.get(name) != ptr:
+                context.set_tensor_address(name, ptr)
+                bound[name] = ptr
+        self.profile = profile
+        return context
 
     def enqueue(self) -> None:
         """Run on the backend's stream with the shapes last set; no host synchronisation, no allocation."""
         self.logger.clear()
         if self.profile is None or not self.contexts[self.profile].execute_async_v3(self.stream.ptr):
             raise UserError(f"{self.name}: {self.backend_name} failed to run: {self.logger.last_error()}")
+
+    # --- the device loop's engine interface (device_loop.py; ort_cuda.OrtCudaSession has the same) ---------------
+
+    def dtype(self, name: str):
+        return NUMPY[self.io[name]["dtype"]]
+
+    def new_binding(self) -> "TrtBinding":
+        return TrtBinding()
+
+    def bind(self, binding: "TrtBinding", inputs: dict, outputs: dict) -> None:
+        """Bind device memory {name: (address, shape, dtype)}: the profile is chosen from the input shapes now."""
+        shapes = {name: tuple(shape) for name, (_, shape, _) in inputs.items()}
+        if set(shapes) != set(self.inputs) or set(outputs) != set(self.outputs):
+            raise UserError(f"{self.name}: takes inputs {self.inputs} and outputs {self.outputs}, was bound "
+                            f"{sorted(inputs)} and {sorted(outputs)}")
+        for name, (_, shape, dtype) in {**inputs, **outputs}.items():
+            if np.dtype(dtype) != np.dtype(self.dtype(name)):
+                raise UserError(f"{self.name}: {name} is {np.dtype(self.dtype(name)).name} in this engine, was bound "
+                                f"as {np.dtype(dtype).name}")
+        binding.close()
+        binding.profile = select_profile(self.record["profiles"], shapes)
+        binding.shapes = shapes
+        binding.addresses = {name: address for name, (address, _, _) in {**inputs, **outputs}.items()}
+
+    def run_bound(self, binding: "TrtBinding", graph_id: int = -1) -> None:
+        """Queue one run of `binding` on the stream; no host synchronisation. With a graph id ≥ 0: a plain enqueue the
+        first time, captured as a CUDA graph the second (and launched), the graph replayed from then on."""
+        graph = binding.graphs.get(graph_id) if graph_id >= 0 else None
+        if graph is not None:
+            graph.launch(self.stream)
+            return
+        self._apply(binding.profile, binding.shapes, binding.addresses)
+        if graph_id < 0 or graph_id not in binding.warm:
+            self.enqueue()
+            if graph_id >= 0:
+                binding.warm.add(graph_id)
+            return
+        graph = Graph()
+        try:
+            with capturing(), graph.capture(self.stream):
+                self.enqueue()
+        except BaseException:
+            graph.close()
+            raise
+        binding.graphs[graph_id] = graph
+        graph.launch(self.stream)
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):
@@ -241,8 +353,28 @@ class TrtEngine:
 
     def close(self) -> None:
         self.contexts.clear()
+        self.bound.clear()
+        self.set_shapes_of.clear()
         for buffer in (*self.buffers.values(), self.scratch):
             buffer.free()
+
+
+class TrtBinding:
+    """One set of device addresses and input shapes for an engine (the device loop keeps one per shape), with the
+    CUDA graphs captured on it by graph id."""
+
+    def __init__(self):
+        self.profile: int | None = None
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.warm: set[int] = set()  # graph ids that had their plain enqueue
+        self.graphs: dict[int, Graph] = {}
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            graph.close()
+        self.graphs.clear()
+        self.warm.clear()
 
 
 def refit_named(trt, engine, logger, weights: dict, what: str) -> None:

@@ -452,6 +452,11 @@ def fake_gpu(built, tmp_path, monkeypatch):
     monkeypatch.setattr(tensorrt_api, "gpu", lambda: L40S)
     module = fake_trt(trt, root)
     monkeypatch.setattr(tensorrt_api, "import_trt", lambda backend: module)
+    # host memory stands in for the device here: no NVRTC kernels can run on it, so the pipeline takes its host loop
+    # over the engines (the device loop on the engines runs in the GPU tests, tests/test_trt_standin.py)
+    from sdxl_trt.runtime.trt_backend import TensorRTBackend
+
+    monkeypatch.setattr(TensorRTBackend, "device_loop_usable", False)
     return root, cudart
 
 
@@ -478,6 +483,59 @@ def test_backend_runs_the_pipeline_like_onnx_runtime_on_a_stand_in_gpu(fake_gpu)
     assert not cudart.memory  # every buffer freed
 
 
+def test_the_device_loops_engine_interface_binds_by_name_and_picks_the_profile(fake_gpu):
+    """What the device loop asks of an engine (bind device addresses by tensor name → the profile is chosen from the
+    input shapes; run_bound enqueues on the stream): the same outputs as `run`, on the stand-in GPU; a dtype or
+    tensor the engine does not have is a one-line error."""
+    from sdxl_trt.runtime.backends import load_backend
+    from sdxl_trt.runtime.cuda import BufferPool
+
+    root, _ = fake_gpu
+    backend = load_backend("tensorrt-rtx", load_manifest(root))
+    unet = backend.session("unet")
+    rng = np.random.default_rng(0)
+    for h, w in ((64, 64), (112, 144)):  # the dynamic profile, then 1152x896's own
+        feeds = {"sample": rng.standard_normal((2, 4, h, w)), "timestep": np.full(2, 500.0),
+                 "encoder_hidden_states": rng.standard_normal((2, 77, 96)), "text_embeds": rng.standard_normal((2, 64)),
+                 "time_ids": np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * 2)}
+        feeds = {n: np.ascontiguousarray(a, unet.dtype(n)) for n, a in feeds.items()}
+        expected = unet.run(**feeds)["noise_pred"]
+        pool = BufferPool()
+        inputs = {n: (pool.put(n, a, backend.stream), a.shape, a.dtype) for n, a in feeds.items()}
+        out = np.empty(expected.shape, unet.output_dtypes["noise_pred"])
+        binding = unet.new_binding()
+        unet.bind(binding, inputs, {"noise_pred": (pool.reserve("out", out.nbytes).ptr, out.shape, out.dtype)})
+        assert binding.profile == (1 if (h, w) == (112, 144) else 3)  # 1152x896's profile, else the dynamic one
+        unet.run_bound(binding)
+        pool["out"].download(out, backend.stream)
+        np.testing.assert_array_equal(out, expected)
+        wrong = dict(inputs, timestep=(inputs["timestep"][0], (2,), np.float64))
+        with pytest.raises(UserError, match="timestep is .* in this engine, was bound as float64"):
+            unet.bind(unet.new_binding(), wrong, {"noise_pred": (0, out.shape, out.dtype)})
+        with pytest.raises(UserError, match="takes inputs"):
+            unet.bind(unet.new_binding(), inputs, {})
+    backend.close()
+
+
+def write_lora(root: Path, path: Path) -> Path:
+    """A diffusers-style LoRA for the tiny UNet's attention and feed-forward MatMuls (strong enough to see)."""
+    from safetensors.numpy import save_file
+
+    from sdxl_trt.runtime.lora import Weights
+
+    manifest = load_manifest(root)
+    weights = Weights(manifest.path(manifest.components["unet"]["precisions"]["fp32"]), "unet")
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, name in weights.modules.items():
+        if "transformer_blocks" in module and module.endswith(("to_q", "to_v", "ff.net.2")):
+            inp, out = weights.shape(name)  # MatMul weights, stored transposed
+            tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((4, inp)) / np.sqrt(inp)).astype(np.float32)
+            tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+    save_file(tensors, path)
+    return path
+
+
 def test_lora_adapters_refit_refittable_engines(fake_gpu, tmp_path):
     """LoRA on a TensorRT backend: the merged weights go to the engine through the Refitter by their ONNX names (the
     stand-in engine then runs with them); switching back puts the exported weights back. Not run on TensorRT."""
@@ -489,17 +547,7 @@ def test_lora_adapters_refit_refittable_engines(fake_gpu, tmp_path):
     from sdxl_trt.runtime.lora import Weights
 
     root, _ = fake_gpu
-    manifest = load_manifest(root)
-    weights = Weights(manifest.path(manifest.components["unet"]["precisions"]["fp32"]), "unet")
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for module, name in weights.modules.items():
-        if "transformer_blocks" in module and module.endswith(("to_q", "to_v", "ff.net.2")):
-            inp, out = weights.shape(name)  # MatMul weights, stored transposed
-            tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((4, inp)) / np.sqrt(inp)).astype(np.float32)
-            tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
-    save_file(tensors, tmp_path / "style.safetensors")
-    lora = [(tmp_path / "style.safetensors", 0.9)]
+    lora = [(write_lora(root, tmp_path / "style.safetensors"), 0.9)]
     kw = dict(width=512, height=512, num_inference_steps=2, seed=3, output_type="np", progress=False)
     data = json.loads((root / "manifest.json").read_text())
     unet_engine = next(p for p, r in data["engines"].items() if r["component"] == "unet")
