@@ -194,7 +194,7 @@ class TrtEngine:
         self.outputs = [n for n, t in self.io.items() if t["mode"] == "output"]
         self.entry = manifest.components[component]  # the contract (device_loop computes output shapes from it)
         self.output_dtypes = {n: NUMPY[self.io[n]["dtype"]] for n in self.outputs}
-        self.cuda_graph = True  # runs can be captured (after one plain enqueue per shape): run_bound
+        self.cuda_graph = backend.cuda_graphs != "off"  # runs captured after one plain enqueue per shape: run_bound
         self.contexts: dict[int, object] = {}
         self.bound: dict[int, dict[str, int]] = {}  # profile → tensor → address bound in its context
         self.set_shapes_of: dict[int, dict[str, tuple]] = {}  # profile → input shapes last set in its context

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import types
+from pathlib import Path
 
 import numpy as np
 
@@ -203,3 +204,22 @@ def fake_trt(real, root):
     module.Runtime = Runtime
     module.Refitter = Refitter
     return module
+
+
+def write_lora(root: Path, path: Path) -> Path:
+    """A diffusers-style LoRA for the tiny UNet's attention and feed-forward MatMuls (strong enough to see)."""
+    from safetensors.numpy import save_file
+
+    from sdxl_trt.runtime.lora import Weights
+
+    manifest = load_manifest(root)
+    weights = Weights(manifest.path(manifest.components["unet"]["precisions"]["fp32"]), "unet")
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, name in weights.modules.items():
+        if "transformer_blocks" in module and module.endswith(("to_q", "to_v", "ff.net.2")):
+            inp, out = weights.shape(name)  # MatMul weights, stored transposed
+            tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((4, inp)) / np.sqrt(inp)).astype(np.float32)
+            tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+    save_file(tensors, path)
+    return path

@@ -517,34 +517,14 @@ def test_the_device_loops_engine_interface_binds_by_name_and_picks_the_profile(f
     backend.close()
 
 
-def write_lora(root: Path, path: Path) -> Path:
-    """A diffusers-style LoRA for the tiny UNet's attention and feed-forward MatMuls (strong enough to see)."""
-    from safetensors.numpy import save_file
-
-    from sdxl_trt.runtime.lora import Weights
-
-    manifest = load_manifest(root)
-    weights = Weights(manifest.path(manifest.components["unet"]["precisions"]["fp32"]), "unet")
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for module, name in weights.modules.items():
-        if "transformer_blocks" in module and module.endswith(("to_q", "to_v", "ff.net.2")):
-            inp, out = weights.shape(name)  # MatMul weights, stored transposed
-            tensors[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((4, inp)) / np.sqrt(inp)).astype(np.float32)
-            tensors[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
-    save_file(tensors, path)
-    return path
-
-
 def test_lora_adapters_refit_refittable_engines(fake_gpu, tmp_path):
     """LoRA on a TensorRT backend: the merged weights go to the engine through the Refitter by their ONNX names (the
     stand-in engine then runs with them); switching back puts the exported weights back. Not run on TensorRT."""
     import json
 
-    from safetensors.numpy import save_file
-
     from sdxl_trt.runtime import Pipeline
-    from sdxl_trt.runtime.lora import Weights
+
+    from fake_gpu import write_lora
 
     root, _ = fake_gpu
     lora = [(write_lora(root, tmp_path / "style.safetensors"), 0.9)]

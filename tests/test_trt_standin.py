@@ -127,7 +127,10 @@ def gpu_refittable(gpu_engines, monkeypatch):
 
 
 BUCKETS = ["256x256", "320x256", "256x320"]
-TENSORRT_VS_ORT_CUDA = 2e-3  # the same ONNX files on the same kernels: run-to-run noise of the fused files (≈1.5e-3)
+# the same ONNX files on the same kernels, so only their run-to-run noise: on the H100 one backend's repeat of a call
+# moved the tiny model's latents 1.9-2.0e-3 (fused fp16 kernels are not deterministic) and tensorrt vs ort-cuda was
+# 1.9-2.0e-3; twice that, a third of what a guidance 10% off moves them (1.3e-2)
+TENSORRT_VS_ORT_CUDA = 4e-3
 
 
 def graphs(pipe) -> int:
@@ -152,6 +155,7 @@ def test_tensorrt_backend_runs_the_device_loop_like_ort_cuda(gpu_standin, mode):
     expected = reference("a red bicycle", **kw).array
     notch = rel_l2(reference("a red bicycle", guidance_scale=4.5, **kw).array, expected)
     got = engine("a red bicycle", **kw).array
+    engine("a red bicycle", **kw)  # a graph id's first run is plain, its second captured: all captured by now
     captured, used = graphs(engine), device_memory()[0]
     again = engine("a red bicycle", **kw).array
     error = rel_l2(got, expected)
@@ -183,7 +187,7 @@ def test_three_buckets_keep_their_graphs(gpu_standin):
     captured = graphs(engine)
     for w, h in reversed(sizes):
         again = engine("a kite", width=w, height=h, **kw).array
-        assert rel_l2(again, first[(w, h)]) < 1e-3
+        assert rel_l2(again, first[(w, h)]) < TENSORRT_VS_ORT_CUDA  # the fused kernels' run-to-run noise
     print(f"three buckets: {captured} graphs after the first round, {graphs(engine)} after the second")
     assert graphs(engine) == captured >= 3
     contexts = engine.backend.session("unet").contexts
@@ -198,7 +202,7 @@ def test_lora_refit_on_the_device(gpu_refittable, tmp_path):
     them far more than that difference; back to no adapter, the exported weights return."""
     from sdxl_trt.runtime import Pipeline
 
-    from test_engines import write_lora
+    from fake_gpu import write_lora
 
     root = gpu_refittable
     lora = [(write_lora(root, tmp_path / "style.safetensors"), 0.9)]

@@ -202,6 +202,14 @@ class Builder:
         return MAGIC + json.dumps(plan).encode()
 
 
+def _io_types(path: str) -> dict:
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output] if v.name not in initializers}
+
+
 def _entry_of(onnx_path: Path) -> dict:
     """The manifest entry (contract) of the component whose file this is, in the engine directory holding it."""
     root = onnx_path.parents[2]
@@ -265,7 +273,10 @@ class ICudaEngine:
         optimized = self.entry.get("optimized", {}).get("cuda")
         if EXECUTE != "cuda" or self.weights or not optimized:
             return self.plan["onnx"]
-        return str(self.root / optimized["path"])
+        path = str(self.root / optimized["path"])
+        if _io_types(path) != _io_types(self.plan["onnx"]):  # e.g. a VAE whose fp16 file keeps fp32 IO
+            return self.plan["onnx"]
+        return path
 
     def output_shapes(self, shapes: dict[str, tuple]) -> dict[str, tuple]:
         from sdxl_trt.runtime.backends import output_shapes
