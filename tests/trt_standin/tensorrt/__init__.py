@@ -202,6 +202,24 @@ class Builder:
         return MAGIC + json.dumps(plan).encode()
 
 
+def _value(array: np.ndarray):
+    """A refitted weight as an ONNX Runtime value where the session keeps its weights — device memory of ours on the
+    GPU (ONNX Runtime takes a user's initializer in place only where it would place it, and only in memory the user
+    owns), the array itself on the CPU — with what keeps that memory alive."""
+    import onnxruntime as ort
+
+    if EXECUTE != "cuda":
+        return ort.OrtValue.ortvalue_from_numpy(array), array
+    from sdxl_trt.runtime.cuda import DeviceBuffer
+    from sdxl_trt.runtime.weights import KDL_CUDA, dlpack_value
+
+    array = np.ascontiguousarray(array)
+    buffer = DeviceBuffer(array.nbytes)
+    buffer.copy_from_host(array.reshape(-1).view(np.uint8), 0)
+    code = {np.dtype(np.float16): 10, np.dtype(np.float32): 1}[array.dtype]
+    return dlpack_value(buffer.ptr, array.shape, code, (KDL_CUDA, 0)), buffer
+
+
 def _io_types(path: str) -> dict:
     import onnx
 
@@ -295,8 +313,8 @@ class ICudaEngine:
             options.log_severity_level = 3
             for name, size in symbol_values(self.entry, shapes).items():
                 options.add_free_dimension_override_by_name(name, int(size))
-            values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.weights.items()}
-            for name, value in values.items():
+            values = {n: _value(a) for n, a in self.weights.items()}
+            for name, (value, _) in values.items():
                 options.add_initializer(name, value)
             if values:  # ONNX Runtime's passes would fold the file's weights instead of these (fake_gpu.py says why)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
