@@ -111,19 +111,13 @@ def gpu_engines(tiny_optimized, tmp_path_factory):
 
 
 @pytest.fixture
-def gpu_standin(gpu_engines, monkeypatch):
-    monkeypatch.syspath_prepend(str(STANDIN))
-    sys.modules.pop("tensorrt", None)
-    yield gpu_engines["plain"]
-    sys.modules.pop("tensorrt", None)
+def gpu_standin(gpu_engines, standin):
+    return gpu_engines["plain"]
 
 
 @pytest.fixture
-def gpu_refittable(gpu_engines, monkeypatch):
-    monkeypatch.syspath_prepend(str(STANDIN))
-    sys.modules.pop("tensorrt", None)
-    yield gpu_engines["refittable"]
-    sys.modules.pop("tensorrt", None)
+def gpu_refittable(gpu_engines, standin):
+    return gpu_engines["refittable"]
 
 
 BUCKETS = ["256x256", "320x256", "256x320"]
