@@ -152,6 +152,11 @@ def _cmd_build(args) -> int:
                            timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                            vae_precision=args.vae_precision)
     print(build_engines(args.dir, options, components=args.components).summary())
+    if args.verify:
+        from .engine_verify import verify_engines
+
+        for line in verify_engines(args.dir, args.backend, args.components):
+            print(line)
     return 0
 
 
@@ -281,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vae-precision", choices=["auto", "fp16", "fp32", "bf16"], default="auto",
                    help="auto (default): fp16 if the export has an fp16 VAE (an fp16-safe one), else fp32 with TF32; "
                    "bf16: fp32's range at half the memory traffic (a bf16 ONNX file is derived from the fp32 one)")
+    b.add_argument("--verify", action="store_true", help="then run each engine and ONNX Runtime on the same inputs "
+                   "(one per profile) on this machine and compare them through polygraphy; one outside its tolerance "
+                   "is named and the exit status is 4 (results in the manifest, shown by inspect)")
     b.set_defaults(func=_cmd_build)
 
     i = sub.add_parser("inspect", help="what an engine directory holds and whether its engines run on this machine")
@@ -311,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="ort-cpu", help="ort-cpu (default), ort-cuda (a GPU; fastest after `sdxl-trt "
                    "optimize`), tensorrt or tensorrt-rtx (engines from `sdxl-trt build`, on a GPU)")
     g.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step",
-                   help="ort-cuda: ONNX Runtime's CUDA graph of the UNet replayed each step (step, default), the whole "
-                   "denoising loop as one CUDA graph (loop: experimental), or none (off)")
+                   help="ort-cuda, tensorrt, tensorrt-rtx: a CUDA graph of the UNet replayed each step (step, default), "
+                   "the whole denoising loop as one CUDA graph (loop: experimental), or none (off)")
     g.add_argument("--low-memory", action="store_true", help="load each model when its stage starts and free it "
                    "after; decode images larger than the model's size (1024x1024) in tiles")
     _resident_flags(g)
@@ -339,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MLPerf offline, host overhead), against diffusers in the same process; writes JSON")
     bn.add_argument("dir", metavar="DIR", help="engine directory")
     bn.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
-    bn.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step", help="ort-cuda's mode")
+    bn.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step",
+                    help="the device loop's mode on ort-cuda, tensorrt, tensorrt-rtx")
     bn.add_argument("--sweeps", nargs="+", default=[s for s in SWEEPS if s != "overhead"], choices=SWEEPS,
                     metavar="NAME",
                     help="some of: resolution batch steps cfg refiner throughput overhead (default: all but overhead; "

@@ -25,7 +25,7 @@ def inspect_data(engine_dir) -> dict:
                         "component": record["component"], "precision": record["precision"],
                         "target": record["target"], "size": record["size"], "built": record.get("built"),
                         "build_seconds": record.get("build_seconds"), "options": record.get("options", {}),
-                        "profiles": [p["label"] for p in record["profiles"]],
+                        "profiles": [p["label"] for p in record["profiles"]], "verify": record.get("verify"),
                         "usable": problem is None, "why_not": problem})
     machine = {"gpu": None if device is None else {"name": device.name, "compute_capability": device.compute_capability},
                "backends": {b: tensorrt_api.version(b) for b in tensorrt_api.MODULES}}
@@ -61,6 +61,10 @@ def inspect_dir(engine_dir, as_json: bool = False) -> str:
                      f"{e['size'] / 1e6:.1f} MB  for {target}" + (f"  [{', '.join(flags)}]" if flags else ""))
         lines.append(f"      {e['path']}")
         lines += [f"      profile {label}" for label in e["profiles"]]
+        v = e.get("verify")
+        if v:
+            lines.append(f"      verified against {v['against']}: {'passed' if v['passed'] else 'FAILED'}, mean |diff| "
+                         f"{v['mean_abs']:.2e} (max {v['max_abs']:.2e}) within rtol {v['rtol']:g} / atol {v['atol']:g}")
         lines.append("      usable here: yes" if e["usable"] else f"      usable here: no: {e['why_not']}")
     m = info["machine"]
     gpu = f"{m['gpu']['name']} (sm {m['gpu']['compute_capability']})" if m["gpu"] else "no CUDA GPU"

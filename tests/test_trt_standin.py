@@ -213,3 +213,56 @@ def test_lora_refit_on_the_device(gpu_refittable, tmp_path):
     assert engine.backend.session("unet").engine.refits == 1
     engine.set_loras(None)
     assert rel_l2(engine("a red bicycle", **kw).array, base) < 5e-3
+
+
+def test_build_verify_compares_each_engine_with_onnx_runtime(standin, tiny_engine, tmp_path, monkeypatch, capsys):
+    """`build --verify`: polygraphy's comparator runs each engine and ONNX Runtime on its ONNX file (one feed per
+    profile) and records the result in the manifest, shown by inspect; an engine whose UNet output is 10% off (a
+    planted error) is named and the build exits 4."""
+    import json
+
+    from fake_gpu import FakeCudart
+
+    from sdxl_trt.runtime import cuda
+    from sdxl_trt.runtime.cli import main
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(tensorrt_api, "gpu", lambda: H100)
+    monkeypatch.setattr(cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(standin, "EXECUTE", "cpu")
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, root)
+    argv = ["build", str(root), "--backend", "tensorrt", "--profiles", "256x320,dynamic", "--max-batch", "1", "--verify"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("matches ONNX Runtime (CPUExecutionProvider)") == len(load_manifest(root).components)
+    assert "unet: matches ONNX Runtime (CPUExecutionProvider) over 2 profile(s)" in out  # one feed per profile
+    records = json.loads((root / "manifest.json").read_text())["engines"].values()
+    assert all(r["verify"]["passed"] and r["verify"]["mean_abs"] < r["verify"]["atol"] for r in records)
+    assert main(["inspect", str(root)]) == 0
+    assert "verified against onnxruntime" in capsys.readouterr().out
+
+    execute = standin.IExecutionContext.execute_async_v3
+
+    def ten_percent_off(self, stream):  # the planted error: the UNet engine's prediction scaled by 1.1
+        done = execute(self, stream)
+        if "noise_pred" in self.addresses:
+            shape = self.engine.output_shapes(self.shapes)["noise_pred"]
+            standin._view(self.addresses["noise_pred"], shape, np.float16)[...] *= np.float16(1.1)
+        return done
+
+    monkeypatch.setattr(standin.IExecutionContext, "execute_async_v3", ten_percent_off)
+    assert main(argv) == 4
+    error = capsys.readouterr().err.splitlines()[-1]  # after the build's progress bar: one line
+    assert "unet: DIFFERS FROM ONNX Runtime" in error and "clip_l" not in error
+    unet = next(r for r in json.loads((root / "manifest.json").read_text())["engines"].values() if r["component"] == "unet")
+    assert not unet["verify"]["passed"]
+
+
+def test_build_verify_without_polygraphy_is_one_line(tiny_engine, monkeypatch):
+    """--verify needs polygraphy (in the trt and rtx extras): without it, one line saying how to install it."""
+    from sdxl_trt.runtime.engine_verify import verify_engines
+
+    monkeypatch.setitem(sys.modules, "polygraphy.comparator", None)  # an import of it fails, as when not installed
+    with pytest.raises(UserError, match="pip install polygraphy"):
+        verify_engines(tiny_engine, "tensorrt")
