@@ -243,7 +243,8 @@ class Pipeline:
         by default; a file's sha256 is remembered until the file changes: manifest.checked_sha256). `cuda_graphs`:
         the device loop's mode on ort-cuda and the TensorRT backends (step, loop, off: see device_loop.py).
         `low_memory`: models are loaded when their stage starts and freed when it ends (text encoders, then the
-        UNets, then the VAE), and images larger than the model's default size are decoded in tiles (tiling.py). `loras`: LoRA adapters to apply (see `set_loras`).
+        UNets, then the VAE), and images larger than the model's default size are decoded in tiles (tiling.py).
+        `loras`: LoRA adapters to apply (see `set_loras`).
         ort-cuda only: `buckets`, the sizes ("WxH" or (W, H)) whose sessions and CUDA graphs are kept resident
         (default: the nine SDXL buckets and the model's default size; other sizes run on a session for any shape);
         `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first).
