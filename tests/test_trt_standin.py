@@ -266,3 +266,18 @@ def test_build_verify_without_polygraphy_is_one_line(tiny_engine, monkeypatch):
     monkeypatch.setitem(sys.modules, "polygraphy.comparator", None)  # an import of it fails, as when not installed
     with pytest.raises(UserError, match="pip install polygraphy"):
         verify_engines(tiny_engine, "tensorrt")
+
+
+@pytest.mark.gpu
+def test_build_verify_on_the_gpu(gpu_standin, capsys):
+    """`build --verify` on a GPU: the engines (through the stand-in, on device memory) against ONNX Runtime's CUDA
+    provider on their ONNX files; every component within its tolerance, the result in the manifest."""
+    import json
+
+    from sdxl_trt.runtime.engine_verify import verify_engines
+
+    lines = verify_engines(gpu_standin, "tensorrt")
+    print("\n".join(lines))
+    records = json.loads((gpu_standin / "manifest.json").read_text())["engines"].values()
+    assert len(lines) == len(records) and all("matches ONNX Runtime (CUDAExecutionProvider)" in line for line in lines)
+    assert all(r["verify"]["passed"] and "CUDAExecutionProvider" in r["verify"]["against"] for r in records)
