@@ -1,4 +1,5 @@
-"""Inference backends, chosen by name. Each runs an engine directory's components by their contract names.
+"""What the inference backends share (loading.load_backend picks one by name). Each runs an engine directory's
+components by their contract names.
 
 `ort-cpu`: ONNX Runtime's CPU execution provider on the fp32 files, numpy in and out; the reference path that every
 faster backend is held to. `ort-cuda`: ONNX Runtime's CUDA execution provider on the fp16 files, through
@@ -13,7 +14,6 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import Manifest
-from .validate import resident_options
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 CUDA_GRAPH_MODES = ("step", "loop", "off")  # ort-cuda's --cuda-graphs (device_loop.py says what each does)
@@ -34,28 +34,6 @@ def check_onnxruntime_install() -> None:
                         "pip uninstall -y onnxruntime onnxruntime-gpu, then install sdxl-trt[cpu] or sdxl-trt[gpu]")
     if not installed:
         raise UserError("ONNX Runtime is not installed: install sdxl-trt[cpu] (or sdxl-trt[gpu] on a GPU machine)")
-
-
-def symbol_values(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """The contract's symbolic dimensions (B, S, h, w, …) as given by concrete input shapes."""
-    symbols: dict[str, int] = {}
-    for spec in entry["inputs"]:
-        for dim, value in zip(spec["shape"], input_shapes[spec["name"]]):
-            if isinstance(dim, str):
-                symbols[dim] = int(value)
-    return symbols
-
-
-def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """A component's output shapes from its input shapes, through the contract's symbolic dimensions
-    (B, S, h, w, H, W; pixels = 8 × latent)."""
-    symbols = symbol_values(entry, input_shapes)
-    for big, small in (("H", "h"), ("W", "w")):
-        if small in symbols:
-            symbols.setdefault(big, symbols[small] * 8)
-        if big in symbols:
-            symbols.setdefault(small, symbols[big] // 8)
-    return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}
 
 
 # ONNX Runtime's graph optimizations for sessions on shared weights or LoRA overrides (see OrtSession; the
@@ -269,20 +247,3 @@ def non_finite(what: str, component: str, backend, advice: str, fp16_advice: str
 
 
 VAE_FP16_ADVICE = "export with an fp16-safe VAE (sdxl-trt export --vae SRC) or build the VAE in fp32"
-
-
-def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step",
-                 buckets=None, max_device_memory: float | None = None):
-    """`buckets` and `max_device_memory` (GiB) are ort-cuda's (ort_cuda.OrtCudaBackend says what they do)."""
-    if name not in BACKENDS:
-        raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
-    resident = resident_options(name, buckets, max_device_memory)
-    if name == "ort-cuda":
-        from .ort_cuda import OrtCudaBackend
-
-        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, **resident)
-    if name in ("tensorrt", "tensorrt-rtx"):
-        from .trt_backend import TensorRTBackend
-
-        return TensorRTBackend(manifest, name, check_hashes=check_hashes, cuda_graphs=cuda_graphs)
-    return OrtCpuBackend(manifest)

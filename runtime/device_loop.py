@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .contracts import output_shapes
 from .cuda import BufferPool, Graph, capturing
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
 
@@ -163,8 +164,6 @@ class DeviceLoop:
             self.backend.overflowed(vae)
 
     def _decode_on(self, session, vae: str, latents: np.ndarray, scaling_factor: float, shift: float):
-        from .backends import output_shapes
-
         shape = self._shape((vae, latents.shape))
         stream, pool, k = self.backend.stream, shape.buffers, self.kernels
         image_shape = output_shapes(session.entry, {"latent": latents.shape})["image"]
@@ -191,8 +190,6 @@ class DeviceLoop:
         with ONNX Runtime's CUDA graph (the encoders are hundreds of small kernels each: launched one by one they
         take far longer than they compute): the ids are uploaded into the same device buffer every call and the
         outputs read back. Without graphs (--cuda-graphs off, no optimized file, graphs refused) a plain run."""
-        from .backends import output_shapes
-
         session = self.backend.loop_session(encoder, {"input_ids": ids.shape})
         if not session.cuda_graph:
             out = session.run(input_ids=ids)

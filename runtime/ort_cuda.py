@@ -29,7 +29,8 @@ import numpy as np
 
 from . import tensorrt_api
 from .backends import (CUDA_GRAPH_MODES, VAE_FP16_ADVICE, OrtSession, check_onnxruntime_install, non_finite,
-                       output_shapes, quiet_onnxruntime, session_file, symbol_values)
+                       quiet_onnxruntime, session_file)
+from .contracts import output_shapes, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_memory
 from .errors import UserError
 from .manifest import Manifest

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from . import device_loop
-from .backends import BACKENDS, VAE_FP16_ADVICE, load_backend, non_finite, used_files
+from .backends import BACKENDS, VAE_FP16_ADVICE, non_finite, used_files
 from .tiling import decode_tiled
 from .errors import UserError
 from .images import default_size, load_image, mask_to_array, to_model_input, to_pil, to_uint8
+from .loading import load_backend
 from .manifest import Manifest, load_manifest, work_for
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer

@@ -102,7 +102,7 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
-        from sdxl_trt.runtime.backends import output_shapes
+        from sdxl_trt.runtime.contracts import output_shapes
 
         return self.shapes[name] if name in self.shapes else output_shapes(self.engine.contract, self.shapes)[name]
 

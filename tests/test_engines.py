@@ -487,7 +487,7 @@ def test_the_device_loops_engine_interface_binds_by_name_and_picks_the_profile(f
     """What the device loop asks of an engine (bind device addresses by tensor name → the profile is chosen from the
     input shapes; run_bound enqueues on the stream): the same outputs as `run`, on the stand-in GPU; a dtype or
     tensor the engine does not have is a one-line error."""
-    from sdxl_trt.runtime.backends import load_backend
+    from sdxl_trt.runtime.loading import load_backend
     from sdxl_trt.runtime.cuda import BufferPool
 
     root, _ = fake_gpu

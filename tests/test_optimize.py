@@ -310,7 +310,8 @@ def test_large_weights_are_streamed_not_loaded(tiny_engine, tmp_path, monkeypatc
 
 def test_a_session_for_one_shape_computes_what_the_any_shape_session_does(tiny_engine):
     """What the CUDA graph path relies on: free dimensions fixed at session creation (checked on the CPU)."""
-    from sdxl_trt.runtime.backends import OrtSession, symbol_values
+    from sdxl_trt.runtime.backends import OrtSession
+    from sdxl_trt.runtime.contracts import symbol_values
     from sdxl_trt.runtime.manifest import load_manifest
 
     manifest = load_manifest(tiny_engine)

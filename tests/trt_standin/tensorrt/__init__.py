@@ -297,14 +297,14 @@ class ICudaEngine:
         return path
 
     def output_shapes(self, shapes: dict[str, tuple]) -> dict[str, tuple]:
-        from sdxl_trt.runtime.backends import output_shapes
+        from sdxl_trt.runtime.contracts import output_shapes
 
         return {name: tuple(shape) for name, shape in output_shapes(self.entry, shapes).items()}
 
     def session(self, shapes: dict[str, tuple], stream: int):
         import onnxruntime as ort
 
-        from sdxl_trt.runtime.backends import symbol_values
+        from sdxl_trt.runtime.contracts import symbol_values
 
         file = self.file()
         key = (file, tuple(sorted(shapes.items())), stream if EXECUTE == "cuda" else None)
