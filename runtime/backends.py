@@ -16,8 +16,14 @@ from .errors import UserError
 from .manifest import Manifest
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
-CUDA_GRAPH_MODES = ("step", "loop", "off")  # ort-cuda's --cuda-graphs (device_loop.py says what each does)
+CUDA_GRAPH_MODES = ("step", "loop", "off")  # the device loop's --cuda-graphs (device_loop.py says what each does)
 DTYPES = {"float": {"fp32": np.float32, "fp16": np.float16}, "float32": np.float32, "int32": np.int32}
+
+
+def check_cuda_graphs(mode: str) -> None:
+    """A backend with a device loop (ort-cuda, tensorrt, tensorrt-rtx) refuses a --cuda-graphs mode it has not."""
+    if mode not in CUDA_GRAPH_MODES:
+        raise UserError(f"--cuda-graphs {mode!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
 
 
 def check_onnxruntime_install() -> None:

@@ -54,6 +54,12 @@ class _Shape:
     loops: dict = field(default_factory=dict)  # loop key → (Graph, buffer addresses it was captured with)
 
 
+def _close_binding(shape: _Shape) -> None:
+    """Release what a shape's binding holds of its own (a TensorRT binding's CUDA graphs; ONNX Runtime's have none)."""
+    if shape.binding is not None and hasattr(shape.binding[0], "close"):
+        shape.binding[0].close()
+
+
 class DeviceLoop:
     def __init__(self, backend):
         import time
@@ -224,8 +230,7 @@ class DeviceLoop:
         addresses = {name: buffer.ptr for name, buffer in shape.buffers.items()}
         if shape.binding is not None and shape.binding[1] == addresses and shape.binding[2] is session:
             return False
-        if shape.binding is not None and hasattr(shape.binding[0], "close"):  # a TensorRT binding's graphs
-            shape.binding[0].close()
+        _close_binding(shape)
         binding = session.new_binding()
         session.bind(binding, inputs, outputs)
         shape.binding = (binding, addresses, session)
@@ -244,8 +249,7 @@ class DeviceLoop:
             shape = self._shapes.pop(key)
             for graph, _ in shape.loops.values():
                 graph.close()
-            if shape.binding is not None and hasattr(shape.binding[0], "close"):  # a TensorRT binding's graphs
-                shape.binding[0].close()
+            _close_binding(shape)
             for buffer in shape.buffers.values():
                 buffer.free()
 

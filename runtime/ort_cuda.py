@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorrt_api
-from .backends import (CUDA_GRAPH_MODES, VAE_FP16_ADVICE, OrtSession, check_onnxruntime_install, non_finite,
+from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
                        quiet_onnxruntime, session_file)
 from .contracts import output_shapes, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_memory
@@ -58,8 +58,7 @@ class OrtCudaBackend:
         `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
         `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default)."""
         check_onnxruntime_install()
-        if cuda_graphs not in CUDA_GRAPH_MODES:
-            raise UserError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
+        check_cuda_graphs(cuda_graphs)
         # ONNX Runtime (0.2-0.3 s to import and load its CUDA libraries) loads on a thread of its own while the weights
         # are laid out and go up, which needs only CUDA; the first session waits for it (and raises its error)
         self._onnxruntime = load_onnxruntime()

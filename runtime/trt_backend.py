@@ -31,7 +31,7 @@ import numpy as np
 
 from . import engines as eng
 from . import tensorrt_api
-from .backends import CUDA_GRAPH_MODES, VAE_FP16_ADVICE, non_finite
+from .backends import VAE_FP16_ADVICE, check_cuda_graphs, non_finite
 from .cuda import DeviceBuffer, Graph, Stream, capturing
 from .errors import UserError
 from .fileio import atomic_file
@@ -75,8 +75,7 @@ class TensorRTBackend:
                  cuda_graphs: str = "step"):
         """`stream`: the CUDA stream every copy, profile switch and run is queued on (default: a new one).
         `cuda_graphs`: the device loop's mode (step, loop, off: device_loop.py)."""
-        if cuda_graphs not in CUDA_GRAPH_MODES:
-            raise UserError(f"--cuda-graphs {cuda_graphs!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
+        check_cuda_graphs(cuda_graphs)
         self.manifest, self.name, self.check_hashes = manifest, name, check_hashes
         self.cuda_graphs = cuda_graphs
         self.trt = tensorrt_api.import_trt(name)
