@@ -44,6 +44,7 @@ def main() -> int:
 
     from sdxl_trt.runtime import Pipeline, tensorrt_api
     from sdxl_trt.runtime.bench import versions
+    from sdxl_trt.runtime.cuda import device_memory
     from sdxl_trt.runtime.engine_build import BuildOptions, build_engines
     from sdxl_trt.runtime.profiles import parse_profiles
 
@@ -64,6 +65,7 @@ def main() -> int:
             for _ in range(2):  # sessions, contexts, graphs captured
                 pipe(PROMPT, output_type="np", **kw)
             latents[name] = pipe(PROMPT, output_type="latent", **kw).array
+        before = {name: (graphs(pipe), device_memory()[0]) for name, pipe in pipes.items()}
         for _ in range(args.runs):
             for name, pipe in pipes.items():
                 t = time.perf_counter()
@@ -74,7 +76,11 @@ def main() -> int:
             error = float(np.linalg.norm(latents[name] - reference) / np.linalg.norm(reference))
             cases.append({"backend": name, "cuda_graphs": mode, "e2e_ms": round(statistics.median(times[name]), 1),
                           "e2e_ms_runs": [round(t, 1) for t in times[name]], "rel_l2_vs_ort_cuda": error,
-                          "last_run": pipes[name].backend.device_loop.last_run})
+                          "last_run": pipes[name].backend.device_loop.last_run,
+                          # after warm-up: no new capture, no device memory taken (all processes' use, timed runs)
+                          "graphs_held": graphs(pipes[name]), "graphs_captured_in_timed_runs":
+                              graphs(pipes[name]) - before[name][0],
+                          "device_bytes_taken_in_timed_runs": device_memory()[0] - before[name][1]})
             print(json.dumps(cases[-1]), flush=True)
         for name in pipes:
             if hasattr(pipes[name].backend, "close"):
@@ -97,6 +103,10 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}: tensorrt / ort-cuda e2e {ratios}")
     return 0
+
+
+def graphs(pipe) -> int:
+    return pipe.backend.device_loop.graphs_held()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,12 @@ class DeviceLoop:
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
         log.info("loaded the step kernels in %.2f s", time.perf_counter() - started)
 
+    def graphs_held(self) -> int:
+        """CUDA graphs of ours this loop holds: whole loops per shape and per-step graphs in TensorRT bindings
+        (ONNX Runtime keeps its own per-step graphs inside its sessions, not counted here)."""
+        return sum(len(getattr(s.binding[0], "graphs", {})) + len(s.loops) for s in self._shapes.values()
+                   if s.binding is not None)
+
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
                 noise: np.ndarray | None = None) -> np.ndarray:
         """`evals` of `sampler` from `latents` [N,4,h,w] fp32 with cond = (context, pooled, time_ids) as the numpy

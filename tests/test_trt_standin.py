@@ -128,9 +128,7 @@ TENSORRT_VS_ORT_CUDA = 4e-3
 
 
 def graphs(pipe) -> int:
-    """CUDA graphs the device loop holds on the engines (per-step ones in bindings, whole loops per shape)."""
-    shapes = pipe.backend.device_loop._shapes.values()
-    return sum(len(getattr(s.binding[0], "graphs", {})) + len(s.loops) for s in shapes if s.binding is not None)
+    return pipe.backend.device_loop.graphs_held()
 
 
 @pytest.mark.gpu
