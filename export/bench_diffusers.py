@@ -41,6 +41,7 @@ class DiffusersContender:
             raise UserError("diffusers-cudagraph needs a CUDA GPU")
         started = time.perf_counter()
         self.device, self.dtype = ("cuda", torch.float16) if self.cuda else ("cpu", torch.float32)
+        self.devices = [torch.cuda.current_device()] if self.cuda else []  # the GPU ids a bench row reports
         self.before = device_used_gib() if self.cuda else None
         self.pipe = self._load(model)
         self.refiner_source, self.refiner = refiner, None

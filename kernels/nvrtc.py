@@ -80,9 +80,11 @@ class StepKernels:
     sms: int
 
     @classmethod
-    def load(cls, stream=None, cache: bool = True) -> StepKernels:
+    def load(cls, stream=None, cache: bool = True, device: int | None = None) -> StepKernels:
+        """The module loaded on `device` (default: the current one), whose kernels then launch only while that
+        device is current."""
         core = _cuda_core()
-        device = core.Device()
+        device = core.Device(device)
         device.set_current()
         arch = f"sm_{''.join(map(str, device.compute_capability))}"
         module = core.ObjectCode.from_cubin(compile_cubin(arch, cache=cache))

@@ -138,17 +138,21 @@ def peak_host_gib() -> float:
 class OursContender:
     """sdxl-trt on one backend: the Pipeline loaded once, every case through its __call__ (PIL images out)."""
 
-    def __init__(self, engine: Path, backend: str, cuda_graphs: str = "step", sizes=()):
+    def __init__(self, engine: Path, backend: str, cuda_graphs: str = "step", sizes=(), devices=None):
         """`sizes`: the (W, H) of the cases to run: on ort-cuda each gets sessions made for its shape (resident
-        buckets), as SDXL buckets do in use."""
+        buckets), as SDXL buckets do in use. `devices`: ort-cuda's GPU ids (Pipeline.load)."""
         from .pipeline import Pipeline
 
         started = time.perf_counter()
         before = device_used_gib() if backend != "ort-cpu" else None
-        kw = {"cuda_graphs": cuda_graphs, "buckets": sorted(set(sizes))} if backend == "ort-cuda" else {}
+        kw = {"cuda_graphs": cuda_graphs, "buckets": sorted(set(sizes)), "devices": devices} \
+            if backend == "ort-cuda" else {}
         self.pipe = Pipeline.load(engine, backend=backend, **kw)
         self.load_s = time.perf_counter() - started
+        self.devices = list(getattr(self.pipe.backend, "devices", [0] if backend != "ort-cpu" else []))
         self.name, self.mode = "sdxl-trt", backend + (f", CUDA graphs {cuda_graphs}" if backend == "ort-cuda" else "")
+        if len(self.devices) > 1:
+            self.mode += f", GPUs {','.join(map(str, self.devices))}"
         self.gpu = backend != "ort-cpu"
         self.sync = self.pipe.backend.stream.synchronize if hasattr(self.pipe.backend, "stream") else None
         self.before = before
@@ -203,7 +207,8 @@ def device_used_gib() -> float | None:
 def measure(contender, case: Case, timer: Timer, flops: dict | None) -> dict:
     """One case on one contender: e2e median/p90, stages (medians), memory, FLOP/s, images/s."""
     skip = contender.supports(case)
-    row = {"contender": contender.name, "mode": contender.mode, **asdict(case)}
+    row = {"contender": contender.name, "mode": contender.mode, "devices": getattr(contender, "devices", None),
+           **asdict(case)}
     if skip:
         return {**row, "skipped": skip}
     if hasattr(contender, "begin_case"):
@@ -358,8 +363,11 @@ def run(args) -> dict:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
 
     sizes = [(c.width, c.height) for sweep in args.sweeps for c in sweep_cases(sweep, size)]
-    makers = [(f"sdxl-trt:{args.backend}:{args.cuda_graphs}", lambda: OursContender(engine, args.backend,
-                                                                                   args.cuda_graphs, sizes))]
+    from .validate import resident_options
+
+    device_sets = [resident_options(args.backend, devices=d)["devices"] for d in args.devices or [None]]
+    makers = [(f"sdxl-trt:{args.backend}:{args.cuda_graphs}" + (f":{','.join(map(str, d))}" if d else ""),
+               lambda d=d: OursContender(engine, args.backend, args.cuda_graphs, sizes, d)) for d in device_sets]
     for name in args.contenders or []:
         def make(name=name):
             from ..export.bench_diffusers import DiffusersContender  # torch side: only when asked for

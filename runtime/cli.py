@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_serve(args) -> int:
     from .validate import resident_options
 
-    resident = resident_options(args.backend, args.buckets, args.max_device_memory)
+    resident = resident_options(args.backend, args.buckets, args.max_device_memory, args.devices)
     try:
         import uvicorn
 
@@ -68,10 +68,11 @@ def _cmd_serve(args) -> int:
                 raise UserError(f"--autoscaling: not JSON ({e})") from None
             if not isinstance(autoscaling, dict):
                 raise UserError("--autoscaling: expected a JSON object (Ray Serve's autoscaling_config)")
-        serve_with_ray(str(args.dir), args.backend, limits, args.host, args.port, args.replicas, autoscaling, resident)
+        serve_with_ray(str(args.dir), args.backend, limits, args.host, args.port, args.replicas, autoscaling, resident,
+                       args.gpus_per_replica)
         return 0
-    elif args.replicas != 1 or args.autoscaling:
-        raise UserError("--replicas and --autoscaling go with --ray")
+    elif args.replicas != 1 or args.autoscaling or args.gpus_per_replica != 1:
+        raise UserError("--replicas, --autoscaling and --gpus-per-replica go with --ray")
     from .pipeline import Pipeline
 
     # loaded before the server starts, so that a broken directory or a backend that cannot run here is one line and
@@ -197,6 +198,9 @@ def _resident_flags(parser) -> None:
     parser.add_argument("--max-device-memory", type=float, metavar="GIB", help="ort-cuda: most GPU memory the "
                         "kept sessions and weights may hold; the least recently used sessions are freed first "
                         "(default: no limit)")
+    parser.add_argument("--devices", metavar="LIST", help="ort-cuda: comma-separated GPU ids (default 0). With "
+                        "several, one guided image runs its guidance halves in parallel (one per GPU) and a batch "
+                        "is split across them; the text encoders and the VAE run on the first")
     parser.add_argument("--verbose", action="store_true", help="log what happens (sessions made and freed, "
                         "timings) and show ONNX Runtime's warnings")
 
@@ -349,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
     bn.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="step",
                     help="the device loop's mode on ort-cuda, tensorrt, tensorrt-rtx")
+    bn.add_argument("--devices", nargs="+", metavar="LIST", help="ort-cuda: GPU id lists, one sdxl-trt run of every "
+                    "case per list (e.g. `--devices 0 0,1`: one GPU, then two); each row says its `devices` "
+                    "(default: GPU 0)")
     bn.add_argument("--sweeps", nargs="+", default=[s for s in SWEEPS if s != "overhead"], choices=SWEEPS,
                     metavar="NAME",
                     help="some of: resolution batch steps cfg refiner throughput overhead (default: all but overhead; "
@@ -393,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-dir", metavar="DIR", help="LoRA adapters requests may apply by name: DIR/<name>.safetensors "
                    "(request field lora: [{\"name\", \"scale\"}]); requests with the same adapters are batched")
     s.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'ray[serve]')")
-    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each on GPU backends)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (--gpus-per-replica GPUs each on GPU "
+                   "backends)")
+    s.add_argument("--gpus-per-replica", type=int, default=1, metavar="N", help="with --ray: GPUs per replica: 1 "
+                   "(default: most images per second per GPU) or 2 on ort-cuda (one image's guidance halves on two "
+                   "GPUs: lowest latency)")
     s.add_argument("--autoscaling", metavar="JSON", help="with --ray: Ray Serve's autoscaling_config instead of "
                    "--replicas, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     s.set_defaults(func=_cmd_serve)

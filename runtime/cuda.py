@@ -45,6 +45,92 @@ def check(result):
     return values[0] if len(values) == 1 else (values or None)
 
 
+def device_count() -> int:
+    """CUDA devices this process sees (0 without a driver or cuda-python)."""
+    try:
+        return int(check(cudart().cudaGetDeviceCount()))
+    except (UserError, ImportError):
+        return 0
+
+
+def current_device() -> int:
+    return int(check(cudart().cudaGetDevice()))
+
+
+def set_device(device: int) -> None:
+    """Make `device` this thread's current device: what it allocates, the streams and events it makes and the kernels
+    it launches are that device's (cheap: a few microseconds; ONNX Runtime sets its session's device at each run)."""
+    check(cudart().cudaSetDevice(device))
+
+
+@contextlib.contextmanager
+def on_device(device: int):
+    """`device` current for the block, the thread's previous device again after it."""
+    previous = current_device()
+    if previous == device:
+        yield
+        return
+    set_device(device)
+    try:
+        yield
+    finally:
+        set_device(previous)
+
+
+def pointer_device(ptr: int) -> int:
+    """The device a device address belongs to."""
+    return int(check(cudart().cudaPointerGetAttributes(ptr)).device)
+
+
+def enable_peer_access(devices) -> dict[tuple[int, int], bool]:
+    """Let each device of `devices` read and write the others' memory directly (NVLink / PCIe peer to peer) where the
+    hardware allows; {(a, b): direct} for every ordered pair. Copies between a pair without it still work (staged by
+    the driver), slower."""
+    rt = cudart()
+    direct = {}
+    for a in devices:
+        for b in devices:
+            if a == b:
+                continue
+            direct[(a, b)] = bool(check(rt.cudaDeviceCanAccessPeer(a, b)))
+            if direct[(a, b)]:
+                with on_device(a):
+                    err = rt.cudaDeviceEnablePeerAccess(b, 0)
+                    err = err[0] if isinstance(err, tuple) else err
+                    if int(err) != 0 and int(err) != int(rt.cudaError_t.cudaErrorPeerAccessAlreadyEnabled):
+                        check(err)
+    return direct
+
+
+def copy_peer(dst: int, dst_device: int, src: int, src_device: int, nbytes: int, stream: Stream) -> None:
+    """Queue a copy of `nbytes` from `src` on `src_device` to `dst` on `dst_device` on `stream`."""
+    check(cudart().cudaMemcpyPeerAsync(dst, dst_device, src, src_device, nbytes, stream.handle))
+
+
+class Event:
+    """A CUDA event of the current device, to order work across streams (and devices) without the host waiting."""
+
+    def __init__(self, timing: bool = False):
+        rt = cudart()
+        self.handle = check(rt.cudaEventCreateWithFlags(rt.cudaEventDefault if timing else rt.cudaEventDisableTiming))
+
+    def elapsed_ms(self, end: Event) -> float:
+        """Milliseconds from this event to `end` (both made with `timing`, both recorded and done)."""
+        return float(check(cudart().cudaEventElapsedTime(self.handle, end.handle)))
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream.handle))
+
+    def wait(self, stream: Stream) -> None:
+        """Work queued on `stream` from now on starts after the work before the last `record` (none recorded: at once)."""
+        check(cudart().cudaStreamWaitEvent(stream.handle, self.handle, 0))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            cudart().cudaEventDestroy(self.handle)
+            self.handle = None
+
+
 def device_memory() -> tuple[int, int]:
     """(bytes in use, bytes in all) on the current GPU, every process's allocations counted."""
     free, total = check(cudart().cudaMemGetInfo())
@@ -88,33 +174,40 @@ def capturing():
             _captures["running"] -= 1
             if not _captures["running"]:
                 pending, _captures["deferred"] = _captures["deferred"], []
-                for ptr in pending:
-                    check(cudart().cudaFree(ptr))
+                for ptr, device in pending:
+                    _free(ptr, device)
 
 
-def free_device(ptr: int) -> None:
-    """cudaFree, or later if a CUDA graph is being captured (capturing). The lock is held through the free, so a
-    capture starts only after a free already under way has finished."""
+def free_device(ptr: int, device: int | None = None) -> None:
+    """cudaFree (on `device`, the one it was allocated on, from whichever thread), or later if a CUDA graph is being
+    captured (capturing). The lock is held through the free, so a capture starts only after a free already under way
+    has finished."""
     with _captures_lock:
         if _captures["running"]:
-            _captures["deferred"].append(ptr)
+            _captures["deferred"].append((ptr, device))
         else:
-            check(cudart().cudaFree(ptr))
+            _free(ptr, device)
+
+
+def _free(ptr: int, device: int | None) -> None:
+    with contextlib.nullcontext() if device is None else on_device(device):
+        check(cudart().cudaFree(ptr))
 
 
 class DeviceBuffer:
     """`nbytes` of device memory; grows only through `reserve` (which returns whether the address changed)."""
 
     def __init__(self, nbytes: int):
-        self.ptr, self.nbytes = 0, 0
+        self.ptr, self.nbytes, self.device = 0, 0, None
         self.reserve(nbytes)
 
     def reserve(self, nbytes: int) -> bool:
+        """Grow to `nbytes` on the current device (the first allocation's device: the thread must be on it)."""
         if nbytes <= self.nbytes:
             return False
         self.free()
         self.ptr = int(check(cudart().cudaMalloc(max(nbytes, 1))))
-        self.nbytes = nbytes
+        self.nbytes, self.device = nbytes, current_device()
         return True
 
     def upload(self, array: np.ndarray, stream: Stream) -> None:
@@ -141,7 +234,7 @@ class DeviceBuffer:
 
     def free(self) -> None:
         if self.ptr:
-            free_device(self.ptr)
+            free_device(self.ptr, self.device)
             self.ptr, self.nbytes = 0, 0
 
 
@@ -221,9 +314,11 @@ def upload_file_ranges(copies, workers: int | None = None, chunk: int = 32 << 20
         return
     workers = max(1, min(workers, len(pieces)))
     size = min(chunk, max(n for _, _, n, _ in pieces))
+    device = pointer_device(pieces[0][3])  # each worker's stream on the device it fills (a thread starts on device 0)
     errors: list[BaseException] = []
 
     def work(share):
+        set_device(device)
         stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
         slots = []
         files = {}

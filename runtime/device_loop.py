@@ -27,6 +27,8 @@ numpy loop for those).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -34,14 +36,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .contracts import output_shapes
-from .cuda import BufferPool, Graph, capturing
+from .cuda import BufferPool, Graph, capturing, on_device
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
 
 log = logging.getLogger(__name__)
 
 
+def _on_backend_device(method):
+    """Run a DeviceLoop entry point with its backend's GPU current (a backend on GPU 1, or called from a thread that
+    is on another GPU); backends without a `device` run on the thread's current one."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        device = getattr(self.backend, "device", None)
+        with contextlib.nullcontext() if device is None else on_device(device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def supported(sampler: Sampler, guidance_rescale: float, inpainting: bool) -> bool:
     return sampler.name in KERNEL_KINDS and guidance_rescale == 0 and not inpainting
+
+
+def unsupported_reason(sampler: Sampler, guidance_rescale: float, inpainting: bool, on_device: bool = True) -> str:
+    """Why a call runs the host loop instead (for warnings)."""
+    if not on_device:
+        return "the device loop is off (--low-memory, or turned off)"
+    if sampler.name not in KERNEL_KINDS:
+        return f"sampler {sampler.name} has no GPU kernel"
+    return "guidance rescale" if guidance_rescale else "inpainting" if inpainting else "supported"
 
 
 @dataclass
@@ -60,6 +83,46 @@ def _close_binding(shape: _Shape) -> None:
         shape.binding[0].close()
 
 
+class Pass:
+    """One denoising call set up on a device (DeviceLoop.begin): each step is `model()` (the input scaling, the
+    timestep, the UNet) then `update()` (guidance, the sampler's step, the step counter), both queued on the backend's
+    stream; `result()` reads the final latents back. A loop over several devices (parallel_loop.py) queues the
+    devices' parts in turn and moves predictions between them in between."""
+
+    def __init__(self, loop: DeviceLoop, shape: _Shape, session, mode: str, latent_shape: tuple, a: dict,
+                 half_bytes: int):
+        self.loop, self.shape, self.session, self.mode, self.latent_shape = loop, shape, session, mode, latent_shape
+        self.a = a
+        self.half_bytes = half_bytes  # bytes of one UNet run's prediction
+        self.prediction = a["pred"]  # the [2N] (guided) or [N] prediction the update reads
+
+    def model(self) -> None:
+        """The step's UNet evaluation (with ONNX Runtime's graph of this shape in "step" mode)."""
+        a, k = self.a, self.loop.kernels
+        k.scale_input(a["x"], a["sample"], a["sample_dtype"], a["coefficients"], a["step"], a["n"], a["copies"])
+        k.select_timestep(a["timesteps"], a["timestep"], a["step"], a["batch"])
+        graph_id = self.shape.graph_id if self.mode == "step" else -1
+        self.session.run_bound(self.shape.binding[0], graph_id)
+
+    def update(self) -> None:
+        a, k = self.a, self.loop.kernels
+        if a["guided"]:
+            k.cfg_combine(a["pred"], a["out_dtype"], a["eps"], a["guidance"], a["n"])
+        else:
+            k.widen(a["pred"], a["out_dtype"], a["eps"], a["n"])
+        k.sampler_step(a["sampler"], a["x"], a["eps"], a["coefficients"], a["step"], a["prediction_type"], a["n"],
+                       prev=a["prev"], noise=a["noise"])
+        k.advance_step(a["step"])
+
+    def result(self) -> np.ndarray:
+        """The final latents (the host waits for the stream)."""
+        backend = self.loop.backend
+        out = self.shape.buffers["x"].download(np.empty(self.latent_shape, np.float32), backend.stream)
+        backend.stream.synchronize()
+        backend.settle()
+        return out
+
+
 class DeviceLoop:
     def __init__(self, backend):
         import time
@@ -70,7 +133,8 @@ class DeviceLoop:
         from ..kernels.nvrtc import StepKernels
 
         self.backend = backend
-        self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr))
+        self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr),
+                                        device=getattr(backend, "device", None))
         self._shapes: dict[tuple, _Shape] = {}
         self._graph_ids = itertools.count()  # ONNX Runtime's gpu_graph_id: one per shape, never reused
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"
@@ -82,13 +146,38 @@ class DeviceLoop:
         return sum(len(getattr(s.binding[0], "graphs", {})) + len(s.loops) for s in self._shapes.values()
                    if s.binding is not None)
 
+    @_on_backend_device
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
                 noise: np.ndarray | None = None) -> np.ndarray:
         """`evals` of `sampler` from `latents` [N,4,h,w] fp32 with cond = (context, pooled, time_ids) as the numpy
         loop takes them (negatives first under guidance); `noise`: [n_evals, N,4,h,w] for samplers that draw it."""
+        run = self.begin(unet, latents, sampler, evals, cond, guidance_scale, noise)
+        mode = run.mode
+        loop_key = (sampler.name, sampler.prediction_type, len(sampler.timesteps), evals.start, len(evals),
+                    guidance_scale, noise is not None)
+        shape, stream = run.shape, self.backend.stream
+        if mode == "loop" and loop_key in shape.loops:
+            shape.loops[loop_key][0].launch(stream)
+            self.last_run = "loop-replay"
+        else:
+            for _ in evals:
+                run.model()
+                run.update()
+            self.last_run = mode
+            if mode == "loop":
+                self._capture(shape, loop_key, lambda: [(run.model(), run.update()) for _ in evals])
+        return run.result()
+
+    def begin(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
+              noise: np.ndarray | None = None, half: tuple[int, int] | None = None) -> Pass:
+        """Everything `denoise` needs on the device for one call (inputs uploaded, buffers bound), as a Pass whose
+        `model()` and `update()` queue one step's two parts. `half` = (k, 2): guidance split across two devices
+        (parallel_loop.py): `cond` holds only this device's half of the guidance batch (k 0: the negatives, 1: the
+        prompts), the UNet runs on those N rows and writes its half of the [2N] prediction; the other half is copied
+        in from the other device between `model()` and `update()` (Pass.prediction says where)."""
         embeds, pooled, time_ids = cond
         guided = guidance_scale > 1.0
-        copies = 2 if guided else 1
+        copies = 2 if guided and half is None else 1
         n = latents.size
         batch = copies * latents.shape[0]
         sample_shape = (batch, *latents.shape[1:])
@@ -97,7 +186,7 @@ class DeviceLoop:
                                                    "text_embeds": pooled.shape, "time_ids": time_ids.shape})
         sample_dtype = session.dtype("sample")
         out_dtype = session.output_dtypes["noise_pred"]
-        shape = self._shape((unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape))
+        shape = self._shape((unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape, half))
         stream = self.backend.stream
         pool = shape.buffers
 
@@ -117,52 +206,29 @@ class DeviceLoop:
                   "time_ids": put("time_ids", time_ids.astype(np.float32)),
                   "timestep": empty("timestep", batch * 4),
                   "sample": empty("sample", int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize)}
-        pred = empty("pred", int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize)
+        half_bytes = int(np.prod(sample_shape)) * np.dtype(out_dtype).itemsize
+        pred = empty("pred", half_bytes * (2 if half else 1))
         eps = empty("eps", n * 4)
         prev = empty("prev", n * 4)
         noise_ptr = put("noise", noise.astype(np.float32)) if noise is not None else 0
         shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
                   "timestep": (batch,), "sample": sample_shape}
+        own = pred + (half[0] * half_bytes if half else 0)  # where this device's UNet writes its prediction
         if self._bind(shape, session, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
-                      {"noise_pred": (pred, sample_shape, out_dtype)}):
+                      {"noise_pred": (own, sample_shape, out_dtype)}):
             for graph, _ in shape.loops.values():  # captured with the old buffers or session
                 graph.close()
             shape.loops.clear()
-        binding = shape.binding[0]
-        k = self.kernels
         # ONNX Runtime's graph of this shape ("step"), or plain runs. Graphs need a session on an optimized file, which
         # ONNX Runtime accepted for CUDA graphs (every compute node on the GPU: no host copies inside a run)
         mode = self.backend.cuda_graphs if session.cuda_graph else "off"
-        graph_id = shape.graph_id if mode == "step" else -1
+        return Pass(self, shape, session, mode, latents.shape, dict(
+            x=x, sample=inputs["sample"], sample_dtype=sample_dtype, coefficients=coefficients, step=step,
+            timesteps=timesteps, timestep=inputs["timestep"], pred=pred, out_dtype=out_dtype, eps=eps, prev=prev,
+            noise=noise_ptr, n=n, copies=copies, batch=batch, guided=guided, guidance=guidance_scale,
+            sampler=sampler.name, prediction_type=sampler.prediction_type), half_bytes)
 
-        def body(i: int, graph_id: int) -> None:
-            k.scale_input(x, inputs["sample"], sample_dtype, coefficients, step, n, copies)
-            k.select_timestep(timesteps, inputs["timestep"], step, batch)
-            session.run_bound(binding, graph_id)
-            if guided:
-                k.cfg_combine(pred, out_dtype, eps, guidance_scale, n)
-            else:
-                k.widen(pred, out_dtype, eps, n)
-            k.sampler_step(sampler.name, x, eps, coefficients, step, sampler.prediction_type, n, prev=prev,
-                           noise=noise_ptr)
-            k.advance_step(step)
-
-        loop_key = (sampler.name, sampler.prediction_type, len(sampler.timesteps), begin, len(evals), guidance_scale,
-                    noise is not None)
-        if mode == "loop" and loop_key in shape.loops:
-            shape.loops[loop_key][0].launch(stream)
-            self.last_run = "loop-replay"
-        else:
-            for i in evals:
-                body(i, graph_id)
-            self.last_run = mode
-            if mode == "loop":
-                self._capture(shape, loop_key, lambda: [body(i, -1) for i in evals])
-        out = pool["x"].download(np.empty(latents.shape, np.float32), stream)
-        stream.synchronize()
-        self.backend.settle()
-        return out
-
+    @_on_backend_device
     def decode(self, vae: str, latents: np.ndarray, scaling_factor: float, shift: float) -> np.ndarray:
         """Latents [N,4,h,w] fp32 → images [N,H,W,3] uint8, as Pipeline.decode + images.to_uint8 compute them, on the
         device: the unscaling kernel, the VAE (IOBinding; ONNX Runtime's CUDA graph per shape as for the UNet), then
@@ -197,6 +263,7 @@ class DeviceLoop:
         self.backend.settle()
         return None if flag[0] else out
 
+    @_on_backend_device
     def encode(self, encoder: str, ids: np.ndarray) -> dict[str, np.ndarray]:
         """A text encoder on token ids [B, 77], as its session's `run` computes it, on a session made for this shape
         with ONNX Runtime's CUDA graph (the encoders are hundreds of small kernels each: launched one by one they

@@ -120,7 +120,7 @@ def generate(args) -> list[Path]:
     positive_int(args.steps, "--steps")
     positive_int(args.batch, "--batch")
     width, height = parse_size(args.size) if args.size else (None, None)
-    resident = resident_options(args.backend, args.buckets, args.max_device_memory)
+    resident = resident_options(args.backend, args.buckets, args.max_device_memory, args.devices)
     latents = None
     if args.latents:
         try:

@@ -10,15 +10,17 @@ from .validate import resident_options
 
 
 def load_backend(name: str, manifest: Manifest, check_hashes: bool = True, cuda_graphs: str = "step",
-                 buckets=None, max_device_memory: float | None = None):
-    """`buckets` and `max_device_memory` (GiB) are ort-cuda's (ort_cuda.OrtCudaBackend says what they do)."""
+                 buckets=None, max_device_memory: float | None = None, devices=None):
+    """`buckets`, `max_device_memory` (GiB) and `devices` are ort-cuda's (ort_cuda.OrtCudaBackend says what they
+    do)."""
     if name not in BACKENDS:
         raise UserError(f"--backend {name!r}: unknown; accepted: {', '.join(BACKENDS)}")
-    resident = resident_options(name, buckets, max_device_memory)
+    resident = resident_options(name, buckets, max_device_memory, devices)
     if name == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, **resident)
+        return OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, buckets=resident["buckets"],
+                              max_device_memory=resident["max_device_memory"], devices=resident["devices"] or (0,))
     if name in ("tensorrt", "tensorrt-rtx"):
         from .trt_backend import TensorRTBackend
 

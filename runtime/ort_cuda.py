@@ -31,7 +31,7 @@ from . import tensorrt_api
 from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
                        quiet_onnxruntime, session_file)
 from .contracts import output_shapes, symbol_values
-from .cuda import BufferPool, Stream, capturing, device_memory
+from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
 from .manifest import Manifest
 from .weights import SharedWeights, WeightSet
@@ -50,13 +50,17 @@ class OrtCudaBackend:
     name = "ort-cuda"
 
     def __init__(self, manifest: Manifest, stream: Stream | None = None, cuda_graphs: str = "step",
-                 buckets=None, max_device_memory: float | None = None, conv_search: str | None = None):
+                 buckets=None, max_device_memory: float | None = None, conv_search: str | None = None,
+                 devices=(0,)):
         """`cuda_graphs`: "step" (ONNX Runtime's CUDA graph of the UNet, replayed each step), "loop" (the whole
         denoising loop captured as one CUDA graph of our own: experimental, see device_loop.py) or "off".
         `buckets`: the pixel sizes (W, H) that get sessions of their own with CUDA graphs, kept resident (default:
         profiles.BUCKETS and the model's default size); other sizes run on each component's session for any shape.
         `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
-        `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default)."""
+        `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default).
+        `devices`: the GPU ids to run on; the first holds every model, each other one a backend of its own for the
+        UNets (`partners`), and the denoising loop splits the guidance batch or the images across them
+        (parallel_loop.py)."""
         check_onnxruntime_install()
         check_cuda_graphs(cuda_graphs)
         # ONNX Runtime (0.2-0.3 s to import and load its CUDA libraries) loads on a thread of its own while the weights
@@ -64,6 +68,15 @@ class OrtCudaBackend:
         self._onnxruntime = load_onnxruntime()
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
+        self.devices = check_devices(devices)
+        self.device = self.devices[0]
+        with on_device(self.device):
+            self._start(manifest, stream, cuda_graphs, buckets, max_device_memory, conv_search)
+        self.partners = [OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, buckets=buckets,
+                                        max_device_memory=max_device_memory, conv_search=conv_search, devices=(d,))
+                         for d in self.devices[1:]]
+
+    def _start(self, manifest, stream, cuda_graphs, buckets, max_device_memory, conv_search) -> None:
         from .lora import Adapters
         from .resident import GIB, Resident
 
@@ -81,19 +94,29 @@ class OrtCudaBackend:
         self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
         self._baseline = device_memory()[0]  # other processes' memory (and none of ours yet)
-        self.resident = Resident(used=lambda: device_memory()[0] - self._baseline,
+        self.resident = Resident(used=self._memory_used,
                                  budget=None if max_device_memory is None else int(max_device_memory * GIB),
                                  evict=self._evicted)
         self._loop = None
 
     @property
     def device_loop(self):
-        """The denoising loop on the device (device_loop.py), created on first use."""
+        """The denoising loop on the device (device_loop.py), or across `devices` (parallel_loop.py), created on
+        first use."""
         if self._loop is None:
             from .device_loop import DeviceLoop
 
-            self._loop = DeviceLoop(self)
+            with on_device(self.device):
+                self._loop = DeviceLoop(self)
+            if self.partners:
+                from .parallel_loop import ParallelLoop
+
+                self._loop = ParallelLoop(self._loop, [partner.device_loop for partner in self.partners])
         return self._loop
+
+    def _memory_used(self) -> int:
+        with on_device(self.device):
+            return device_memory()[0] - self._baseline
 
     def session(self, component: str):
         """The component's session for any shape (plain runs), on the weights its other sessions share."""
@@ -141,6 +164,19 @@ class OrtCudaBackend:
 
         if not plan:
             return []
+        partner_futures = []
+        if self.partners:  # the UNets' sessions at each GPU's share of the batch (parallel_loop.split_batch)
+            from .parallel_loop import split_batch
+
+            shares, plan = [], list(plan)
+            for index, (component, dims) in enumerate(plan):
+                if self._entry(component)["contract"].startswith("unet") and "B" in dims:
+                    batches = split_batch(dims["B"], len(self.devices))
+                    plan[index] = (component, {**dims, "B": batches[0]})
+                    shares.append((component, dims, batches))
+            for k, partner in enumerate(self.partners, start=1):
+                own = [(c, {**dims, "B": batches[k]}) for c, dims, batches in shares if batches[k]]
+                partner_futures += partner.prepare(own, workers, wait=False, warm=warm)
         components = list(dict.fromkeys(c for c, _ in plan))  # the plan's own order: a call's stages
         if PREPARE_ORDER == "size":
             components.sort(key=lambda c: -self._weight_bytes(c))
@@ -192,7 +228,7 @@ class OrtCudaBackend:
         order = sorted(plan, key=lambda item: components.index(item[0]))
         futures = [pool.submit(make, component, dims) for component, dims in order]
         pool.shutdown(wait=False)
-        self._preparing = futures + [uploaded]
+        self._preparing = futures + [uploaded] + partner_futures
         if wait:
             for future in self._preparing:
                 future.result()
@@ -234,6 +270,8 @@ class OrtCudaBackend:
         `prepare` is still making sessions: what is in use then is not yet theirs alone)."""
         if not self.preparing:
             self.resident.settle()
+        for partner in self.partners:
+            partner.settle()
 
     def set_loras(self, adapters) -> None:
         """Apply these LoRA adapters (lora.Adapter) from the next call on; () for the model as exported. The affected
@@ -241,10 +279,14 @@ class OrtCudaBackend:
         weights are kept on the host for the last sets, so switching back is cheap)."""
         for component in self.adapters.set(adapters, self.manifest):
             self.release(component)
+        for partner in self.partners:
+            partner.set_loras(adapters)
 
     def drop_loop_sessions(self) -> None:
         for key in [k for k in self.resident.keys() if k[1] is not None]:
             self.resident.pop(key)
+        for partner in self.partners:
+            partner.drop_loop_sessions()
 
     def release(self, component: str) -> None:
         """Free a component's sessions, weights and the device loop's buffers for it: the memory goes back."""
@@ -252,6 +294,9 @@ class OrtCudaBackend:
         if self._loop is not None:
             self._loop.forget(component)
         self._drop_weights(component)
+        for partner in self.partners:
+            if self._entry(component)["contract"].startswith("unet"):
+                partner.release(component)
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -282,7 +327,12 @@ class OrtCudaBackend:
         False: lay out and allocate only (the loader fills the buffers once all of them are allocated)."""
         path = self._path(component, file)
         overrides = self.adapters.overrides(component, path)
-        base = self._load_once((path, ()), lambda: SharedWeights(path, 0, nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1",
+        with on_device(self.device):  # from any thread: the buffers are this backend's device's
+            return self._load_weights(path, overrides, upload)
+
+    def _load_weights(self, path: Path, overrides, upload: bool):
+        base = self._load_once((path, ()), lambda: SharedWeights(path, self.device,
+                                                                 nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1",
                                                                  upload=upload))
         if not overrides:
             return base
@@ -327,7 +377,8 @@ class OrtCudaBackend:
               dims: dict[str, int] | None = None) -> OrtCudaSession:
         self._onnxruntime.result()
         return OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
-                              weights=self._shared(component, file), conv_search=self.conv_search)
+                              weights=self._shared(component, file), conv_search=self.conv_search,
+                              device=self.device)
 
     def _drop_weights(self, component: str, keep: str | None = None) -> None:
         """Forget `component`'s device weights (all its files, or all but file kind `keep`); the memory is freed once
@@ -376,6 +427,19 @@ def load_onnxruntime():
     return future
 
 
+def check_devices(devices) -> tuple[int, ...]:
+    """GPU ids (validate.parse_devices' checks), each one a device of this machine."""
+    from .validate import parse_devices
+
+    devices = parse_devices(devices) or (0,)
+    count = device_count()
+    for d in devices:
+        if d >= count:
+            raise UserError(f"--devices {','.join(map(str, devices))}: there is no GPU {d} (this machine has "
+                            f"{count}: {', '.join(map(str, range(count))) or 'none'})")
+    return devices
+
+
 def resident_sizes(manifest: Manifest, buckets=None) -> frozenset[tuple[int, int]]:
     """The pixel sizes (W, H) whose sessions are made for their shape and kept: `buckets` ((W, H) pairs, as
     validate.resident_options gives them), else the nine SDXL buckets and the model's default size."""
@@ -400,12 +464,13 @@ CONV_SEARCH = "HEURISTIC"
 class OrtCudaSession(OrtSession):
     def __init__(self, manifest: Manifest, component: str, stream: Stream, file: str | None = None,
                  cuda_graph: bool = False, dims: dict[str, int] | None = None, weights=None,
-                 conv_search: str = CONV_SEARCH):
+                 conv_search: str = CONV_SEARCH, device: int = 0):
         """`weights` (weights.SharedWeights or WeightSet): the file's weights on the device, shared with the
-        component's other sessions."""
+        component's other sessions. `device`: the GPU the session runs on (`stream` is that device's)."""
         entry = manifest.components.get(component, {})
         self.file, precision, path = session_file(entry, file)
-        cuda = {"device_id": "0", "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS,
+        self.device = device
+        cuda = {"device_id": str(device), "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS,
                 "cudnn_conv_algo_search": conv_search}
         self.cuda_graph = cuda_graph and self.file == "cuda"  # unfused files keep shape arithmetic on the CPU
         if self.cuda_graph:
@@ -445,9 +510,9 @@ class OrtCudaSession(OrtSession):
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, (address, shape, dtype) in inputs.items():
-            binding.bind_input(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+            binding.bind_input(name, "cuda", self.device, np.dtype(dtype), list(shape), address)
         for name, (address, shape, dtype) in outputs.items():
-            binding.bind_output(name, "cuda", 0, np.dtype(dtype), list(shape), address)
+            binding.bind_output(name, "cuda", self.device, np.dtype(dtype), list(shape), address)
 
     def run_bound(self, binding, graph_id: int = PLAIN_RUN) -> None:
         """Queue one run of `binding` on the stream; no host synchronisation. A run with a graph id may capture."""
@@ -462,6 +527,10 @@ class OrtCudaSession(OrtSession):
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):
             raise UserError(f"{self.name}: takes inputs {list(self.inputs)}, was given {sorted(feeds)}")
+        with on_device(self.device):  # the buffers below are this session's device's, whatever thread asks
+            return self._run(feeds)
+
+    def _run(self, feeds: dict) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
         shapes = output_shapes(self.entry, {n: a.shape for n, a in arrays.items()})
         inputs = {name: (self.buffers.put(name, array, self.stream), array.shape, array.dtype)

@@ -30,8 +30,8 @@ from .loading import load_backend
 from .manifest import Manifest, load_manifest, work_for
 from .samplers import make_sampler
 from .tokenizer import ClipTokenizer
-from .validate import (GUIDANCE_RANGE, GUIDANCE_RESCALE_RANGE, MAX_IMAGES, as_number, check_size, finite, shown,
-                       spelled, whole)
+from .validate import (GUIDANCE_RANGE, GUIDANCE_RESCALE_RANGE, MAX_IMAGES, as_number, check_size, finite,
+                       parse_devices, shown, spelled, whole)
 
 log = logging.getLogger("sdxl_trt")
 
@@ -239,7 +239,7 @@ class Pipeline:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
              cuda_graphs: str = "step", low_memory: bool = False, loras=None, buckets=None,
-             max_device_memory: float | None = None, work: Sequence[str] = work_for()) -> Pipeline:
+             max_device_memory: float | None = None, work: Sequence[str] = work_for(), devices=None) -> Pipeline:
         """Open an engine directory; every file the backend reads is checked against the manifest (sizes, and sha256
         by default; a file's sha256 is remembered until the file changes: manifest.checked_sha256). `cuda_graphs`:
         the device loop's mode on ort-cuda and the TensorRT backends (step, loop, off: see device_loop.py).
@@ -248,14 +248,17 @@ class Pipeline:
         `loras`: LoRA adapters to apply (see `set_loras`).
         ort-cuda only: `buckets`, the sizes ("WxH" or (W, H)) whose sessions and CUDA graphs are kept resident
         (default: the nine SDXL buckets and the model's default size; other sizes run on a session for any shape);
-        `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first).
+        `max_device_memory`, GiB the kept sessions and weights may hold (least recently used freed first);
+        `devices`, the GPU ids (default (0,)): with several, the denoising loop runs across them (parallel_loop.py).
         `work`: what the calls will do (manifest.work_for; default: text to images), checked now (`check_dir`); a
         call that needs more is checked again before it starts."""
         started = time.perf_counter()
         manifest = cls.check_dir(engine_dir, backend, check_hashes, work)
         checked = time.perf_counter()
+        if low_memory and len(parse_devices(devices) or ()) > 1:
+            raise UserError("--low-memory and several --devices do not go together: each GPU holds the UNets")
         pipe = cls(manifest, load_backend(backend, manifest, check_hashes=check_hashes, cuda_graphs=cuda_graphs,
-                                          buckets=buckets, max_device_memory=max_device_memory))
+                                          buckets=buckets, max_device_memory=max_device_memory, devices=devices))
         pipe.load_timings = {"files checked": checked - started, "backend": time.perf_counter() - checked}
         pipe.low_memory = low_memory
         if loras:
@@ -388,7 +391,13 @@ class Pipeline:
         embeds, pooled, time_ids = cond
         guidance = guidance_scale > 1.0
         self._wait_prepared()  # nothing else may allocate on the GPU while the loop captures a CUDA graph
-        if self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None):
+        on_device = self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None)
+        if not on_device and len(getattr(self.backend, "devices", ())) > 1:
+            log.warning("this request runs on GPU %d alone (%s): the loop across GPUs takes the samplers with a GPU "
+                        "kernel, without inpainting or guidance rescale", self.backend.devices[0],
+                        device_loop.unsupported_reason(sampler, guidance_rescale, inpaint is not None,
+                                                       self._on_device))
+        if on_device:
             noise = None
             if sampler.needs_noise:  # drawn now, in the order the numpy loop below draws it
                 noise = np.zeros((len(sampler.timesteps), *latents.shape), np.float32)

@@ -18,8 +18,10 @@ from .errors import UserError
 
 
 def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, replicas: int,
-                   autoscaling: dict | None = None, resident: dict | None = None) -> None:
-    """`resident`: Pipeline.load's buckets and max_device_memory for every replica. The engine directory is checked
+                   autoscaling: dict | None = None, resident: dict | None = None, gpus_per_replica: int = 1) -> None:
+    """`resident`: Pipeline.load's buckets and max_device_memory for every replica. `gpus_per_replica`: GPUs Ray
+    gives each replica (ort-cuda: with 2, each replica runs one image's guidance halves on its two GPUs, which Ray
+    makes its GPUs 0 and 1 through CUDA_VISIBLE_DEVICES). The engine directory is checked
     here, in the driver, before Ray starts (manifest, the components serving needs, every file the backend reads): in a
     replica a broken directory would come back as Ray's "Deploying application failed" after its own traceback."""
     from .pipeline import Pipeline
@@ -32,10 +34,16 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
         raise UserError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
     from .server import create_app
 
-    def build():  # evaluated on each replica
-        return create_app(engine_dir, backend=backend, limits=limits, warm_up_listening=False, **(resident or {}))
+    if gpus_per_replica < 1 or (gpus_per_replica > 1 and backend != "ort-cuda"):
+        raise UserError(f"--gpus-per-replica {gpus_per_replica}: expected 1, or more with --backend ort-cuda")
+    if (resident or {}).get("devices") is not None:
+        raise UserError("--devices goes without --ray: Ray gives each replica its GPUs (--gpus-per-replica)")
+    resident = {**(resident or {}), "devices": tuple(range(gpus_per_replica)) if backend == "ort-cuda" else None}
 
-    actor = {"num_gpus": 1} if backend != "ort-cpu" else {"num_cpus": 0.5}
+    def build():  # evaluated on each replica
+        return create_app(engine_dir, backend=backend, limits=limits, warm_up_listening=False, **resident)
+
+    actor = {"num_gpus": gpus_per_replica} if backend != "ort-cpu" else {"num_cpus": 0.5}
     options = {"name": "sdxl-trt", "ray_actor_options": actor, "max_ongoing_requests": limits.max_queue,
                "graceful_shutdown_timeout_s": limits.timeout_s}
     if autoscaling:

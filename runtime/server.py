@@ -302,9 +302,10 @@ def check_address(host: str, port: int) -> None:
 
 
 def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = None, warmup: bool = True,
-               pipeline=None, buckets=None, max_device_memory: float | None = None, warm_up_listening: bool = True):
-    """The ASGI app. `pipeline`: an already loaded Pipeline (tests); else loaded at startup (`buckets` and
-    `max_device_memory` as Pipeline.load takes them). `warmup`: before answering, make and capture the sessions and
+               pipeline=None, buckets=None, max_device_memory: float | None = None, warm_up_listening: bool = True,
+               devices=None):
+    """The ASGI app. `pipeline`: an already loaded Pipeline (tests); else loaded at startup (`buckets`,
+    `max_device_memory` and `devices` as Pipeline.load takes them). `warmup`: before answering, make and capture the sessions and
     CUDA graphs of every resident size (the buckets; the model's size on backends without them): with
     `warm_up_listening`, after startup while /health answers 503; else as part of startup (Ray Serve routes to a
     replica once its startup is done)."""
@@ -392,7 +393,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         pipe = pipeline
         if pipe is None:
             pipe = await loop.run_in_executor(batcher.executor, lambda: Pipeline.load(
-                engine_dir, backend=backend, buckets=buckets, max_device_memory=max_device_memory))
+                engine_dir, backend=backend, buckets=buckets, max_device_memory=max_device_memory, devices=devices))
         batcher.pipe = pipe
         state["batcher"] = batcher
         if warmup and warm_up_listening:

@@ -76,13 +76,18 @@ def parse_sizes(text: str, flag: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def resident_options(backend: str, buckets=None, max_device_memory=None) -> dict:
-    """Pipeline.load's `buckets` ("WxH,…", or a list of "WxH" / (W, H)) and `max_device_memory` (GiB) checked and
-    normalised: {"buckets": [(W, H), …] or None, "max_device_memory": float or None}. The CLI calls it before anything
-    loads; load_backend again for the Python API."""
+def resident_options(backend: str, buckets=None, max_device_memory=None, devices=None) -> dict:
+    """Pipeline.load's `buckets` ("WxH,…", or a list of "WxH" / (W, H)), `max_device_memory` (GiB) and `devices`
+    ("0,1" or a list of GPU ids) checked and normalised: {"buckets": [(W, H), …] or None, "max_device_memory": float
+    or None, "devices": (ids…) or None}. The CLI calls it before anything loads; load_backend again for the Python
+    API. Whether each GPU id exists is checked when the backend starts (ort_cuda.check_devices)."""
     if (buckets is not None or max_device_memory is not None) and backend != "ort-cuda":
         raise UserError(f"--buckets and --max-device-memory choose what --backend ort-cuda keeps on the GPU; "
                         f"{backend} takes neither")
+    devices = parse_devices(devices)
+    if devices is not None and devices != (0,) and backend != "ort-cuda":
+        raise UserError(f"--devices {','.join(map(str, devices))}: GPUs other than the first, and several GPUs, are "
+                        f"for --backend ort-cuda; {backend} runs on GPU 0")
     gib = as_number(max_device_memory)
     if max_device_memory is not None and (gib is None or not math.isfinite(gib) or gib <= 0):
         raise UserError(f"--max-device-memory {shown(max_device_memory)}: expected a positive number of GiB")
@@ -101,7 +106,28 @@ def resident_options(backend: str, buckets=None, max_device_memory=None) -> dict
             else:
                 raise UserError(f"--buckets {size!r}: expected WIDTHxHEIGHT or (width, height)")
         buckets = sizes
-    return {"buckets": buckets, "max_device_memory": None if max_device_memory is None else float(gib)}
+    return {"buckets": buckets, "max_device_memory": None if max_device_memory is None else float(gib),
+            "devices": devices}
+
+
+def parse_devices(devices) -> tuple[int, ...] | None:
+    """`--devices`: "0,1" (or a list of ids) → (0, 1); each a non-negative integer, none twice."""
+    if devices is None:
+        return None
+    items = devices.split(",") if isinstance(devices, str) and devices.strip() else [] if isinstance(devices, str) \
+        else list(devices)
+    if not items:
+        raise UserError("--devices: no GPU id given; e.g. --devices 0 or --devices 0,1")
+    given = devices if isinstance(devices, str) else ",".join(map(str, items))
+    out = []
+    for item in items:
+        value = (int(item.strip()) if item.strip().isdigit() else None) if isinstance(item, str) else as_number(item)
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"--devices {given}: {item!r} is not a GPU id (0, 1, …)")
+        if value in out:
+            raise UserError(f"--devices {given}: GPU {value} is given twice")
+        out.append(value)
+    return tuple(out)
 
 
 def check_size(width: int, height: int, what: str | None = None) -> None:

@@ -115,8 +115,9 @@ class SharedWeights:
         started = time.perf_counter()
         try:
             if self.device is not None:  # the files' weights through staging buffers, several threads at once
-                from .cuda import upload_file_ranges
+                from .cuda import set_device, upload_file_ranges
 
+                set_device(self.device)  # this thread's copies below go to that device (prepare's loader: its own thread)
                 upload_file_ranges([(source, start, nbytes, self._base + offset)
                                     for source, start, nbytes, offset in self._copies if isinstance(source, Path)])
             for source, start, nbytes, offset in self._copies:

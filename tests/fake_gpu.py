@@ -16,6 +16,7 @@ What this cannot show is whether TensorRT itself computes the right thing: that 
 from __future__ import annotations
 
 import ctypes
+import threading
 import types
 from pathlib import Path
 
@@ -30,16 +31,58 @@ class FakeCudart:
     cudaStreamNonBlocking = 1
     cudaHostAllocDefault = 0
     cudaEventDisableTiming = 2
+    cudaEventDefault = 0
 
-    def __init__(self):
+    def __init__(self, devices: int = 1):
         self.memory: dict[int, ctypes.Array] = {}
         self.mallocs = 0
+        self.devices = devices
+        self.owner: dict[int, int] = {}  # address → the device it was allocated on
+        self.stream_device: dict[int, int] = {}
+        self.event_device: dict[int, int] = {}
+        self.peer_copies = 0
+        self._current = threading.local()
+
+    # devices: each thread has a current one (0 at first), as in the CUDA runtime
+    def cudaGetDeviceCount(self):
+        return 0, self.devices
+
+    def cudaGetDevice(self):
+        return 0, getattr(self._current, "device", 0)
+
+    def cudaSetDevice(self, device):
+        if not 0 <= device < self.devices:
+            return (101,)  # cudaErrorInvalidDevice
+        self._current.device = device
+        return (0,)
+
+    def cudaPointerGetAttributes(self, ptr):
+        base = max((a for a in self.owner if a <= ptr), default=None)
+        return 0, types.SimpleNamespace(device=self.owner.get(base, 0))
+
+    def cudaDeviceCanAccessPeer(self, a, b):
+        return 0, 1
+
+    def cudaDeviceEnablePeerAccess(self, peer, flags):
+        return (0,)
 
     def cudaMalloc(self, nbytes):
         block = ctypes.create_string_buffer(nbytes)
         self.memory[ctypes.addressof(block)] = block
+        self.owner[ctypes.addressof(block)] = self.cudaGetDevice()[1]
         self.mallocs += 1
         return 0, ctypes.addressof(block)
+
+    def cudaMemcpyPeerAsync(self, dst, dst_device, src, src_device, nbytes, stream):
+        """Checked as the driver would: each address on the device named for it."""
+        assert self.cudaPointerGetAttributes(dst)[1].device == dst_device, "peer copy: dst is not on dst_device"
+        assert self.cudaPointerGetAttributes(src)[1].device == src_device, "peer copy: src is not on src_device"
+        ctypes.memmove(dst, src, nbytes)
+        self.peer_copies += 1
+        return (0,)
+
+    def cudaStreamWaitEvent(self, stream, event, flags):
+        return (0,)
 
     def cudaFree(self, ptr):
         del self.memory[ptr]
@@ -51,10 +94,17 @@ class FakeCudart:
     cudaFreeHost = cudaFree
 
     def cudaEventCreateWithFlags(self, flags):
-        return 0, object()
+        event = object()
+        self.event_device[id(event)] = self.cudaGetDevice()[1]
+        return 0, event
 
     def cudaEventRecord(self, event, stream):
+        # CUDA: an event is recorded on a stream of its own device
+        assert self.event_device.get(id(event), 0) == self.stream_device.get(stream, 0), "event of another device"
         return (0,)
+
+    def cudaEventElapsedTime(self, start, end):
+        return 0, 0.0  # host memory: copies are done when queued
 
     def cudaEventSynchronize(self, event):
         return (0,)
@@ -67,7 +117,9 @@ class FakeCudart:
         return (0,)
 
     def cudaStreamCreateWithFlags(self, flags):
-        return 0, 1
+        self._streams = getattr(self, "_streams", 0) + 1
+        self.stream_device[self._streams] = self.cudaGetDevice()[1]
+        return 0, self._streams
 
     def cudaStreamSynchronize(self, stream):
         return (0,)
