@@ -47,7 +47,7 @@ def _on_backend_device(method):
     is on another GPU); backends without a `device` run on the thread's current one."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        device = getattr(self.backend, "device", None)
+        device = getattr(self.backend, "device_id", None)
         with contextlib.nullcontext() if device is None else on_device(device):
             return method(self, *args, **kwargs)
 
@@ -134,7 +134,7 @@ class DeviceLoop:
 
         self.backend = backend
         self.kernels = StepKernels.load(stream=core.Stream.from_handle(backend.stream.ptr),
-                                        device=getattr(backend, "device", None))
+                                        device=getattr(backend, "device_id", None))
         self._shapes: dict[tuple, _Shape] = {}
         self._graph_ids = itertools.count()  # ONNX Runtime's gpu_graph_id: one per shape, never reused
         self.last_run = None  # how the last call ran: "off", "step", "loop-capture" or "loop-replay"

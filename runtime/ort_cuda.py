@@ -69,8 +69,8 @@ class OrtCudaBackend:
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
         self.devices = check_devices(devices)
-        self.device = self.devices[0]
-        with on_device(self.device):
+        self.device_id = self.devices[0]
+        with on_device(self.device_id):
             self._start(manifest, stream, cuda_graphs, buckets, max_device_memory, conv_search)
         self.partners = [OrtCudaBackend(manifest, cuda_graphs=cuda_graphs, buckets=buckets,
                                         max_device_memory=max_device_memory, conv_search=conv_search, devices=(d,))
@@ -106,7 +106,7 @@ class OrtCudaBackend:
         if self._loop is None:
             from .device_loop import DeviceLoop
 
-            with on_device(self.device):
+            with on_device(self.device_id):
                 self._loop = DeviceLoop(self)
             if self.partners:
                 from .parallel_loop import ParallelLoop
@@ -115,7 +115,7 @@ class OrtCudaBackend:
         return self._loop
 
     def _memory_used(self) -> int:
-        with on_device(self.device):
+        with on_device(self.device_id):
             return device_memory()[0] - self._baseline
 
     def session(self, component: str):
@@ -327,11 +327,11 @@ class OrtCudaBackend:
         False: lay out and allocate only (the loader fills the buffers once all of them are allocated)."""
         path = self._path(component, file)
         overrides = self.adapters.overrides(component, path)
-        with on_device(self.device):  # from any thread: the buffers are this backend's device's
+        with on_device(self.device_id):  # from any thread: the buffers are this backend's device's
             return self._load_weights(path, overrides, upload)
 
     def _load_weights(self, path: Path, overrides, upload: bool):
-        base = self._load_once((path, ()), lambda: SharedWeights(path, self.device,
+        base = self._load_once((path, ()), lambda: SharedWeights(path, self.device_id,
                                                                  nhwc=CUDA_OPTIONS["prefer_nhwc"] == "1",
                                                                  upload=upload))
         if not overrides:
@@ -378,7 +378,7 @@ class OrtCudaBackend:
         self._onnxruntime.result()
         return OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
                               weights=self._shared(component, file), conv_search=self.conv_search,
-                              device=self.device)
+                              device=self.device_id)
 
     def _drop_weights(self, component: str, keep: str | None = None) -> None:
         """Forget `component`'s device weights (all its files, or all but file kind `keep`); the memory is freed once

@@ -85,7 +85,7 @@ class ParallelLoop:
     def __init__(self, primary: DeviceLoop, partners: list[DeviceLoop]):
         self.primary, self.partners = primary, partners
         self.loops = [primary, *partners]
-        self.devices = [loop.backend.device for loop in self.loops]
+        self.devices = [loop.backend.device_id for loop in self.loops]
         self.direct = enable_peer_access(self.devices)  # {(a, b): whether a reads/writes b's memory directly}
         self._events: dict[int, tuple[Event, Event]] = {}  # device → (ready, pulled), made on that device
         self._timers: dict[int, list[Event]] = {}  # timing events of the exchange on the first GPU, by count

@@ -118,7 +118,7 @@ class HostDeviceBackend:
     device_loop_usable = True
 
     def __init__(self, manifest, fake, device: int, cpu: OrtCpuBackend):
-        self.manifest, self.fake, self.device, self.cpu = manifest, fake, device, cpu
+        self.manifest, self.fake, self.device_id, self.cpu = manifest, fake, device, cpu
         with cuda.on_device(device):
             self.stream = cuda.Stream()
         self.sessions: dict[str, HostSession] = {}
@@ -131,7 +131,7 @@ class HostDeviceBackend:
 
     def loop_session(self, component, input_shapes):
         if component not in self.sessions:
-            self.sessions[component] = HostSession(self.fake, self.device, self.cpu.session(component))
+            self.sessions[component] = HostSession(self.fake, self.device_id, self.cpu.session(component))
         return self.sessions[component]
 
     def session(self, component):
