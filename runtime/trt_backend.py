@@ -32,7 +32,7 @@ import numpy as np
 from . import engines as eng
 from . import tensorrt_api
 from .backends import VAE_FP16_ADVICE, check_cuda_graphs, non_finite
-from .cuda import DeviceBuffer, Graph, Stream, capturing
+from .cuda import DeviceBuffer, Graph, Stream, capturing, set_device
 from .errors import UserError
 from .fileio import atomic_file
 from .manifest import Manifest
@@ -83,6 +83,9 @@ class TensorRTBackend:
         if self.device is None:
             raise UserError(f"backend {name} needs a CUDA GPU and none was found (no driver, or cuda-python missing: "
                             "pip install 'sdxl-trt[gpu]'); ort-cpu runs without one")
+        # engines run on GPU 0 (several GPUs: --backend ort-cuda), current whatever another library left current
+        self.device_id = 0
+        set_device(self.device_id)
         self.logger = tensorrt_api.Logger(self.trt)
         self.runtime = self.trt.Runtime(self.logger)
         self.stream = stream or Stream()
