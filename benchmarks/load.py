@@ -8,12 +8,20 @@ clients, loopback only; reports throughput, latency percentiles and errors, and 
 With --engine it starts the server itself (on a free loopback port, stopped at the end); with --url it uses a
 running one (127.0.0.1 / localhost / ::1 only).
 
---mixed: the sizes users pick among. Requests go one at a time over `--sizes` (default: the nine SDXL buckets) in a
-seeded random order (every size at least once), then `--steady-runs` more per size back to back give each size's
-steady latency in the same run. Records requests[] (width, height, latency_ms, in the order sent), steady[] (width,
-height, latency_ms: the median), each request's ratio to its size's steady latency, p50/p95/p99, the server's warm-up
-(its start until /health answers 200: loading, then every resident size's sessions and CUDA graphs) and peak device
-memory (the GPU's memory in use, polled with nvidia-smi while the server runs, and the server's own account).
+--mixed: the sizes users pick among. Requests go over `--sizes` (default: the nine SDXL buckets) in a seeded random
+order (every size at least once) from `--concurrency` clients (default 1: one at a time), then `--steady-runs` more
+per size back to back give each size's steady latency in the same run. Records requests[] (width, height,
+latency_ms, in the order sent), steady[] (width, height, latency_ms: the median), each request's ratio to its size's
+steady latency, p50/p95/p99, requests_per_s, the server's warm-up (its start until /health answers 200: loading, then
+every resident size's sessions and CUDA graphs) and peak device memory (the GPU's memory in use, polled with
+nvidia-smi while the server runs, and the server's own account).
+
+--layouts (with --mixed --engine): the same seeded load against one server per flag set, in turn — e.g. on four GPUs
+one replica, four one-GPU replicas and two two-GPU replicas:
+
+    python benchmarks/load.py --engine DIR --mixed --concurrency 8 --requests 72 --steps 30 \
+        --layouts "--backend ort-cuda --ray --replicas 1" "--backend ort-cuda --ray --replicas 4" \
+                  "--backend ort-cuda --ray --replicas 2 --gpus-per-replica 2" --out RESULT.json
 """
 
 from __future__ import annotations
@@ -146,7 +154,10 @@ def mixed(url: str, args) -> dict:
         return {"width": w, "height": h, "status": status, "latency_ms": round(seconds * 1e3, 1),
                 "server_total_ms": round(timings.get("total", 0) * 1e3, 1)}
 
-    requests = [send(i, w, h) for i, (w, h) in enumerate(order)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:  # --concurrency clients over the seeded order
+        requests = list(pool.map(lambda item: send(item[0], *item[1]), enumerate(order)))
+    wall = time.perf_counter() - started
     steady = []
     for w, h in sizes:
         runs = [send(10_000 + len(steady) * 100 + k, w, h) for k in range(args.steady_runs)]
@@ -157,11 +168,40 @@ def mixed(url: str, args) -> dict:
         r["vs_steady"] = round(r["latency_ms"] / by_size[(r["width"], r["height"])], 3)
     latencies = [r["latency_ms"] for r in requests if r["status"] == 200]
     ratios = [r["vs_steady"] for r in requests if r["status"] == 200]
-    return {"requests": requests, "steady": steady,
+    return {"requests": requests, "steady": steady, "concurrency": args.concurrency, "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 3),
             "latency_ms": {q: round(percentile(latencies, int(q[1:])), 1) for q in ("p50", "p95", "p99")}
             if latencies else None,
             "worst_vs_steady": max(ratios) if ratios else None,
             "within_1_15_of_steady": sum(x <= 1.15 for x in ratios), "errors": sum(r["status"] != 200 for r in requests)}
+
+
+def compare_layouts(args) -> int:
+    """The same seeded mixed load against one server per layout (started and stopped in turn)."""
+    layouts = []
+    for flags in args.layouts:
+        poll, started = DevicePoll(), time.perf_counter()
+        process, url = start_server(args.engine, flags, args.server_log)
+        try:
+            warmup_s = round(time.perf_counter() - started, 2)
+            run = mixed(url, args)
+        finally:
+            process.terminate()
+            process.wait(60)
+        layouts.append({"server_flags": flags, "warmup_s": warmup_s, "peak_device_gib": poll.stop(), **run})
+        print(json.dumps({k: v for k, v in layouts[-1].items() if k not in ("requests", "steady")}), flush=True)
+    first = layouts[0]["requests_per_s"]
+    for layout in layouts:
+        layout["throughput_vs_first"] = round(layout["requests_per_s"] / first, 3) if first else None
+    result = {"command": shlex.join(["python", *sys.argv]), "git": args.git,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": gpu_name(),
+              "steps": args.steps, "mode": "mixed layouts", "seed": args.seed, "requests": args.requests,
+              "concurrency": args.concurrency, "sizes": args.sizes, "layouts": layouts}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps([{k: l[k] for k in ("server_flags", "requests_per_s", "throughput_vs_first", "latency_ms")}
+                      for l in layouts], indent=2))
+    return 0 if not any(l["errors"] for l in layouts) else 1
 
 
 def main() -> int:
@@ -171,13 +211,17 @@ def main() -> int:
     where.add_argument("--url", help="a running server on this machine")
     p.add_argument("--server-flags", default="", help="extra flags for the server started with --engine")
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, help="concurrent clients (default 8; 1 with --mixed)")
     p.add_argument("--size", default="128x128")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--mixed", action="store_true", help="one request at a time over --sizes in a seeded random order, "
-                   "then each size's steady latency (see the module doc)")
+    p.add_argument("--mixed", action="store_true", help="requests over --sizes in a seeded random order from "
+                   "--concurrency clients (1: one at a time), then each size's steady latency (see the module doc)")
+    p.add_argument("--layouts", nargs="+", metavar="FLAGS", help="--mixed with --engine: one server per FLAGS (its "
+                   "--server-flags, e.g. '--ray --replicas 1' '--ray --replicas 4' '--ray --replicas 2 "
+                   "--gpus-per-replica 2'), started in turn, the same seeded load against each; layouts[] in one "
+                   "JSON with each one's throughput against the first's")
     p.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in BUCKETS), help="--mixed: WxH,… (default: "
                    "the nine SDXL buckets)")
     p.add_argument("--steady-runs", type=int, default=3, help="--mixed: back-to-back requests per size for its "
@@ -187,8 +231,13 @@ def main() -> int:
     p.add_argument("--git", metavar="COMMIT", help="the commit measured, recorded in the JSON")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args()
+    args.concurrency = args.concurrency or (1 if args.mixed else 8)
     if args.requests < 1 or args.concurrency < 1 or args.steady_runs < 1:
         raise SystemExit("load.py: --requests, --concurrency and --steady-runs must be at least 1")
+    if args.layouts:
+        if not (args.mixed and args.engine):
+            raise SystemExit("load.py: --layouts goes with --mixed and --engine")
+        return compare_layouts(args)
     process, poll, warmup_s = None, DevicePoll(), None
     if args.engine:
         started = time.perf_counter()

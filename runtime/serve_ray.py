@@ -26,6 +26,10 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
     replica a broken directory would come back as Ray's "Deploying application failed" after its own traceback."""
     from .pipeline import Pipeline
 
+    if gpus_per_replica < 1 or (gpus_per_replica > 1 and backend != "ort-cuda"):
+        raise UserError(f"--gpus-per-replica {gpus_per_replica}: expected 1, or more with --backend ort-cuda")
+    if (resident or {}).get("devices") is not None:
+        raise UserError("--devices goes without --ray: Ray gives each replica its GPUs (--gpus-per-replica)")
     Pipeline.check_dir(engine_dir, backend)  # the replicas' hashing then finds the files' sha256 remembered
     try:
         import ray
@@ -34,10 +38,6 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
         raise UserError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
     from .server import create_app
 
-    if gpus_per_replica < 1 or (gpus_per_replica > 1 and backend != "ort-cuda"):
-        raise UserError(f"--gpus-per-replica {gpus_per_replica}: expected 1, or more with --backend ort-cuda")
-    if (resident or {}).get("devices") is not None:
-        raise UserError("--devices goes without --ray: Ray gives each replica its GPUs (--gpus-per-replica)")
     resident = {**(resident or {}), "devices": tuple(range(gpus_per_replica)) if backend == "ort-cuda" else None}
 
     def build():  # evaluated on each replica

@@ -12,7 +12,7 @@ import pytest
 from sdxl_trt.runtime.bench import Case, flops_per_call, stats_ms, sweep_cases
 from sdxl_trt.runtime.cli import main
 
-CASE_FIELDS = {"contender", "mode", "sweep", "width", "height", "batch", "steps", "guidance", "sampler", "e2e_ms",
+CASE_FIELDS = {"contender", "mode", "devices", "sweep", "width", "height", "batch", "steps", "guidance", "sampler", "e2e_ms",
                "e2e_p90_ms", "runs", "text_ms", "denoise_ms", "vae_ms", "loop_per_step_ms", "images_per_s",
                "peak_memory_gib", "memory_kind"}
 
@@ -58,6 +58,7 @@ def test_bench_writes_the_documented_json(tiny_engine, tmp_path, capsys):
     for case in result["cases"]:
         assert CASE_FIELDS <= set(case), CASE_FIELDS - set(case)
         assert case["e2e_p90_ms"] >= case["e2e_ms"] > 0 and case["contender"] == "sdxl-trt"
+        assert case["devices"] == []  # ort-cpu: no GPU (ort-cuda rows name theirs, e.g. [0, 1] with --devices 0,1)
         assert "achieved_tflops" not in case  # 64x64 is not in the SDXL table: no made-up figure
     assert [c["cache"] for c in result["cold_start"]] == ["empty cache", "cache filled"]
     assert all(c["total_s"] >= c["load_s"] > 0 and c["backend"] == "ort-cpu" for c in result["cold_start"])
@@ -111,6 +112,8 @@ def test_diffusers_refiner_weights_for_a_directory_without_a_refiner(tmp_path):
     (["--sweeps", "latency"], "latency"),
     (["--contenders", "diffusers-magic"], "diffusers-magic"),
     (["--size", "65x64"], "multiples of 8"),
+    (["--devices", "0", "0,1"], "several GPUs, are for --backend ort-cuda"),
+    (["--devices", "1,1"], "GPU 1 is given twice"),
     (["--contenders", "diffusers-eager", "--refiner", "/no/such/refiner"], "--refiner"),
     (["--contenders", "diffusers-eager", "--refiner", "tiny:base"], "not a refiner"),
 ])

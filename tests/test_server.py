@@ -273,6 +273,12 @@ def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine, tm
 
 @pytest.mark.parametrize("argv, says", [
     (["--replicas", "2"], "go with --ray"),
+    (["--gpus-per-replica", "2"], "go with --ray"),
+    (["--ray", "--gpus-per-replica", "2"], "--gpus-per-replica 2: expected 1, or more with --backend ort-cuda"),
+    (["--ray", "--gpus-per-replica", "0"], "--gpus-per-replica 0: expected 1"),
+    (["--ray", "--devices", "0"], "--devices goes without --ray"),
+    (["--devices", "0,0"], "--devices 0,0: GPU 0 is given twice"),
+    (["--devices", "0,1"], "several GPUs, are for --backend ort-cuda"),
     (["--ray", "--autoscaling", "{max: 4}"], "--autoscaling: not JSON"),
     (["--ray", "--autoscaling", "[1, 2]"], "JSON object"),
     (["--max-batch", "0"], "--max-batch 0"),
