@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -34,8 +33,8 @@ def main() -> int:
     args = p.parse_args()
     import numpy as np
 
-    from sdxl_trt.runtime import Pipeline, tensorrt_api
-    from sdxl_trt.runtime.bench import versions
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.bench import script_header
 
     sizes = [(1024, 1024), (1152, 896)]
     pipes = {"1 GPU": Pipeline.load(args.engine, backend="ort-cuda", devices=(0,), buckets=sizes),
@@ -73,12 +72,8 @@ def main() -> int:
                "devices": {name: list(pipe.backend.devices) for name, pipe in pipes.items()}}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "e2e_ms_runs"}), flush=True)
-    gpu = tensorrt_api.gpu()
-    out = {"what": "one image's guidance halves on two GPUs (and a batch split across them) against one GPU, "
-                   "same process, same engine directory, alternating runs",
-           "device": gpu.name if gpu else None, "command": "python " + " ".join(sys.argv),
-           "git": {"commit": args.git} if args.git else None,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+    out = {**script_header("one image's guidance halves on two GPUs (and a batch split across them) against one "
+                           "GPU, same process, same engine directory, alternating runs", args.git),
            "peer_access": {f"{a}->{b}": v for (a, b), v in pipes["2 GPUs"].backend.device_loop.direct.items()},
            "prompt": PROMPT, "runs": args.runs, "cases": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +41,8 @@ def main() -> int:
 
     import tensorrt  # the stand-in (tests/trt_standin)
 
-    from sdxl_trt.runtime import Pipeline, tensorrt_api
-    from sdxl_trt.runtime.bench import versions
+    from sdxl_trt.runtime import Pipeline
+    from sdxl_trt.runtime.bench import script_header
     from sdxl_trt.runtime.cuda import device_memory
     from sdxl_trt.runtime.engine_build import BuildOptions, build_engines
     from sdxl_trt.runtime.profiles import parse_profiles
@@ -91,12 +90,8 @@ def main() -> int:
     for mode in args.modes:
         row = {c["backend"]: c["e2e_ms"] for c in cases if c["cuda_graphs"] == mode}
         ratios[mode] = round(row["tensorrt"] / row["ort-cuda"], 3)
-    gpu = tensorrt_api.gpu()
-    out = {"what": "the tensorrt backend through the stand-in TensorRT module (ONNX Runtime CUDA on the bound "
-                   "addresses) against ort-cuda, same process, same optimized ONNX files",
-           "device": gpu.name if gpu else None, "command": "python " + " ".join(sys.argv),
-           "git": {"commit": args.git} if args.git else None,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+    out = {**script_header("the tensorrt backend through the stand-in TensorRT module (ONNX Runtime CUDA on the bound "
+                           "addresses) against ort-cuda, same process, same optimized ONNX files", args.git),
            "case": {"size": args.size, "steps": args.steps, "guidance": 5.0, "sampler": "euler", "prompt": PROMPT,
                     "runs": args.runs}, "standin_build_s": round(build_s, 1), "cases": cases,
            "tensorrt_over_ort_cuda": ratios}

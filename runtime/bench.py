@@ -296,6 +296,17 @@ def cold_starts(engine: str | Path, backend: str, width: int, height: int, steps
     return out
 
 
+def script_header(what: str, git: str | None) -> dict:
+    """The fields every benchmarks/ script's results JSON starts with: what it measured, on which GPU, the command as
+    typed, the commit (`--git`, where the tree has no .git), the date and the versions behind the figures."""
+    from . import tensorrt_api
+
+    gpu = tensorrt_api.gpu()
+    return {"what": what, "device": gpu.name if gpu else None, "command": "python " + " ".join(sys.argv),
+            "git": {"commit": git} if git else None,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+
+
 def versions() -> dict:
     """Python and the packages that decide the figures (those installed; nothing is imported)."""
     from importlib import metadata
