@@ -85,9 +85,12 @@ def resident_options(backend: str, buckets=None, max_device_memory=None, devices
         raise UserError(f"--buckets and --max-device-memory choose what --backend ort-cuda keeps on the GPU; "
                         f"{backend} takes neither")
     devices = parse_devices(devices)
+    if devices is not None and backend == "ort-cpu":
+        raise UserError(f"--devices {','.join(map(str, devices))}: --backend ort-cpu runs on the CPU; GPUs are for "
+                        f"--backend ort-cuda")
     if devices is not None and devices != (0,) and backend != "ort-cuda":
-        raise UserError(f"--devices {','.join(map(str, devices))}: GPUs other than the first, and several GPUs, are "
-                        f"for --backend ort-cuda; {backend} runs on GPU 0")
+        raise UserError(f"--devices {','.join(map(str, devices))}: {backend} runs on GPU 0; another GPU, or "
+                        f"several, are for --backend ort-cuda")
     gib = as_number(max_device_memory)
     if max_device_memory is not None and (gib is None or not math.isfinite(gib) or gib <= 0):
         raise UserError(f"--max-device-memory {shown(max_device_memory)}: expected a positive number of GiB")

@@ -83,8 +83,9 @@ def test_numpy_scalars_for_img2img_and_the_refiner(pipe, photo):
 def test_numpy_numbers_for_loras_and_load_options():
     from sdxl_trt.runtime.validate import resident_options
 
-    assert resident_options("ort-cuda", [(np.int64(1024), np.int64(1024))], np.float32(2.5)) == \
-        {"buckets": [(1024, 1024)], "max_device_memory": 2.5}
+    assert resident_options("ort-cuda", [(np.int64(1024), np.int64(1024))], np.float32(2.5),
+                            [np.int64(0), np.int64(1)]) == \
+        {"buckets": [(1024, 1024)], "max_device_memory": 2.5, "devices": (0, 1)}
     from sdxl_trt.runtime.lora import as_adapters
 
     assert as_adapters([("a.safetensors", np.float32(0.5))])[0].scale == 0.5

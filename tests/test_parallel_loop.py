@@ -60,8 +60,11 @@ def test_devices_errors_are_one_line(given, message):
 
 
 def test_several_devices_are_for_ort_cuda():
-    with pytest.raises(UserError, match="are for --backend ort-cuda; tensorrt runs on GPU 0"):
+    with pytest.raises(UserError, match="--devices 0,1: tensorrt runs on GPU 0; another GPU, or several, are for "
+                                        "--backend ort-cuda"):
         resident_options("tensorrt", devices="0,1")
+    with pytest.raises(UserError, match="--devices 0: --backend ort-cpu runs on the CPU"):
+        resident_options("ort-cpu", devices="0")
     assert resident_options("tensorrt", devices="0")["devices"] == (0,)
     assert resident_options("ort-cuda", devices="1,0")["devices"] == (1, 0)
 
