@@ -89,7 +89,7 @@ class ParallelLoop:
         self.direct = enable_peer_access(self.devices)  # {(a, b): whether a reads/writes b's memory directly}
         self._events: dict[int, tuple[Event, Event]] = {}  # device → (ready, pulled), made on that device
         self._timers: dict[int, list[Event]] = {}  # timing events of the exchange on the first GPU, by count
-        self._warned = False
+        self._warned: set[str] = set()  # warnings given once per pipeline
         self.last_run = None  # as DeviceLoop.last_run, for the first GPU
         self.last_split = None  # the Split of the last denoising call
         self.last_exchange_ms: list[float] = []  # "halves": the first GPU's copy of the other half, per step
@@ -125,15 +125,15 @@ class ParallelLoop:
         plan = split(images, guided, len(self.loops))
         self.last_split = plan
         if plan.kind == "one":
-            log.warning("one image without guidance has nothing to split: it runs on GPU %d alone", self.devices[0])
+            self._warn_once("one", "one image without guidance has nothing to split: it runs on GPU %d alone",
+                            self.devices[0])
             with on_device(self.devices[0]):
                 out = self.primary.denoise(unet, latents, sampler, evals, cond, guidance_scale, noise)
             self.last_run = self.primary.last_run
             return out
-        if self.backend.cuda_graphs == "loop" and not self._warned:
-            self._warned = True
-            log.warning("--cuda-graphs loop is for one GPU: across %d GPUs each step's UNet is a CUDA graph of its own "
-                        "(step)", len(self.loops))
+        if self.backend.cuda_graphs == "loop":
+            self._warn_once("loop", "--cuda-graphs loop is for one GPU: across %d GPUs each step's UNet is a CUDA "
+                            "graph of its own (step)", len(self.loops))
         previous = self.devices[0]
         try:
             if plan.kind == "halves":
@@ -141,6 +141,11 @@ class ParallelLoop:
             return self._images(plan, unet, latents, sampler, evals, cond, guidance_scale, noise)
         finally:
             set_device(previous)  # ONNX Runtime leaves its last run's device current
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     def _begin(self, k: int, *args, **kwargs) -> Pass:
         set_device(self.devices[k])
