@@ -64,7 +64,7 @@ def unsupported_reason(sampler: Sampler, guidance_rescale: float, inpainting: bo
         return "the device loop is off (--low-memory, or turned off)"
     if sampler.name not in KERNEL_KINDS:
         return f"sampler {sampler.name} has no GPU kernel"
-    return "guidance rescale" if guidance_rescale else "inpainting" if inpainting else "supported"
+    return "guidance rescale" if guidance_rescale else "inpainting"
 
 
 @dataclass

@@ -170,7 +170,7 @@ class OrtCudaBackend:
 
             shares, plan = [], list(plan)
             for index, (component, dims) in enumerate(plan):
-                if self._entry(component)["contract"].startswith("unet") and "B" in dims:
+                if self._is_unet(component) and "B" in dims:
                     batches = split_batch(dims["B"], len(self.devices))
                     plan[index] = (component, {**dims, "B": batches[0]})
                     shares.append((component, dims, batches))
@@ -294,8 +294,8 @@ class OrtCudaBackend:
         if self._loop is not None:
             self._loop.forget(component)
         self._drop_weights(component)
-        for partner in self.partners:
-            if self._entry(component)["contract"].startswith("unet"):
+        if self._is_unet(component):  # the partners hold the UNets only
+            for partner in self.partners:
                 partner.release(component)
 
     # --- internals ------------------------------------------------------------------------------------------
@@ -313,6 +313,9 @@ class OrtCudaBackend:
             raise UserError(f"{self.manifest.root}: this engine directory has no {component!r} "
                             f"(it has {', '.join(self.manifest.components)}); export it with `sdxl-trt export`")
         return entry
+
+    def _is_unet(self, component: str) -> bool:
+        return self._entry(component)["contract"].startswith("unet")
 
     def _path(self, component: str, file: str | None) -> Path:
         """The file a session of `component` reads (`file`: session_file's choice)."""

@@ -117,8 +117,10 @@ def parse_devices(devices) -> tuple[int, ...] | None:
     """`--devices`: "0,1" (or a list of ids) → (0, 1); each a non-negative integer, none twice."""
     if devices is None:
         return None
-    items = devices.split(",") if isinstance(devices, str) and devices.strip() else [] if isinstance(devices, str) \
-        else list(devices)
+    if isinstance(devices, str):
+        items = devices.split(",") if devices.strip() else []
+    else:
+        items = list(devices)
     if not items:
         raise UserError("--devices: no GPU id given; e.g. --devices 0 or --devices 0,1")
     given = devices if isinstance(devices, str) else ",".join(map(str, items))
