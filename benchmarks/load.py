@@ -177,8 +177,13 @@ def mixed(url: str, args) -> dict:
 
 
 def compare_layouts(args) -> int:
-    """The same seeded mixed load against one server per layout (started and stopped in turn)."""
+    """The same seeded mixed load against one server per layout (started and stopped in turn). The JSON is written
+    after each layout, so a run stopped part way keeps the layouts it finished."""
     layouts = []
+    result = {"command": shlex.join(["python", *sys.argv]), "git": args.git,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": gpu_name(),
+              "steps": args.steps, "mode": "mixed layouts", "seed": args.seed, "requests": args.requests,
+              "concurrency": args.concurrency, "sizes": args.sizes, "layouts": layouts}
     for flags in args.layouts:
         poll, started = DevicePoll(), time.perf_counter()
         process, url = start_server(args.engine, flags, args.server_log)
@@ -189,16 +194,11 @@ def compare_layouts(args) -> int:
             process.terminate()
             process.wait(60)
         layouts.append({"server_flags": flags, "warmup_s": warmup_s, "peak_device_gib": poll.stop(), **run})
+        first = layouts[0]["requests_per_s"]
+        layouts[-1]["throughput_vs_first"] = round(layouts[-1]["requests_per_s"] / first, 3) if first else None
         print(json.dumps({k: v for k, v in layouts[-1].items() if k not in ("requests", "steady")}), flush=True)
-    first = layouts[0]["requests_per_s"]
-    for layout in layouts:
-        layout["throughput_vs_first"] = round(layout["requests_per_s"] / first, 3) if first else None
-    result = {"command": shlex.join(["python", *sys.argv]), "git": args.git,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": gpu_name(),
-              "steps": args.steps, "mode": "mixed layouts", "seed": args.seed, "requests": args.requests,
-              "concurrency": args.concurrency, "sizes": args.sizes, "layouts": layouts}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps([{k: l[k] for k in ("server_flags", "requests_per_s", "throughput_vs_first", "latency_ms")}
                       for l in layouts], indent=2))
     return 0 if not any(l["errors"] for l in layouts) else 1

@@ -31,6 +31,7 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
     if (resident or {}).get("devices") is not None:
         raise UserError("--devices goes without --ray: Ray gives each replica its GPUs (--gpus-per-replica)")
     Pipeline.check_dir(engine_dir, backend)  # the replicas' hashing then finds the files' sha256 remembered
+    gpus = local_gpus(backend, replicas, autoscaling, gpus_per_replica)
     try:
         import ray
         from ray import serve
@@ -50,7 +51,7 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = replicas
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, **({"num_gpus": gpus} if gpus is not None else {}))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -70,3 +71,26 @@ def serve_with_ray(engine_dir: str, backend: str, limits, host: str, port: int, 
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def local_gpus(backend: str, replicas: int, autoscaling: dict | None, gpus_per_replica: int) -> int | None:
+    """The GPUs a local Ray instance is given (the ones this process sees, CUDA_VISIBLE_DEVICES honoured), checked
+    against what the replicas ask: a replica Ray cannot place would leave Serve waiting for ever. None on `ort-cpu`
+    and where RAY_ADDRESS names a cluster (its GPUs are not this machine's)."""
+    import os
+
+    from . import cuda
+
+    if backend == "ort-cpu" or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = cuda.device_count()
+    first = replicas if not autoscaling else int(autoscaling.get("initial_replicas", autoscaling.get("min_replicas", 1)))
+    wanted = first * gpus_per_replica
+    if wanted > gpus:
+        def n(count, what):
+            return f"{count} {what}{'s' if count != 1 else ''}"
+
+        raise UserError(f"--backend {backend} --ray: {n(first, 'replica')} × {n(gpus_per_replica, 'GPU')} need "
+                        f"{n(wanted, 'GPU')}; this machine shows {gpus}"
+                        + (" (CUDA_VISIBLE_DEVICES)" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else ""))
+    return gpus

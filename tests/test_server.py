@@ -386,3 +386,28 @@ def test_resident_flags_are_checked_before_anything_loads(tiny_engine, argv, say
         assert main([*command, *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize("replicas, autoscaling, per_replica, gpus, says", [
+    (4, None, 2, 4, "4 replicas × 2 GPUs need 8 GPUs; this machine shows 4"),
+    (1, None, 1, 0, "1 replica × 1 GPU need 1 GPU; this machine shows 0"),
+    (1, {"min_replicas": 3, "max_replicas": 8}, 1, 2, "3 replicas × 1 GPU need 3 GPUs; this machine shows 2"),
+    (2, None, 2, 4, None),
+    (1, {"min_replicas": 1, "max_replicas": 8}, 1, 4, None),
+])
+def test_serve_ray_checks_its_gpus_before_ray_starts(monkeypatch, replicas, autoscaling, per_replica, gpus, says):
+    """A replica Ray cannot place leaves Serve waiting for ever: the GPUs the replicas ask for are counted against
+    the ones this process sees before Ray starts; a local Ray is then given exactly those."""
+    from sdxl_trt.runtime import cuda, serve_ray
+    from sdxl_trt.runtime.errors import UserError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cuda, "device_count", lambda: gpus)
+    if says is None:
+        assert serve_ray.local_gpus("ort-cuda", replicas, autoscaling, per_replica) == gpus
+        return
+    with pytest.raises(UserError, match=r"--backend ort-cuda --ray: " + says):
+        serve_ray.local_gpus("ort-cuda", replicas, autoscaling, per_replica)
+    assert serve_ray.local_gpus("ort-cpu", replicas, autoscaling, per_replica) is None
+    monkeypatch.setenv("RAY_ADDRESS", "ray://elsewhere:10001")
+    assert serve_ray.local_gpus("ort-cuda", replicas, autoscaling, per_replica) is None
