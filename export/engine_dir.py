@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..runtime import manifest as mf
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_dir, check_writable, read_json
+from .controlnet_sources import load_controlnet, resolve_controlnet
 from .models import COMPONENTS
 from .onnx_export import IR_VERSION, OPSET, PRECISION_FILES, export_onnx, model_files
 from .sources import SourceSpec, load_model, resolve
@@ -106,7 +107,8 @@ def _load_module(src: SourceSpec, module: str, allow_pickle: bool):
 
 def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None, vae: str | None = None,
                       components: list[str] | None = None, precision: str = "fp16", verify: bool = False,
-                      force: bool = False, allow_pickle: bool = False, progress: bool = True) -> ExportReport:
+                      force: bool = False, allow_pickle: bool = False, progress: bool = True,
+                      controlnets: list[str] | None = None) -> ExportReport:
     """Export SDXL from `model` (and `refiner`) into the engine directory `out`; see `sdxl-trt export --help`."""
     started = time.perf_counter()
     out = Path(out).expanduser()
@@ -131,7 +133,14 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
             raise UserError(f"--refiner {refiner!r} is an SDXL {ref.role} model, not a refiner")
         roles["refiner"] = ref
     vae_src = _resolve_vae(vae, allow_pickle) if vae else None
+    control_srcs = [resolve_controlnet(c) for c in controlnets or []]
+    if control_srcs and "base" not in roles:
+        raise UserError(f"--controlnet goes with a base model; {model!r} is a refiner")
     produced = [name for role in roles for _, names in PLAN[role] for name in names]
+    if control_srcs:
+        produced += ["controlnet", "unet_control"]
+        if components is not None and "unet" in components and "unet_control" not in wanted:
+            wanted.append("unet_control")  # the UNet that takes the residuals goes with the ControlNets
     absent = [c for c in (components or []) if c not in produced]
     if absent:
         hint = "it needs --refiner" if absent[0] == "unet_refiner" else f"{model!r} is a refiner"
@@ -153,6 +162,8 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
                 pipeline = {"components": {}}
                 for module_name, names in PLAN[role]:
                     names = [n if n != "unet" or role == "base" else "unet_refiner" for n in names]
+                    if role == "base" and module_name == "unet" and control_srcs:
+                        names.append("unet_control")
                     names = [n for n in names if n in wanted]
                     if not names:
                         continue
@@ -183,6 +194,8 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
                     if module_name in SHAREABLE and role == "base":
                         shared[module_name] = (digest, exported)
                 manifest["pipelines"][role] = {**pipeline, **_pipeline_config(src, role)}
+            if control_srcs and "controlnet" in wanted:
+                _export_controlnets(control_srcs, roles["base"], precision, verify, report, progress, tmp, manifest)
             _copy_support_files(roles, vae_src, tmp, manifest)
             manifest["files"] = dict(mf.file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
             mf.write_manifest(tmp, manifest)
@@ -191,6 +204,28 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
     report.seconds = time.perf_counter() - started
     report.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return report
+
+
+def _export_controlnets(srcs: list, base: SourceSpec, precision: str, verify: bool, report: ExportReport,
+                        progress: bool, tmp: Path, manifest: dict) -> None:
+    """Each `--controlnet` as `controlnet_<i>`, one at a time; the base pipeline lists them in order."""
+    unet_config = _source_configs(base)["unet"]
+    names = []
+    for index, src in enumerate(srcs):
+        module = load_controlnet(src, index, unet_config)
+        target = f"controlnet_{index}"
+        check_writable(tmp / "onnx", "--out", sum(p.numel() for p in module.parameters()) * 6)
+        digest = weights_sha256(module)
+        job = _ExportJob(COMPONENTS["controlnet"](module), target, tmp / "onnx" / target)
+        global_pool = bool(module.config.global_pool_conditions)
+        del module
+        _export_module([job], precision, verify, report, progress)
+        manifest["components"][target] = {**job.record(tmp, digest), "global_pool_conditions": global_pool}
+        manifest["sources"][target] = {"spec": src.spec, "kind": src.kind}
+        names.append(target)
+    pipeline = manifest["pipelines"]["base"]
+    pipeline["controlnets"] = names
+    pipeline["components"].update({name: name for name in names})
 
 
 def _contract_role(name: str) -> str:

@@ -80,9 +80,10 @@ def check_onnx(path: Path, component: Component, refs: list[Reference], precisio
         got = session.run([t.name for t in component.outputs()], feeds)
         for i, (spec, out, want) in enumerate(zip(component.outputs(), got, ref.outputs)):
             err = rel_l2(out, want)
-            bound = FP32_TOLERANCE if precision == "fp32" else FP16_FACTOR * ref.fp16_errors[i]
+            factor = getattr(component, "fp16_factor", FP16_FACTOR)
+            bound = FP32_TOLERANCE if precision == "fp32" else factor * ref.fp16_errors[i]
             line = (f"{component.name} {precision} {spec.name} at {ref.label()}: rel-L2 {err:.2e} "
-                    f"(bound {bound:.2e}{'' if precision == 'fp32' else f' = {FP16_FACTOR:g} × torch fp16'})")
+                    f"(bound {bound:.2e}{'' if precision == 'fp32' else f' = {factor:g} × torch fp16'})")
             if not np.isfinite(err) or err > bound:
                 raise VerificationError(f"verification failed: {line}")
             lines.append(line)

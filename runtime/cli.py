@@ -107,7 +107,7 @@ def _cmd_export(args) -> int:
 
     report = export_engine_dir(args.model, args.out, refiner=args.refiner, vae=args.vae, components=args.components,
                                precision=args.precision, verify=args.verify, force=args.force,
-                               allow_pickle=args.allow_pickle)
+                               allow_pickle=args.allow_pickle, controlnets=args.controlnet)
     for line in report.verify_lines:
         print(line)
     print(report.summary())
@@ -234,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", required=True, help="engine directory to write")
     e.add_argument("--refiner", metavar="SRC", help="refiner weights to export beside the base")
     e.add_argument("--vae", metavar="SRC", help="replacement VAE (e.g. an fp16-safe one)")
+    e.add_argument("--controlnet", metavar="SRC", action="append",
+                   help="a ControlNet for the base model, once per net (controlnet_0, controlnet_1, … in this order): "
+                        "a diffusers ControlNetModel folder, a single-file ControlNet .safetensors, tiny:controlnet or "
+                        "random:controlnet; the base UNet is also exported as unet_control, which takes the residuals")
     e.add_argument("--components", nargs="+", metavar="NAME",
-                   help="subset of clip_l clip_g unet unet_refiner vae_decoder vae_encoder")
+                   help="subset of clip_l clip_g unet unet_refiner vae_decoder vae_encoder (with --controlnet: "
+                        "controlnet, unet_control)")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp16",
                    help="fp32: model.onnx only; fp16 (default): model.onnx and model.fp16.onnx for GPU backends")
     e.add_argument("--verify", action="store_true",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -255,6 +256,9 @@ CONTRACT_IO = {
     "unet_refiner": (UNET_INPUTS, ("noise_pred",)),
     "vae_decoder": (("latent",), ("image",)),
     "vae_encoder": (("image",), ("latent_mean", "latent_logvar")),
+    # the residuals are down_block_0 … and mid_block (their number follows the UNet's levels)
+    "controlnet": ((*UNET_INPUTS, "controlnet_cond", "conditioning_scale"), ("mid_block",)),
+    "unet_control": ((*UNET_INPUTS, "mid_block"), ("noise_pred",)),
 }
 PRECISIONS = ("fp32", "fp16", "bf16")  # exported fp32 (the reference) and fp16; bf16 derived by `build`
 TENSOR_DTYPES = ("float", "float32", "int32")  # backends.DTYPES: "float" is the file's precision
@@ -404,9 +408,12 @@ class _Schema:
             self.need(isinstance(pipeline, dict), field, pipeline, "a JSON object")
             for kind, name in self.table(pipeline, "components", f"{field}.components").items():
                 where = f"{field}.components.{kind}"
-                self.need(kind in (*TOKENIZERS, "unet", "vae_decoder", "vae_encoder"), f"{field}.components",
-                          kind, "clip_l, clip_g, unet, vae_decoder, vae_encoder")
+                controlnet = role == "base" and re.fullmatch(r"controlnet_\d+", kind) is not None
+                self.need(kind in (*TOKENIZERS, "unet", "vae_decoder", "vae_encoder") or controlnet
+                          or (role == "base" and kind == "unet_control"), f"{field}.components", kind,
+                          "clip_l, clip_g, unet, vae_decoder, vae_encoder (the base also unet_control, controlnet_<i>)")
                 contract = ("unet" if role == "base" else "unet_refiner") if kind == "unet" else kind
+                contract = "controlnet" if controlnet else contract
                 self.need(isinstance(name, str) and name in components and components[name]["contract"] == contract,
                           where, name,
                           f"the name of an exported {contract} (this directory has "
@@ -416,6 +423,10 @@ class _Schema:
             for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
                 value = pipeline.get(key, MISSING)
                 self.need(isinstance(value, bool), f"{field}.{key}", value, "true or false")
+            nets = pipeline.get("controlnets", [])
+            self.need(isinstance(nets, list) and all(isinstance(n, str) and n in pipeline["components"] for n in nets)
+                      and (not nets or "unet_control" in pipeline["components"]), f"{field}.controlnets", nets,
+                      "a list of the pipeline's controlnet_<i> components, with its unet_control")
             channels = pipeline.get("unet_in_channels", MISSING)
             self.need(channels in UNET_IN_CHANNELS and _whole(channels), f"{field}.unet_in_channels", channels,
                       " or ".join(map(str, UNET_IN_CHANNELS)))
