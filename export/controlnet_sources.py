@@ -103,6 +103,7 @@ def _builtin(src: ControlNetSpec, index: int, base_unet_config: dict):
     from diffusers import ControlNetModel
 
     family = json.loads((CONFIGS / BUILTIN[src.spec] / "unet" / "config.json").read_text())
+    _check_fits(src.spec, _config_from_unet(family), base_unet_config)  # before building a full-size net for nothing
     old = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + index)

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import device_loop
 from .backends import BACKENDS, VAE_FP16_ADVICE, non_finite, used_files
+from .controlnet import Control, control_residuals, prepare_control
 from .tiling import decode_tiled
 from .errors import UserError
 from .images import default_size, load_image, mask_to_array, to_model_input, to_pil, to_uint8
@@ -202,6 +203,7 @@ class Pipeline:
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
     load_timings: dict = {}  # seconds `load` took: checking the files, starting the backend (and `prepare`: sessions)
     _preparing = None  # (when, futures) of sessions being made in the background (prepare with wait=False)
+    _said_control_host_loop = False  # the ControlNet host-loop warning, once per pipeline
 
     def __init__(self, manifest, backend):
         self.manifest = manifest
@@ -385,13 +387,20 @@ class Pipeline:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def _denoise(self, role: str, latents: np.ndarray, sampler, evals: range, cond, guidance_scale: float,
-                 guidance_rescale: float, rngs, progress: bool, inpaint: Inpainting | None = None) -> np.ndarray:
+                 guidance_rescale: float, rngs, progress: bool, inpaint: Inpainting | None = None,
+                 control: Control | None = None) -> np.ndarray:
         from tqdm.auto import tqdm
 
         embeds, pooled, time_ids = cond
         guidance = guidance_scale > 1.0
         self._wait_prepared()  # nothing else may allocate on the GPU while the loop captures a CUDA graph
         on_device = self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None)
+        if on_device and control is not None:
+            on_device = False
+            if not self._said_control_host_loop:
+                self._said_control_host_loop = True
+                log.warning("ControlNet runs on the host loop (the device loop and its CUDA graphs do not take it "
+                            "yet): each step is two ONNX Runtime calls or more from the host")
         if not on_device and len(getattr(self.backend, "devices", ())) > 1:
             log.warning("this request runs on GPU %d alone (%s): the loop across GPUs takes the samplers with a GPU "
                         "kernel, without inpainting or guidance rescale", self.backend.devices[0],
@@ -405,7 +414,8 @@ class Pipeline:
                     noise[i] = draw(rngs, latents.shape[1:])
             return self.backend.device_loop.denoise(self.roles[role]["components"]["unet"], latents, sampler, evals,
                                                     cond, guidance_scale, noise)
-        unet = self.backend.session(self.roles[role]["components"]["unet"])
+        names = self.roles[role]["components"]
+        unet = self.backend.session(names["unet_control"] if control is not None else names["unet"])
         for i in tqdm(evals, desc=role, disable=not progress, leave=False):
             x = np.concatenate([latents, latents]) if guidance else latents
             x = sampler.scale_model_input(x, i)
@@ -413,8 +423,13 @@ class Pipeline:
                 extra = np.concatenate([inpaint.channels] * 2) if guidance else inpaint.channels
                 x = np.concatenate([x, extra], axis=1)
             t = np.full(x.shape[0], sampler.timesteps[i], dtype=np.float32)
+            extra_inputs = {}
+            if control is not None:
+                outputs = self.manifest.data["components"][control.nets[0]]["outputs"]
+                extra_inputs = control_residuals(self.backend, control, i, x, t, cond, guidance,
+                                                 sampler.scale_model_input(latents, i), outputs)
             noise_pred = unet.run(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled,
-                                  time_ids=time_ids)["noise_pred"].astype(np.float32)
+                                  time_ids=time_ids, **extra_inputs)["noise_pred"].astype(np.float32)
             if guidance:
                 uncond, text = np.split(noise_pred, 2)
                 noise_pred = uncond + guidance_scale * (text - uncond)
@@ -441,6 +456,9 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
                  long_prompt: str = "truncate", output_type: str = "pil", progress: bool = True,
+                 control_image=None, controlnet_conditioning_scale: float | Sequence[float] | None = None,
+                 control_guidance_start: float | Sequence[float] | None = None,
+                 control_guidance_end: float | Sequence[float] | None = None, guess_mode: bool = False,
                  names: dict | None = None) -> Result:
         """Text to image; image to image with `image` and `strength` (default 0.3); inpainting with
         `image` and `mask_image` (white = repaint; `strength` default 0.9999), for 4-channel UNets by blending the
@@ -451,6 +469,11 @@ class Pipeline:
         `denoising_end` alone stops the base early (with output_type "latent").
         `long_prompt` "truncate" cuts prompts at 77 tokens as diffusers does; "chunk" encodes 77-token windows
         and concatenates them along the UNet's context axis.
+        ControlNet (an engine directory exported with --controlnet): `control_image`, one image per ControlNet in
+        the directory's order (a single image for one), with `controlnet_conditioning_scale` (default 1.0),
+        `control_guidance_start` / `control_guidance_end` (default 0.0 / 1.0; a value or one per net) and
+        `guess_mode`, as diffusers' StableDiffusionXLControlNetPipeline (with `image` and `strength`: its Img2Img
+        variant); the refiner runs without ControlNet, as in diffusers (controlnet.py).
 
         As diffusers takes them: numbers may be numpy scalars; `image` and `mask_image` a PIL image, a numpy array
         (uint8, or float in [0, 1]) or a path; `generator` a numpy Generator, or a list of one seed or Generator per
@@ -509,6 +532,11 @@ class Pipeline:
         if refiner_start is not None:
             denoising_end = refiner_start
         role = self.main_role
+        control = prepare_control(self.roles.get("base", {}), self.manifest.data["components"], control_image,
+                                  controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                                  guess_mode, width, height, len(prompts) * num_images_per_prompt, names)
+        if control is not None and mask_image is not None:
+            raise UserError(f"{say('control_image')} and {say('mask_image')}: ControlNet inpainting is not supported")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -558,14 +586,16 @@ class Pipeline:
                 inpaint = self._inpainting(role, pixels, mask_to_array(mask_image, width, height), init, noise, rngs)
             stage_done(timings, "vae encode", t)
             t = time.perf_counter()
+        if control is not None:  # diffusers' guidance windows count the steps before denoising_end cuts them
+            control.first, control.steps = evals.start, len(evals)
         if denoising_end is not None:
             cutoff = self._cutoff(denoising_end)
             evals = range(evals.start, evals.start + int(np.sum(first.timesteps[evals.start:] >= cutoff)))
         latents = self._denoise(role, latents, first, evals, cond, guidance_scale, guidance_rescale, rngs, progress,
-                                inpaint)
+                                inpaint, control)
         self._require_finite([latents], "the denoising loop produced", self._components(role, "unet")[0])
         stage_done(timings, role, t)
-        self._release(*self._components(role, "unet", "vae_encoder"))
+        self._release(*self._components(role, "unet", "vae_encoder", "unet_control"), *(control.nets if control else ()))
 
         if refiner_start is not None or refine_strength is not None:
             t = time.perf_counter()

@@ -1,0 +1,204 @@
+"""ControlNet on the tiny models: the runtime (ONNX Runtime CPU) against diffusers' StableDiffusionXLControlNetPipeline
+and its Img2Img variant from the same initial latents — final latents within rel-L2 1e-3 (LATENT_TOL, as the other
+parity tests) for one ControlNet, for two with different scales and guidance windows, in guess mode, for img2img and
+with the refiner as second expert; each ControlNet must move the latents far more than that (a net whose residuals
+vanish would pass every parity test). The export's own check (--verify: every file against torch at two shapes,
+fp32 within 1e-4) runs in the fixture."""
+
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers_schedulers import scheduler_for  # noqa: E402
+from test_pipeline import LATENT_TOL, SEED, initial_latents, init_image, same_noise  # noqa: E402
+
+from sdxl_trt.export.controlnet_sources import load_controlnet, resolve_controlnet  # noqa: E402
+from sdxl_trt.export.verify import rel_l2  # noqa: E402
+from sdxl_trt.export.vocab import CONFIGS  # noqa: E402
+from sdxl_trt.runtime import Pipeline, UserError  # noqa: E402
+
+WIDTH, HEIGHT, STEPS = 96, 64, 8
+PROMPTS = ["a house by a lake", "a red bicycle"]
+
+
+@pytest.fixture(scope="module")
+def control_engine(tmp_path_factory):
+    from sdxl_trt.export.engine_dir import export_engine_dir
+
+    out = tmp_path_factory.mktemp("control") / "tiny"
+    report = export_engine_dir("tiny:base", out, refiner="tiny:refiner", controlnets=["tiny:controlnet"] * 2,
+                               verify=True, progress=False)
+    lines = [line for line in report.verify_lines if line.startswith("controlnet fp32")]
+    assert len(lines) == 2 * 10 * 2  # two nets × ten residuals × two shapes, each within 1e-4 of torch
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(control_engine):
+    return Pipeline.load(control_engine)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    config = json.loads((CONFIGS / "tiny-base" / "unet" / "config.json").read_text())
+    return [load_controlnet(resolve_controlnet("tiny:controlnet"), i, config) for i in range(2)]
+
+
+def control_images(count: int) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    # not the output size: both sides resize (Lanczos) to it
+    return [Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def reference_pipe(tiny_base, nets, cls=None):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from sdxl_trt.export.reference import diffusers_pipeline
+
+    base = diffusers_pipeline(tiny_base)
+    controlnet = nets[0] if len(nets) == 1 else diffusers.models.controlnets.MultiControlNetModel(nets)
+    return (cls or StableDiffusionXLControlNetPipeline).from_pipe(base, controlnet=controlnet)
+
+
+def theirs_latents(reference, sampler, **kwargs):
+    import diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img as cn_img2img
+
+    reference.scheduler = scheduler_for(sampler, reference.scheduler.config)
+    with same_noise(len(PROMPTS)), torch.inference_mode(), \
+            mock.patch.object(cn_img2img, "randn_tensor", diffusers.schedulers.scheduling_euler_discrete.randn_tensor):
+        return reference(output_type="latent", **kwargs).images.numpy()
+
+
+CASES = {
+    "one net": dict(nets=1, scale=0.7),
+    "two nets, windows": dict(nets=2, scale=[0.6, 1.1], start=[0.0, 0.3], end=[0.7, 1.0]),
+    "guess mode": dict(nets=1, scale=0.9, guess_mode=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_controlnet_matches_diffusers(pipe, tiny_base, nets, case):
+    c = CASES[case]
+    count = c["nets"]
+    images = control_images(count)
+    extra = dict(control_guidance_start=c.get("start", 0.0), control_guidance_end=c.get("end", 1.0),
+                 guess_mode=c.get("guess_mode", False))
+    latents = initial_latents(len(PROMPTS), WIDTH, HEIGHT)
+    if count == 1:  # a directory of two nets: the first alone is a directory of one
+        pipe = one_net(pipe)
+    ours = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=SEED, latents=latents,
+                output_type="latent", progress=False, control_image=images if count > 1 else images[0],
+                controlnet_conditioning_scale=c["scale"], **extra).array
+    theirs = theirs_latents(reference_pipe(tiny_base, nets[:count]), "euler", prompt=PROMPTS, height=HEIGHT,
+                            width=WIDTH, num_inference_steps=STEPS, latents=torch.from_numpy(latents),
+                            image=images if count > 1 else images[0], controlnet_conditioning_scale=c["scale"],
+                            **extra)
+    assert rel_l2(ours, theirs) <= LATENT_TOL
+    plain = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=SEED, latents=latents,
+                 output_type="latent", progress=False).array
+    assert rel_l2(ours, plain) > 30 * LATENT_TOL  # the ControlNet steers the image
+
+
+def one_net(pipe):
+    """The same pipeline with a directory that lists only controlnet_0 (no re-export)."""
+    import copy
+
+    single = copy.copy(pipe)
+    single.roles = copy.deepcopy(pipe.roles)
+    single.roles["base"]["controlnets"] = ["controlnet_0"]
+    return single
+
+
+def test_controlnet_img2img_matches_diffusers(pipe, tiny_base, nets):
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    image, control = init_image(WIDTH, HEIGHT), control_images(2)
+    kwargs = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_end=[1.0, 0.6])
+    ours = pipe(PROMPTS, image=image, strength=0.6, num_inference_steps=10, sampler="euler", seed=SEED,
+                output_type="latent", progress=False, control_image=control, **kwargs).array
+    reference = reference_pipe(tiny_base, nets, StableDiffusionXLControlNetImg2ImgPipeline)
+    theirs = theirs_latents(reference, "euler", prompt=PROMPTS, image=[image] * len(PROMPTS), control_image=control,
+                            strength=0.6, num_inference_steps=10, height=HEIGHT, width=WIDTH, **kwargs)
+    assert rel_l2(ours, theirs) <= LATENT_TOL
+
+
+def test_refiner_expert_runs_without_controlnet_as_diffusers(pipe, tiny_base, tiny_refiner, nets):
+    from sdxl_trt.export.reference import diffusers_pipeline
+
+    latents, control = initial_latents(len(PROMPTS), WIDTH, HEIGHT), control_images(2)
+    ours = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=10, seed=SEED, latents=latents,
+                refiner_start=0.7, output_type="latent", progress=False, control_image=control).array
+    mid = theirs_latents(reference_pipe(tiny_base, nets), "euler", prompt=PROMPTS, height=HEIGHT, width=WIDTH,
+                         num_inference_steps=10, latents=torch.from_numpy(latents), image=control, denoising_end=0.7)
+    refiner = diffusers_pipeline(tiny_refiner)
+    theirs = theirs_latents(refiner, "euler", prompt=PROMPTS, image=torch.from_numpy(mid), num_inference_steps=10,
+                            denoising_start=0.7)
+    assert rel_l2(ours, theirs) <= LATENT_TOL
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(control_image="IMAGES2", controlnet_conditioning_scale=float("nan")), "controlnet_conditioning_scale nan"),
+    (dict(control_image="IMAGES1"), "1 image for 2 ControlNets"),
+    (dict(control_image="IMAGES2", controlnet_conditioning_scale=[1.0, 1.0, 1.0]), "3 given for 2 ControlNets"),
+    (dict(control_image="IMAGES2", control_guidance_start=0.8, control_guidance_end=0.5), "must be below"),
+    (dict(control_image="IMAGES2", control_guidance_end=1.5), "control_guidance_end"),
+    (dict(control_image=["/nowhere/edges.png", "/nowhere/depth.png"]), "/nowhere/edges.png"),
+    (dict(controlnet_conditioning_scale=0.5), "goes with control_image"),
+    (dict(control_image="IMAGES2", mask_image="MASK"), "ControlNet inpainting is not supported"),
+])
+def test_bad_control_input_is_one_clear_error(pipe, kwargs, says):
+    from PIL import Image
+
+    kwargs = {k: (control_images(int(v[-1])) if isinstance(v, str) and v.startswith("IMAGES") else
+                  Image.new("L", (WIDTH, HEIGHT)) if v == "MASK" else v) for k, v in kwargs.items()}
+    if "mask_image" in kwargs:
+        kwargs["image"] = init_image(WIDTH, HEIGHT)
+    with pytest.raises(UserError, match=None) as err:
+        pipe("a cat", height=HEIGHT, width=WIDTH, num_inference_steps=2, progress=False, **kwargs)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_control_image_on_a_directory_without_controlnet(tiny_engine):
+    with pytest.raises(UserError, match="this engine directory has no ControlNet; export one"):
+        Pipeline.load(tiny_engine)("a cat", height=64, width=64, num_inference_steps=2, progress=False,
+                                   control_image=control_images(1)[0])
+
+
+def test_single_file_and_folder_controlnets_load_as_the_same_net(nets, tmp_path):
+    """A ControlNet saved as a diffusers folder and as its one .safetensors file loads with the same weights."""
+    from safetensors.torch import save_file
+
+    config = json.loads((CONFIGS / "tiny-base" / "unet" / "config.json").read_text())
+    nets[1].save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in nets[1].state_dict().items()}, tmp_path / "net.safetensors")
+    for spec in (tmp_path / "folder", tmp_path / "net.safetensors"):
+        loaded = load_controlnet(resolve_controlnet(str(spec)), 0, config)
+        want = nets[1].state_dict()
+        assert loaded.state_dict().keys() == want.keys()
+        assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("tiny:nothing", "no such file or folder"),
+    ("", "--controlnet is empty"),
+])
+def test_bad_controlnet_sources(spec, says):
+    with pytest.raises(UserError, match=says):
+        resolve_controlnet(spec)
+
+
+def test_controlnet_for_another_unet_is_refused(tmp_path):
+    from sdxl_trt.export.engine_dir import export_engine_dir
+
+    with pytest.raises(UserError, match="was made for another UNet: its block_out_channels"):
+        export_engine_dir("tiny:base", tmp_path / "x", controlnets=["random:controlnet"], precision="fp32",
+                          progress=False)
