@@ -343,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, help="how much of the schedule to run, (0, 1]: default 0.3 for img2img, "
                    "0.9999 for inpainting (diffusers' defaults)")
     g.add_argument("--mask", metavar="PNG", help="inpainting mask for --init-image, same size; white = repaint")
+    g.add_argument("--control", action="append", metavar="IMAGE[:SCALE]", help="a control image for the directory's "
+                   "ControlNets (export --controlnet), once per ControlNet in their order, with its conditioning "
+                   "scale (default 1); resized to the output size")
+    g.add_argument("--control-start", metavar="F[,F…]", help="fraction of the steps where each ControlNet starts "
+                   "(default 0; one value, or one per ControlNet)")
+    g.add_argument("--control-end", metavar="F[,F…]", help="fraction of the steps where each ControlNet stops "
+                   "(default 1)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (diffusers'): the nets see the "
+                   "prompt's half of the guidance batch only, their residuals ramped from 0.1 to 1")
     g.add_argument("--long-prompt", choices=["truncate", "chunk"], default="truncate",
                    help="prompts over 77 tokens: truncate (as diffusers) or chunk into 77-token windows")
     g.add_argument("--latents", metavar="NPY", help="initial noise [N,4,h,w] float32, as diffusers' `latents`")

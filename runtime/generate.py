@@ -11,7 +11,7 @@ from .errors import UserError
 from .fileio import atomic_file, check_writable
 from .images import load_image, write_png
 from .metadata import file_sha256, generation_record, model_hash
-from .validate import CLI_NAMES, parse_size, positive_int, resident_options
+from .validate import CLI_NAMES, parse_controls, parse_fractions, parse_size, positive_int, resident_options
 
 log = logging.getLogger("sdxl_trt")
 
@@ -133,6 +133,14 @@ def generate(args) -> list[Path]:
     check_writable(planned[0], f"--out {str(planned[0])!r}" if args.out else "the working folder (no --out)")
     image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
+    control_paths, control_scales = parse_controls(getattr(args, "control", None))
+    controls = [load_image(path, "--control") for path in control_paths]
+    control = dict(control_image=controls or None, controlnet_conditioning_scale=control_scales or None,
+                   control_guidance_start=parse_fractions(getattr(args, "control_start", None), "--control-start"),
+                   control_guidance_end=parse_fractions(getattr(args, "control_end", None), "--control-end"),
+                   guess_mode=getattr(args, "guess_mode", False))
+    if len(controls) == 1:  # one net: the values, not lists of one
+        control["control_image"], control["controlnet_conditioning_scale"] = controls[0], control_scales[0]
     from .lora import as_adapters
     from .manifest import work_for
     from .pipeline import Pipeline
@@ -142,8 +150,8 @@ def generate(args) -> list[Path]:
                     refiner=args.refiner_start is not None or args.refine_strength is not None)
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
                          loras=args.lora, work=work, **resident)
-    if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,
-        # in the background while the prompts are encoded
+    if image is None and not controls and args.long_prompt == "truncate":  # the shapes the call runs at are known:
+        # make them now, in the background while the prompts are encoded
         pipe.prepare(width, height, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
                      refiner=args.refiner_start is not None, wait=False)
     if record is not None and record["model_hash"] != model_hash(pipe, pipe.main_role):
@@ -156,7 +164,7 @@ def generate(args) -> list[Path]:
                 refine_strength=args.refine_strength, long_prompt=args.long_prompt)
     result = pipe(prompts, args.negative or None, height=height, width=width, num_images_per_prompt=args.batch,
                   seed=args.seed, latents=latents, image=image, mask_image=mask,
-                  output_type="latent" if args.output_type == "latent" else "pil", names=CLI_NAMES, **call)
+                  output_type="latent" if args.output_type == "latent" else "pil", names=CLI_NAMES, **call, **control)
     paths = output_paths(args.out, result.seeds[0], len(result.seeds), suffix)
     if args.seed is None:
         print(seeds_line(result.seeds))

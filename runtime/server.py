@@ -4,7 +4,9 @@
                                   b64_json, output_format) plus what `sdxl-trt generate` takes: negative_prompt,
                                   steps, guidance, guidance_rescale, sampler, spacing, seed, refiner_start or
                                   refine_strength, init_image (base64 PNG/JPEG) with strength and mask (inpainting),
-                                  long_prompt, lora ([{"name", "scale"}]: adapters from --lora-dir)
+                                  long_prompt, lora ([{"name", "scale"}]: adapters from --lora-dir),
+                                  control_images (base64, one per ControlNet) with controlnet_conditioning_scale,
+                                  control_guidance_start / _end and guess_mode
                                   → {"created", "data": [{"b64_json", "seed"}], "timings"}; PNGs carry what made
                                   them as generate's do (metadata.py), output_format "latent" gives .npy files
     GET  /health                  200 once the engines are loaded and warmed up, 503 before
@@ -47,6 +49,9 @@ HTTP_NAMES = {
     "image": "init_image", "mask_image": "mask", "strength": "strength", "refiner_start": "refiner_start",
     "refine_strength": "refine_strength", "long_prompt": "long_prompt", "output_type": "output_format",
     "loras": "lora", "low_memory": "the server's --low-memory", "backend": "the server's --backend",
+    "control_image": "control_images", "controlnet_conditioning_scale": "controlnet_conditioning_scale",
+    "control_guidance_start": "control_guidance_start", "control_guidance_end": "control_guidance_end",
+    "guess_mode": "guess_mode",
 }
 
 
@@ -74,6 +79,7 @@ class Job:
     image: object = None  # PIL image (img2img): runs alone
     mask: object = None  # PIL image, grey (inpainting, with image)
     inputs: dict = field(default_factory=dict)  # {"init_image"/"mask": {"sha256"}}: what the PNGs' record keeps
+    control: dict = field(default_factory=dict)  # the pipeline's ControlNet arguments (control images: runs alone)
     loras: tuple = ()  # lora.Adapter: applied to the pipeline before the call (jobs with other adapters wait)
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -81,7 +87,7 @@ class Job:
     @property
     def key(self) -> tuple | None:
         """Requests with equal keys share a call; None: alone."""
-        if self.image is not None:
+        if self.image is not None or self.control.get("control_image") is not None:
             return None
         return self.loras, tuple(sorted(self.kwargs.items()))
 
@@ -227,7 +233,8 @@ class Batcher:
         if tuple(first.loras) != tuple(getattr(self.pipe, "loras", ())):  # merged weights cached: switching back is cheap
             self.pipe.set_loras(first.loras, HTTP_NAMES)
         return self.pipe(prompts, negatives if any(j.negative for j in batch) else None, seed=seeds,
-                         image=first.image, mask_image=first.mask, progress=False, names=HTTP_NAMES, **first.kwargs)
+                         image=first.image, mask_image=first.mask, progress=False, names=HTTP_NAMES, **first.kwargs,
+                         **first.control)
 
     def _answer(self, batch: list[Job], outcomes: list) -> None:
         """Each job its images (its slice of the Result it shared) or its exception; metrics once per pipeline call."""
@@ -355,6 +362,12 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         long_prompt: Literal["truncate", "chunk"] = "truncate"
         output_format: Literal["png", "latent"] = "png"
         lora: list[LoraChoice] | None = None
+        # ControlNet (a directory exported with --controlnet): one base64 image per net, in the directory's order
+        control_images: list[str] | None = None
+        controlnet_conditioning_scale: float | list[float] | None = None
+        control_guidance_start: float | list[float] | None = None
+        control_guidance_end: float | list[float] | None = None
+        guess_mode: bool = False
 
     def error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
         metrics.requests.labels(str(status)).inc()
@@ -513,8 +526,12 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
                                 f"{image.size[0]}x{image.size[1]}: they must be the same size")
         if body.sampler not in SAMPLERS:
             raise UserError(f"sampler {body.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        control = {"control_image": None if body.control_images is None else
+                   [decode_image(data, f"control_images[{k}]")[0] for k, data in enumerate(body.control_images)],
+                   **{k: getattr(body, k) for k in ("controlnet_conditioning_scale", "control_guidance_start",
+                                                    "control_guidance_end", "guess_mode")}}
         return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image,
-                   mask=mask, inputs=inputs, loras=request_loras(body.lora or []))
+                   mask=mask, inputs=inputs, loras=request_loras(body.lora or []), control=control)
 
     def check_refiner(body) -> None:
         """The refiner's two uses, checked before the request waits in the queue."""

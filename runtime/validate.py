@@ -36,6 +36,8 @@ CLI_NAMES = {
     "refiner_start": "--refiner-start", "refine_strength": "--refine-strength", "long_prompt": "--long-prompt",
     "output_type": "--output-type", "loras": "--lora", "low_memory": "--low-memory", "buckets": "--buckets",
     "max_device_memory": "--max-device-memory", "backend": "--backend", "generator": "--seed",
+    "control_image": "--control", "controlnet_conditioning_scale": "--control IMAGE:SCALE",
+    "control_guidance_start": "--control-start", "control_guidance_end": "--control-end", "guess_mode": "--guess-mode",
 }
 
 
@@ -175,3 +177,31 @@ def shown(value) -> str:
     """A value as an error message quotes it: numpy scalars as the number they hold (1e+30, not np.float64(1e+30))."""
     number = as_number(value)
     return repr(value) if number is None or type(value) in (int, float) else repr(number)
+
+
+def parse_controls(values: list[str] | None) -> tuple[list[str], list[float]]:
+    """`--control IMAGE[:SCALE]` values → (image paths, scales); a suffix that is not a number stays in the path."""
+    paths, scales = [], []
+    for value in values or []:
+        path, sep, tail = value.rpartition(":")
+        try:
+            scale = float(tail) if sep and path else None
+        except ValueError:
+            scale = None
+        if scale is None:
+            path, scale = value, 1.0
+        elif not math.isfinite(scale):
+            raise UserError(f"--control {value!r}: the scale must be a finite number")
+        paths.append(path)
+        scales.append(scale)
+    return paths, scales
+
+
+def parse_fractions(value: str | None, flag: str) -> list[float] | None:
+    """`--control-start 0,0.3` → [0.0, 0.3] (checked later, against the ControlNets: validate.finite)."""
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {value!r}: expected fractions like 0.2 or 0,0.3 (one per ControlNet)") from None
