@@ -9,8 +9,9 @@ SRC is one of
   - `tiny:controlnet` / `random:controlnet`: the ControlNet architecture of the tiny / full-size base UNet
     (diffusers' `ControlNetModel.from_unet`) with random weights; the i-th `--controlnet` is seeded 6 + i, so
     the same built-in given twice makes two different nets. Their zero convolutions are initialised like any
-    other convolution (a real ControlNet's are trained away from zero): a net whose residuals are all zero would
-    test nothing.
+    other convolution (a real ControlNet's are trained away from zero), and the control image's embedding
+    variance-preserving (He): with default inits its 8 convolutions shrink the image to ~1e-3 of the latents'
+    features, and a test could not tell one control image from another.
 
 Every ControlNet must fit the base UNet it steers: the same levels, channels and context width (checked).
 """
@@ -112,8 +113,12 @@ def _builtin(src: ControlNetSpec, index: int, base_unet_config: dict):
             net = ControlNetModel.from_config(_config_from_unet(family))
         finally:
             torch.set_default_dtype(old)
-        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block):
             conv.reset_parameters()  # diffusers starts these at zero
+        for conv in net.controlnet_cond_embedding.modules():  # variance-preserving, so that the image counts
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(conv.bias)
     return net
 
 

@@ -41,7 +41,8 @@ from .fuse_attention import drop_dead_nodes, import_ms_domain
 from .onnx_export import has_external_data, model_files, write_model
 
 TARGETS = ("cuda",)
-MODEL_TYPES = {"unet": "unet", "unet_refiner": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+MODEL_TYPES = {"unet": "unet", "unet_refiner": "unet", "unet_control": "unet", "controlnet": "unet",
+               "vae_decoder": "vae", "vae_encoder": "vae",
                "clip_l": "clip", "clip_g": "clip"}  # by contract
 FILE_NAMES = {"cuda": "model.cuda.fp16.onnx"}
 FUSED_OPS = ("MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization", "BiasSplitGelu", "GroupNorm",

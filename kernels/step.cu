@@ -126,6 +126,10 @@ __global__ void widen_f32(const float* in, float* out, size64 n) { FOR_EACH(i, n
 // Twin: the numpy loop's `timestep` input, np.full(batch, sampler.timesteps[i]): row *step of a [steps, batch]
 // table, copied into the one buffer the UNet reads (a CUDA graph needs its input at a fixed address).
 __global__ void select_timestep(const float* table, float* out, const int* step, int batch) { FOR_EACH(i, (size64)batch) out[i] = table[(size64)*step * batch + i]; }
+// Twin: the sum of several ControlNets' residuals (diffusers' MultiControlNetModel adds them in the model's dtype):
+// dst += src, computed in fp32 and stored in the residuals' dtype.
+__global__ void accumulate_f16(half_t* dst, const half_t* src, size64 n) { FOR_EACH(i, n) store(dst, i, load(dst, i) + load(src, i)); }
+__global__ void accumulate_f32(float* dst, const float* src, size64 n) { FOR_EACH(i, n) dst[i] = dst[i] + src[i]; }
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }

@@ -23,4 +23,8 @@ def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
             symbols.setdefault(big, symbols[small] * 8)
         if big in symbols:
             symbols.setdefault(small, symbols[big] // 8)
+    for side in ("h", "w"):  # the UNet's down-sampled levels (ControlNet residuals), rounded up as a stride-2 conv
+        if side in symbols:
+            for k in (2, 4, 8):
+                symbols.setdefault(f"{side}/{k}", -(-symbols[side] // k))
     return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}

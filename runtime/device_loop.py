@@ -23,6 +23,11 @@ The kernels (kernels/step.cu) compute exactly what the numpy loop of pipeline.py
 in advance on the host from each image's own generator in the order the numpy loop draws it, so the streams are
 the CPU runtime's. Not here: inpainting, guidance rescale, heun / dpmpp_sde_karras / tcd (the pipeline keeps its
 numpy loop for those).
+
+ControlNets (`control`): each step runs every ControlNet after the timestep selection and before the UNet, on the
+UNet's own input buffers, its conditioning scale for the step picked from a per-step table by the same kernel as the
+timestep, the residuals summed by the `accumulate` kernel into the buffers the UNet that takes them reads; a net
+outside its guidance window runs with zero scales (as diffusers runs it), so every step queues the same work.
 """
 
 from __future__ import annotations
@@ -83,6 +88,20 @@ def _close_binding(shape: _Shape) -> None:
         shape.binding[0].close()
 
 
+@dataclass
+class _Net:
+    """One ControlNet bound for a pass: its session and shape, its per-step scale table and the buffer its
+    `conditioning_scale` input reads, and the (dst, src, dtype, count) additions that sum its residuals into the
+    first net's (none for the first)."""
+
+    session: object
+    shape: _Shape
+    scales: int
+    scale: int
+    residuals: int
+    sums: list
+
+
 class Pass:
     """One denoising call set up on a device (DeviceLoop.begin): each step is `model()` (the input scaling, the
     timestep, the UNet) then `update()` (guidance, the sampler's step, the step counter), both queued on the backend's
@@ -95,12 +114,18 @@ class Pass:
         self.a = a
         self.half_bytes = half_bytes  # bytes of one UNet run's prediction
         self.prediction = a["pred"]  # the [2N] (guided) or [N] prediction the update reads
+        self.nets: list[_Net] = []  # ControlNets run before the UNet each step (begin's `control`)
 
     def model(self) -> None:
         """The step's UNet evaluation (with ONNX Runtime's graph of this shape in "step" mode)."""
         a, k = self.a, self.loop.kernels
         k.scale_input(a["x"], a["sample"], a["sample_dtype"], a["coefficients"], a["step"], a["n"], a["copies"])
         k.select_timestep(a["timesteps"], a["timestep"], a["step"], a["batch"])
+        for net in self.nets:  # ControlNets: their residuals summed into the buffers the UNet reads
+            k.select_timestep(net.scales, net.scale, a["step"], net.residuals)
+            net.session.run_bound(net.shape.binding[0], net.shape.graph_id if self.mode == "step" else -1)
+            for dst, src, dtype, count in net.sums:
+                k.accumulate(dst, src, dtype, count)
         graph_id = self.shape.graph_id if self.mode == "step" else -1
         self.session.run_bound(self.shape.binding[0], graph_id)
 
@@ -148,13 +173,16 @@ class DeviceLoop:
 
     @_on_backend_device
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
-                noise: np.ndarray | None = None) -> np.ndarray:
+                noise: np.ndarray | None = None, control=None) -> np.ndarray:
         """`evals` of `sampler` from `latents` [N,4,h,w] fp32 with cond = (context, pooled, time_ids) as the numpy
-        loop takes them (negatives first under guidance); `noise`: [n_evals, N,4,h,w] for samplers that draw it."""
-        run = self.begin(unet, latents, sampler, evals, cond, guidance_scale, noise)
+        loop takes them (negatives first under guidance); `noise`: [n_evals, N,4,h,w] for samplers that draw it;
+        `control`: ControlNets (controlnet.Control) run before the UNet at each step, `unet` then the UNet that
+        takes their residuals."""
+        run = self.begin(unet, latents, sampler, evals, cond, guidance_scale, noise, control=control)
         mode = run.mode
         loop_key = (sampler.name, sampler.prediction_type, len(sampler.timesteps), evals.start, len(evals),
-                    guidance_scale, noise is not None)
+                    guidance_scale, noise is not None,
+                    None if control is None else (tuple(control.nets), control.guess_mode))
         shape, stream = run.shape, self.backend.stream
         if mode == "loop" and loop_key in shape.loops:
             shape.loops[loop_key][0].launch(stream)
@@ -169,21 +197,29 @@ class DeviceLoop:
         return run.result()
 
     def begin(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
-              noise: np.ndarray | None = None, half: tuple[int, int] | None = None) -> Pass:
+              noise: np.ndarray | None = None, half: tuple[int, int] | None = None, control=None) -> Pass:
         """Everything `denoise` needs on the device for one call (inputs uploaded, buffers bound), as a Pass whose
         `model()` and `update()` queue one step's two parts. `half` = (k, 2): guidance split across two devices
         (parallel_loop.py): `cond` holds only this device's half of the guidance batch (k 0: the negatives, 1: the
         prompts), the UNet runs on those N rows and writes its half of the [2N] prediction; the other half is copied
-        in from the other device between `model()` and `update()` (Pass.prediction says where)."""
+        in from the other device between `model()` and `update()` (Pass.prediction says where). `control`
+        (controlnet.Control, one device only): `unet` is the UNet that takes residuals, and each step runs the
+        ControlNets first (see `_bind_nets`)."""
         embeds, pooled, time_ids = cond
         guided = guidance_scale > 1.0
         copies = 2 if guided and half is None else 1
         n = latents.size
         batch = copies * latents.shape[0]
         sample_shape = (batch, *latents.shape[1:])
-        session = self.backend.loop_session(unet, {"sample": sample_shape, "timestep": (batch,),
-                                                   "encoder_hidden_states": embeds.shape,
-                                                   "text_embeds": pooled.shape, "time_ids": time_ids.shape})
+        unet_shapes = {"sample": sample_shape, "timestep": (batch,), "encoder_hidden_states": embeds.shape,
+                       "text_embeds": pooled.shape, "time_ids": time_ids.shape}
+        residual_shapes = {}
+        if control is not None:
+            net_entry = self.backend.manifest.data["components"][control.nets[0]]
+            residual_shapes = output_shapes(net_entry, {**unet_shapes, "controlnet_cond": control.images[0].shape,
+                                                        "conditioning_scale": (control.residuals,)})
+            residual_shapes = {name: (batch, *dims[1:]) for name, dims in residual_shapes.items()}
+        session = self.backend.loop_session(unet, {**unet_shapes, **residual_shapes})
         sample_dtype = session.dtype("sample")
         out_dtype = session.output_dtypes["noise_pred"]
         shape = self._shape((unet, sample_shape, embeds.shape, pooled.shape, time_ids.shape, half))
@@ -212,7 +248,9 @@ class DeviceLoop:
         prev = empty("prev", n * 4)
         noise_ptr = put("noise", noise.astype(np.float32)) if noise is not None else 0
         shapes = {"encoder_hidden_states": embeds.shape, "text_embeds": pooled.shape, "time_ids": time_ids.shape,
-                  "timestep": (batch,), "sample": sample_shape}
+                  "timestep": (batch,), "sample": sample_shape, **residual_shapes}
+        for name, dims in residual_shapes.items():
+            inputs[name] = empty(f"residual {name}", int(np.prod(dims)) * np.dtype(session.dtype(name)).itemsize)
         own = pred + (half[0] * half_bytes if half else 0)  # where this device's UNet writes its prediction
         if self._bind(shape, session, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
                       {"noise_pred": (own, sample_shape, out_dtype)}):
@@ -222,11 +260,76 @@ class DeviceLoop:
         # ONNX Runtime's graph of this shape ("step"), or plain runs. Graphs need a session on an optimized file, which
         # ONNX Runtime accepted for CUDA graphs (every compute node on the GPU: no host copies inside a run)
         mode = self.backend.cuda_graphs if session.cuda_graph else "off"
-        return Pass(self, shape, session, mode, latents.shape, dict(
+        nets = []
+        if control is not None:
+            nets = self._bind_nets(control, sampler, shape, inputs, shapes, session, guided, latents.shape[0])
+            mode = mode if all(net.session.cuda_graph for net in nets) else "off"
+        run = Pass(self, shape, session, mode, latents.shape, dict(
             x=x, sample=inputs["sample"], sample_dtype=sample_dtype, coefficients=coefficients, step=step,
             timesteps=timesteps, timestep=inputs["timestep"], pred=pred, out_dtype=out_dtype, eps=eps, prev=prev,
             noise=noise_ptr, n=n, copies=copies, batch=batch, guided=guided, guidance=guidance_scale,
             sampler=sampler.name, prediction_type=sampler.prediction_type), half_bytes)
+        run.nets = nets
+        return run
+
+    def _bind_nets(self, control, sampler: Sampler, unet_shape: _Shape, inputs: dict, shapes: dict, unet_session,
+                   guided: bool, images: int) -> list[_Net]:
+        """Bind each ControlNet to the pass's buffers: it reads the UNet's scaled sample, timestep and conditioning
+        where the UNet reads them (in guess mode under guidance only the prompt's half: the second N rows), its
+        control image and its scale row of the step (a [steps, R] table: controlnet.Control.scale_vector at every
+        step of the schedule), and writes its residuals into the UNet's residual inputs (the first net; in guess
+        mode into their second half, the first staying zero) or into buffers of its own that are then added."""
+        stream = self.backend.stream
+        half = guided and control.guess_mode
+        batch = shapes["sample"][0]
+        rows = images if half else batch
+        skip = batch - rows  # the rows of the guidance batch the nets do not see (guess mode: the negatives)
+        residual_names = [name for name in shapes if name.startswith(("down_block_", "mid_block"))]
+        nets = []
+        for k, name in enumerate(control.nets):
+            image = control.images[k] if not guided or half else np.concatenate([control.images[k]] * 2)
+            net_shapes = {key: (rows, *shapes[key][1:]) for key in
+                          ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")}
+            net_shapes.update(controlnet_cond=image.shape, conditioning_scale=(control.residuals,))
+            session = self.backend.loop_session(name, net_shapes)
+            net = self._shape((name, tuple(net_shapes.items())))
+            pool = net.buffers
+            table = np.stack([control.scale_vector(k, i) for i in range(len(sampler.timesteps))]).astype(np.float32)
+            scales = pool.put("scales", table, stream)
+            scale = pool.reserve("scale", control.residuals * 4).ptr
+            cond = pool.put("controlnet_cond", np.ascontiguousarray(image, session.dtype("controlnet_cond")), stream)
+            feeds = {"controlnet_cond": (cond, image.shape, session.dtype("controlnet_cond")),
+                     "conditioning_scale": (scale, (control.residuals,), np.float32)}
+            for key in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"):
+                dtype = np.dtype(unet_session.dtype(key))
+                if np.dtype(session.dtype(key)) != dtype:
+                    raise ValueError(f"{name} takes {key} as {np.dtype(session.dtype(key))}, the UNet as {dtype}")
+                row = int(np.prod(shapes[key][1:])) * dtype.itemsize
+                feeds[key] = (inputs[key] + skip * row, net_shapes[key], dtype)
+            outputs, sums = {}, []
+            for res in residual_names:
+                dtype = np.dtype(unet_session.dtype(res))
+                if np.dtype(session.output_dtypes[res]) != dtype:
+                    raise ValueError(f"{name} writes {res} as {np.dtype(session.output_dtypes[res])}, the UNet reads "
+                                     f"{dtype}")
+                dims = (rows, *shapes[res][1:])
+                count = int(np.prod(dims))
+                target = inputs[res] + skip * (count // rows) * dtype.itemsize
+                if k == 0:
+                    outputs[res] = (target, dims, dtype)
+                    if skip:  # the negatives' residuals: zero, written once
+                        unet_shape.buffers[f"residual {res}"].upload(np.zeros(skip * count // rows, dtype), stream)
+                else:
+                    own = pool.reserve(res, count * dtype.itemsize).ptr
+                    outputs[res] = (own, dims, dtype)
+                    sums.append((target, own, dtype, count))
+            if self._bind(net, session, feeds, outputs, also=tuple(sorted((key, v[0]) for key, v in
+                                                                      {**feeds, **outputs}.items()))):
+                for graph, _ in unet_shape.loops.values():  # a whole loop captured with the old binding
+                    graph.close()
+                unet_shape.loops.clear()
+            nets.append(_Net(session, net, scales, scale, control.residuals, sums))
+        return nets
 
     @_on_backend_device
     def decode(self, vae: str, latents: np.ndarray, scaling_factor: float, shift: float) -> np.ndarray:
@@ -297,10 +400,12 @@ class DeviceLoop:
         return self._shapes[key]
 
     @staticmethod
-    def _bind(shape: _Shape, session, inputs: dict, outputs: dict) -> bool:
+    def _bind(shape: _Shape, session, inputs: dict, outputs: dict, also: tuple = ()) -> bool:
         """Bind `session` to `shape`'s device buffers ({name: (address, shape, dtype)}, every buffer reserved), unless
-        the binding kept is for these addresses and this session already; True when it was made again."""
+        the binding kept is for these addresses and this session already; True when it was made again. `also`: more
+        that the binding depends on (a ControlNet's: the addresses in the UNet's buffers it reads and writes)."""
         addresses = {name: buffer.ptr for name, buffer in shape.buffers.items()}
+        addresses[None] = also
         if shape.binding is not None and shape.binding[1] == addresses and shape.binding[2] is session:
             return False
         _close_binding(shape)

@@ -119,11 +119,18 @@ class ParallelLoop:
         return sum(loop.graphs_held() for loop in self.loops)
 
     def denoise(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
-                noise: np.ndarray | None = None) -> np.ndarray:
-        """DeviceLoop.denoise's contract, spread over the GPUs (`split`)."""
+                noise: np.ndarray | None = None, control=None) -> np.ndarray:
+        """DeviceLoop.denoise's contract, spread over the GPUs (`split`); ControlNet calls run on the first GPU."""
         images, guided = latents.shape[0], guidance_scale > 1.0
-        plan = split(images, guided, len(self.loops))
+        plan = split(images, guided, len(self.loops)) if control is None else Split("one", (0,))
         self.last_split = plan
+        if control is not None:
+            self._warn_once("control", "ControlNet runs on GPU %d alone (the loop across GPUs does not take it yet)",
+                            self.devices[0])
+            with on_device(self.devices[0]):
+                out = self.primary.denoise(unet, latents, sampler, evals, cond, guidance_scale, noise, control)
+            self.last_run = self.primary.last_run
+            return out
         if plan.kind == "one":
             self._warn_once("one", "one image without guidance has nothing to split: it runs on GPU %d alone",
                             self.devices[0])

@@ -203,7 +203,6 @@ class Pipeline:
     vae_tile: int | None = None  # latent pixels per decode tile with low_memory (default: the model's size / 8)
     load_timings: dict = {}  # seconds `load` took: checking the files, starting the backend (and `prepare`: sessions)
     _preparing = None  # (when, futures) of sessions being made in the background (prepare with wait=False)
-    _said_control_host_loop = False  # the ControlNet host-loop warning, once per pipeline
 
     def __init__(self, manifest, backend):
         self.manifest = manifest
@@ -395,12 +394,7 @@ class Pipeline:
         guidance = guidance_scale > 1.0
         self._wait_prepared()  # nothing else may allocate on the GPU while the loop captures a CUDA graph
         on_device = self._on_device and device_loop.supported(sampler, guidance_rescale, inpaint is not None)
-        if on_device and control is not None:
-            on_device = False
-            if not self._said_control_host_loop:
-                self._said_control_host_loop = True
-                log.warning("ControlNet runs on the host loop (the device loop and its CUDA graphs do not take it "
-                            "yet): each step is two ONNX Runtime calls or more from the host")
+        names = self.roles[role]["components"]
         if not on_device and len(getattr(self.backend, "devices", ())) > 1:
             log.warning("this request runs on GPU %d alone (%s): the loop across GPUs takes the samplers with a GPU "
                         "kernel, without inpainting or guidance rescale", self.backend.devices[0],
@@ -412,9 +406,11 @@ class Pipeline:
                 noise = np.zeros((len(sampler.timesteps), *latents.shape), np.float32)
                 for i in evals:
                     noise[i] = draw(rngs, latents.shape[1:])
-            return self.backend.device_loop.denoise(self.roles[role]["components"]["unet"], latents, sampler, evals,
-                                                    cond, guidance_scale, noise)
-        names = self.roles[role]["components"]
+            if control is None:
+                return self.backend.device_loop.denoise(names["unet"], latents, sampler, evals, cond, guidance_scale,
+                                                        noise)
+            return self.backend.device_loop.denoise(names["unet_control"], latents, sampler, evals, cond,
+                                                    guidance_scale, noise, control=control)
         unet = self.backend.session(names["unet_control"] if control is not None else names["unet"])
         for i in tqdm(evals, desc=role, disable=not progress, leave=False):
             x = np.concatenate([latents, latents]) if guidance else latents

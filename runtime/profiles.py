@@ -30,7 +30,8 @@ ANY_SIZE = "any size"  # the one profile of a model without an image-size input
 DYNAMIC_PIXELS = (512, 1536)  # default range of the dynamic profile, in pixels along each side
 DYNAMIC_STEP = 64
 TOKENS = 77
-GUIDED = ("unet", "unet_refiner")  # contracts whose batch doubles under classifier-free guidance
+GUIDED = ("unet", "unet_refiner", "unet_control", "controlnet")  # contracts whose batch doubles under guidance
+LEVELS = (2, 4, 8)  # the UNet's down-sampled latent sizes (ControlNet residuals): `h/2`, `w/4`, … rounded up
 TEXT = ("clip_l", "clip_g")
 
 
@@ -73,11 +74,19 @@ class Profile:
         """Each symbolic dimension's (min, opt, max) for a component."""
         (w0, h0), (w1, h1), (w2, h2) = self.min, self.opt, self.max
         f = VAE_FACTOR
-        return {"B": self.batch(contract), "S": tuple(TOKENS * k for k in self.windows),
+        dims = {"B": self.batch(contract), "S": tuple(TOKENS * k for k in self.windows),
                 "H": (h0, h1, h2), "W": (w0, w1, w2), "h": (h0 // f, h1 // f, h2 // f), "w": (w0 // f, w1 // f, w2 // f)}
+        for k in LEVELS:
+            for side in ("h", "w"):
+                dims[f"{side}/{k}"] = tuple(-(-x // k) for x in dims[side])
+        return dims
 
     def steps(self) -> dict[str, int]:
-        return {"H": self.step, "W": self.step, "h": self.step // VAE_FACTOR, "w": self.step // VAE_FACTOR}
+        latent = self.step // VAE_FACTOR
+        steps = {"H": self.step, "W": self.step, "h": latent, "w": latent}
+        for k in LEVELS:
+            steps[f"h/{k}"] = steps[f"w/{k}"] = max(1, latent // k)
+        return steps
 
     def to_json(self) -> dict:
         return {"name": self.name, "label": self.label, "pixels": {"min": list(self.min), "opt": list(self.opt),

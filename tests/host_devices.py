@@ -53,6 +53,11 @@ class HostKernels:
         self._on_my_device()
         self._f32(out, n)[:] = view(int(pred), (n,), pred_dtype)
 
+    def accumulate(self, dst, src, dtype, n):
+        self._on_my_device()
+        out = view(int(dst), (n,), dtype)
+        out[:] = (out.astype(np.float32) + view(int(src), (n,), dtype).astype(np.float32)).astype(dtype)
+
     def sampler_step(self, sampler, x, model_output, coefficients, step, prediction_type, n, prev=0, noise=0):
         self._on_my_device()
         assert KERNEL_KINDS[sampler] in (0, 1) and prediction_type == "epsilon", "host twins: euler, euler_a"

@@ -52,11 +52,18 @@ def nets():
 
 
 def control_images(count: int) -> list:
-    from PIL import Image
+    """Edge-map-like control images (white shapes on black, each its own), not at the output size: both sides resize
+    them (Lanczos)."""
+    from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(7)
-    # not the output size: both sides resize (Lanczos) to it
-    return [Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)) for _ in range(count)]
+    images = []
+    for k in range(count):
+        image = Image.new("RGB", (120, 80))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((10 + 50 * k, 10, 60 + 50 * k, 70), outline=(255, 255, 255), width=4)
+        draw.ellipse((70 - 50 * k, 20, 110 - 50 * k, 60), fill=(255, 255, 255))
+        images.append(image)
+    return images
 
 
 def reference_pipe(tiny_base, nets, cls=None):
@@ -89,7 +96,7 @@ CASES = {
 def test_controlnet_matches_diffusers(pipe, tiny_base, nets, case):
     c = CASES[case]
     count = c["nets"]
-    images = control_images(count)
+    images = control_images(2)[:count]
     extra = dict(control_guidance_start=c.get("start", 0.0), control_guidance_end=c.get("end", 1.0),
                  guess_mode=c.get("guess_mode", False))
     latents = initial_latents(len(PROMPTS), WIDTH, HEIGHT)
@@ -106,6 +113,11 @@ def test_controlnet_matches_diffusers(pipe, tiny_base, nets, case):
     plain = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=SEED, latents=latents,
                  output_type="latent", progress=False).array
     assert rel_l2(ours, plain) > 30 * LATENT_TOL  # the ControlNet steers the image
+    swapped = control_images(2)[::-1]  # for one net: the other image
+    other = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=SEED, latents=latents,
+                 output_type="latent", progress=False, control_image=swapped if count > 1 else swapped[0],
+                 controlnet_conditioning_scale=c["scale"], **extra).array
+    assert rel_l2(ours, other) > 5 * LATENT_TOL  # and its control image counts
 
 
 def one_net(pipe):
@@ -264,3 +276,104 @@ def test_cli_control_flags(control_engine, tmp_path):
                         (["--control-start", "0.3"], "--control-start goes with --control")):
         run = subprocess.run([*args, *extra], capture_output=True, text=True)
         assert run.returncode == 2 and says in run.stderr and run.stderr.count("\n") == 1, run.stderr[-2000:]
+
+
+def test_tensorrt_rtx_builds_the_controlnet_with_bucket_profiles(control_engine, tmp_path):
+    """TensorRT-RTX (on the CPU) builds controlnet_0 and unet_control with the SDXL bucket profiles: the control
+    image at pixel size, the residuals at each level's latent size (rounded up), batch 1 to 2 under guidance."""
+    import os
+    import shutil
+
+    if not os.environ.get("CI"):
+        pytest.importorskip("tensorrt_rtx")
+    from sdxl_trt.runtime.engine_build import BuildOptions, build_engines
+    from sdxl_trt.runtime.manifest import load_manifest
+    from sdxl_trt.runtime.profiles import parse_profiles
+
+    root = tmp_path / "tiny"
+    shutil.copytree(control_engine, root)
+    options = BuildOptions("tensorrt-rtx", parse_profiles("1152x896,dynamic", None, 1, 1))
+    build_engines(root, options, ["controlnet_0", "unet_control"], progress=False)
+    records = {r["component"]: r for r in load_manifest(root).engines.values()}
+    assert set(records) == {"controlnet_0", "unet_control"}
+    h, w = 896 // 8, 1152 // 8
+    bucket = records["controlnet_0"]["profiles"][0]["shapes"]
+    assert bucket["controlnet_cond"] == [[1, 3, 896, 1152], [2, 3, 896, 1152], [2, 3, 896, 1152]]
+    assert bucket["conditioning_scale"] == [[10]] * 3
+    control = records["unet_control"]["profiles"][0]["shapes"]
+    assert control["down_block_3"][2] == [2, 32, h // 2, w // 2] and control["mid_block"][2] == [2, 64, h // 4, w // 4]
+    dynamic = records["unet_control"]["profiles"][1]["shapes"]["down_block_8"]
+    assert [shape[2:] for shape in dynamic] == [[16, 16], [32, 32], [48, 48]]  # 512-1536 px at 1/4 of the latents
+
+
+@pytest.fixture
+def host_gpu(control_engine, monkeypatch):
+    """The device loop with ControlNets on stand-in GPUs (tests/host_devices.py: FakeCudart host memory, numpy twins of
+    the kernels, ONNX Runtime CPU sessions behind the binding interface), and the ort-cpu reference."""
+    import types
+
+    import cuda.core as core
+    from fake_gpu import FakeCudart
+    from host_devices import HostDeviceBackend, HostKernels
+
+    from sdxl_trt.kernels import nvrtc
+    from sdxl_trt.runtime import cuda
+    from sdxl_trt.runtime.backends import OrtCpuBackend
+    from sdxl_trt.runtime.device_loop import DeviceLoop
+    from sdxl_trt.runtime.parallel_loop import ParallelLoop
+
+    fake = FakeCudart(devices=2)
+    monkeypatch.setattr(cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(nvrtc.StepKernels, "load", classmethod(
+        lambda cls, stream=None, cache=True, device=None: HostKernels(fake, device)))
+    monkeypatch.setattr(core, "Stream", types.SimpleNamespace(from_handle=lambda handle: handle))
+    reference = Pipeline.load(control_engine, backend="ort-cpu")
+    cpu = OrtCpuBackend(reference.manifest)
+    backends = [HostDeviceBackend(reference.manifest, fake, d, cpu) for d in (0, 1)]
+    loops = [DeviceLoop(b) for b in backends]
+
+    def pipeline(devices: int):
+        backends[0].loop = loops[0] if devices == 1 else ParallelLoop(loops[0], loops[1:])
+        backends[0].devices = tuple(range(devices))
+        pipe = Pipeline(reference.manifest, backends[0])
+        pipe.graph_text_encoders = False
+        return pipe
+
+    return types.SimpleNamespace(pipeline=pipeline, reference=reference, backends=backends)
+
+
+DEVICE_CASES = {
+    "two nets, windows, euler": dict(sampler="euler", controlnet_conditioning_scale=[0.6, 1.1],
+                                     control_guidance_start=[0.0, 0.3], control_guidance_end=[0.7, 1.0]),
+    "guess mode, euler_a": dict(sampler="euler_a", controlnet_conditioning_scale=0.8, guess_mode=True),
+    "no guidance": dict(sampler="euler", guidance_scale=1.0, controlnet_conditioning_scale=[1.0, 0.5]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEVICE_CASES))
+def test_device_loop_with_controlnets_equals_the_host_loop(host_gpu, case):
+    """The device loop's ControlNet steps (nets bound to the UNet's buffers, scale rows picked per step, residuals
+    summed by the accumulate kernel, guess mode's zero negatives) give the host loop's latents (rel-L2 within 1e-5:
+    the same ONNX Runtime CPU sessions, summed in another order)."""
+    kw = dict(width=WIDTH, height=HEIGHT, num_inference_steps=6, seed=9, progress=False, output_type="latent",
+              control_image=control_images(2), **DEVICE_CASES[case])
+    expected = host_gpu.reference(PROMPTS, **kw).array
+    pipe = host_gpu.pipeline(1)
+    got = pipe(PROMPTS, **kw).array
+    sessions = host_gpu.backends[0].sessions
+    assert sessions["controlnet_0"].runs == sessions["controlnet_1"].runs == sessions["unet_control"].runs == 6
+    assert "unet" not in sessions  # the UNet that takes residuals ran, not the plain one
+    assert rel_l2(got, expected) < 1e-5
+    assert rel_l2(got, pipe(PROMPTS, **{**kw, "control_image": control_images(2)[::-1]}).array) > 1e-3
+
+
+def test_controlnet_across_devices_runs_on_the_first(host_gpu, caplog):
+    import logging
+
+    kw = dict(width=WIDTH, height=HEIGHT, num_inference_steps=3, seed=2, progress=False, output_type="latent",
+              control_image=control_images(2))
+    with caplog.at_level(logging.WARNING):
+        got = host_gpu.pipeline(2)("a kite", **kw).array
+    assert "ControlNet runs on GPU 0 alone" in caplog.text
+    assert "unet_control" not in host_gpu.backends[1].sessions
+    assert rel_l2(got, host_gpu.reference("a kite", **kw).array) < 1e-5

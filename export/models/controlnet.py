@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import FLOAT, FLOAT32, Component, TensorSpec
+from ..contract import FLOAT, FLOAT32, TensorSpec
 from .unet import LATENT_FACTOR, Unet, UnetWrapper
 
 
