@@ -10,7 +10,7 @@ import numpy as np
 from .errors import UserError
 from .fileio import atomic_file, check_writable
 from .images import load_image, write_png
-from .metadata import file_sha256, generation_record, model_hash
+from .metadata import control_record, file_sha256, generation_record, model_hash
 from .validate import CLI_NAMES, parse_controls, parse_fractions, parse_size, positive_int, resident_options
 
 log = logging.getLogger("sdxl_trt")
@@ -96,6 +96,22 @@ def apply_png(args) -> dict:
         if path.is_file() and file_sha256(path.read_bytes()) != digest:
             raise UserError(f"--from-png {args.from_png!r}: {flag} {str(path)!r} has changed since the image was "
                             f"made; give {flag} {path} to use it as it is now")
+    controls = record.get("controls") or []
+    if controls and not typed & {"control", "control_start", "control_end", "guess_mode"}:
+        if not all(isinstance(c, dict) and isinstance(c.get("scale"), (int, float)) for c in controls):
+            raise UserError(f"--from-png {args.from_png!r}: its record's 'controls' is not a list of control images")
+        for k, c in enumerate(controls):
+            if "path" not in c:
+                raise UserError(f"--from-png {args.from_png!r}: its control image {k + 1} came in an HTTP request; "
+                                "give the control images with --control PNG[:SCALE]")
+            path = Path(c["path"])
+            if path.is_file() and file_sha256(path.read_bytes()) != c.get("sha256"):
+                raise UserError(f"--from-png {args.from_png!r}: --control {str(path)!r} has changed since the image "
+                                f"was made; give --control {path} to use it as it is now")
+        args.control = [f"{c['path']}:{c['scale']!r}" for c in controls]
+        args.control_start = ",".join(repr(float(c.get("start", 0.0))) for c in controls)
+        args.control_end = ",".join(repr(float(c.get("end", 1.0))) for c in controls)
+        args.guess_mode = bool(record.get("guess_mode", False))
     if "lora" not in typed:
         served = [a["name"] for a in record.get("loras", []) if "file" not in a]
         if served:
@@ -176,7 +192,10 @@ def generate(args) -> list[Path]:
     else:
         h, w = result.array.shape[1:3]
         prompts_per_image = [p for p in prompts for _ in range(args.batch)]
-        inputs = {"init_image": image_source(args.init_image), "mask": image_source(args.mask)}
+        inputs = {"init_image": image_source(args.init_image), "mask": image_source(args.mask),
+                  "controls": control_record([image_source(path) for path in control_paths], control_scales,
+                                             control["control_guidance_start"], control["control_guidance_end"]),
+                  "guess_mode": control["guess_mode"]}
         loras = [{"file": str(a.path), "scale": a.scale} for a in pipe.loras]
         for path, image, seed, prompt in zip(paths, result.images, result.seeds, prompts_per_image):
             write_png(path, image, generation_record(pipe, call, prompt=prompt, negative=args.negative, seed=seed,

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # component → (prefix of LoRA module paths in diffusers naming to drop, prefix of the ONNX names to add)
 PREFIXES = {"unet": ("", "unet."), "clip_l": ("text_model.", "model."), "clip_g": ("", "model.")}
+# components that hold another's weights under the same ONNX names: the base UNet exported again to take ControlNet
+# residuals (export/models/controlnet.py) gets the base UNet's adapters
+SAME_WEIGHTS = {"unet_control": "unet"}
 TARGETS = {"unet": "unet", "text_encoder": "clip_l", "text_encoder_2": "clip_g",
            "lora_unet": "unet", "lora_te1": "clip_l", "lora_te2": "clip_g"}
 SUFFIXES = (".weight.T", ".weight_nhwc", ".weight")
@@ -349,7 +352,8 @@ class Adapters:
                                     "(an adapter for another architecture?)")
         before = self.components(self.active)
         self.active = tuple(adapters)
-        return before | self.components(self.active)
+        changed = before | self.components(self.active)
+        return changed | {copy for copy, of in SAME_WEIGHTS.items() if of in changed and copy in manifest.components}
 
     def weights(self, path: Path, component: str) -> Weights:
         if (path, component) not in self._weights:
@@ -368,9 +372,11 @@ class Adapters:
 
     def overrides(self, component: str, path: Path) -> dict[str, np.ndarray]:
         """The merged initializers of `component`'s ONNX file `path` under the active set ({} for none)."""
+        shown = component
+        component = SAME_WEIGHTS.get(component, component)  # unet_control: the base UNet's adapters
         if component not in PREFIXES or component not in self.components(self.active):
             return {}
-        key = (str(path), component, tuple((str(a.path), a.scale) for a in self.active))
+        key = (str(path), shown, tuple((str(a.path), a.scale) for a in self.active))
         if key in self._merged:
             self._merged.move_to_end(key)
             return self._merged[key]
@@ -418,5 +424,5 @@ class Adapters:
         self.merge_s += time.perf_counter() - started
         while len(self._merged) > self.keep * len(PREFIXES):
             self._merged.popitem(last=False)
-        log.info("%s: %d weights merged from %s", component, len(merged), ", ".join(a.label for a in self.active))
+        log.info("%s: %d weights merged from %s", shown, len(merged), ", ".join(a.label for a in self.active))
         return merged

@@ -65,10 +65,11 @@ def model_name(pipe, role: str) -> str:
 
 def generation_record(pipe, call: dict, *, prompt: str, negative: str | None, seed: int, size: tuple[int, int],
                       backend: str, loras: list[dict], init_image: dict | None = None,
-                      mask: dict | None = None) -> dict:
+                      mask: dict | None = None, controls: list[dict] | None = None, guess_mode: bool = False) -> dict:
     """Every value one image was made with, defaults resolved as the pipeline resolves them. `call`: the keyword
     arguments the pipeline was called with (num_inference_steps and sampler required); `size`: the image's (W, H);
-    `init_image` / `mask`: {"sha256", and "path" where a file was given} when used; `loras`: what was applied."""
+    `init_image` / `mask`: {"sha256", and "path" where a file was given} when used; `loras`: what was applied;
+    `controls`: per ControlNet {"sha256", "path" where a file was given, "scale", "start", "end"} (control_record)."""
     from .pipeline import (AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_STRENGTH, INPAINT_GUIDANCE, INPAINT_STRENGTH,
                            NEGATIVE_AESTHETIC_SCORE)
     from .samplers import SDXL_SCHEDULER
@@ -89,6 +90,8 @@ def generation_record(pipe, call: dict, *, prompt: str, negative: str | None, se
                                    INPAINT_STRENGTH if inpainting else DEFAULT_STRENGTH)
     if mask is not None:
         record.update({f"mask{'_' + k if k != 'path' else ''}": v for k, v in mask.items()})
+    if controls:
+        record.update(controls=controls, guess_mode=bool(guess_mode))
     for key in ("refiner_start", "refine_strength"):
         if call.get(key) is not None:
             record.update({key: float(call[key]), "aesthetic_score": AESTHETIC_SCORE,
@@ -99,6 +102,20 @@ def generation_record(pipe, call: dict, *, prompt: str, negative: str | None, se
     if "refiner_start" in record or "refine_strength" in record:
         record.update(refiner_name=model_name(pipe, "refiner"), refiner_hash=model_hash(pipe, "refiner"))
     return record
+
+
+def control_record(images: list[dict], scales, starts, ends) -> list[dict] | None:
+    """The record's `controls`: each ControlNet's image ({"sha256"[, "path"]}) with its scale and window, a value
+    given once applying to every net (as the pipeline reads them)."""
+    if not images:
+        return None
+
+    def each(value, default):
+        values = value if isinstance(value, (list, tuple)) else [default if value is None else value] * len(images)
+        return [float(v) for v in values]
+
+    return [{**image, "scale": scale, "start": start, "end": end} for image, scale, start, end in
+            zip(images, each(scales, 1.0), each(starts, 0.0), each(ends, 1.0))]
 
 
 def quote(value) -> str:
@@ -173,7 +190,7 @@ def read_record(path: str | Path, flag: str = "--from-png") -> dict:
     for key, (kinds, required) in RECORD_FIELDS.items():
         value = record.get(key)
         if (value is None and required) or (value is not None and (not isinstance(value, kinds)
-                                                                   or isinstance(value, bool))):
+                                                                   or (isinstance(value, bool) and bool not in kinds))):
             raise UserError(f"{flag} {str(path)!r}: its record's {key!r} is {json.dumps(value)[:60]}; expected "
                             f"{' or '.join(k.__name__ for k in kinds)} (a record edited by hand or from another "
                             "version)")
@@ -190,4 +207,5 @@ RECORD_FIELDS = {
     "refiner_start": ((int, float), False), "refine_strength": ((int, float), False), "strength": ((int, float), False),
     "init_image": ((str,), False), "mask": ((str,), False), "init_image_sha256": ((str,), False),
     "mask_sha256": ((str,), False), "model_hash": ((str,), True), "loras": ((list,), False),
+    "controls": ((list,), False), "guess_mode": ((bool,), False),
 }

@@ -326,7 +326,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     from pydantic import BaseModel, ConfigDict, Field
 
     from .images import png_bytes
-    from .metadata import generation_record
+    from .metadata import control_record, generation_record
     from .pipeline import Pipeline, image_seeds
     from .samplers import SAMPLERS
     from .validate import parse_size
@@ -526,10 +526,14 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
                                 f"{image.size[0]}x{image.size[1]}: they must be the same size")
         if body.sampler not in SAMPLERS:
             raise UserError(f"sampler {body.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        control = {"control_image": None if body.control_images is None else
-                   [decode_image(data, f"control_images[{k}]")[0] for k, data in enumerate(body.control_images)],
+        decoded = [decode_image(data, f"control_images[{k}]") for k, data in enumerate(body.control_images or [])]
+        control = {"control_image": [image for image, _ in decoded] or None,
                    **{k: getattr(body, k) for k in ("controlnet_conditioning_scale", "control_guidance_start",
                                                     "control_guidance_end", "guess_mode")}}
+        if decoded:  # what the PNGs' record keeps of them
+            inputs["controls"] = control_record([sha for _, sha in decoded], body.controlnet_conditioning_scale,
+                                                body.control_guidance_start, body.control_guidance_end)
+            inputs["guess_mode"] = body.guess_mode
         return Job(body.prompt, body.negative_prompt, body.n, image_seeds(body.seed, body.n), kwargs, image,
                    mask=mask, inputs=inputs, loras=request_loras(body.lora or []), control=control)
 

@@ -65,14 +65,19 @@ def tiny_engine(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_optimized(tiny_engine, tmp_path_factory):
-    """A copy of tiny_engine with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda)."""
+def optimized_copy(engine_dir, tmp_path_factory, name: str = "optimized"):
+    """A copy of an engine directory with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda)."""
     import shutil
 
     from sdxl_trt.export.optimize import optimize_engine_dir
 
-    out = tmp_path_factory.mktemp("optimized") / "tiny"
-    shutil.copytree(tiny_engine, out)
+    out = tmp_path_factory.mktemp(name) / "tiny"
+    shutil.copytree(engine_dir, out)
     optimize_engine_dir(out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tiny_engine, tmp_path_factory):
+    """tiny_engine optimized (optimized_copy)."""
+    return optimized_copy(tiny_engine, tmp_path_factory)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fake_gpu import view
+from fake_gpu import FakeCudart, view
 from sdxl_trt.runtime import cuda
 from sdxl_trt.runtime.backends import OrtCpuBackend
 from sdxl_trt.runtime.samplers import KERNEL_COEFFICIENTS, KERNEL_KINDS
@@ -144,3 +144,20 @@ class HostDeviceBackend:
 
     def settle(self):
         self.settled += 1
+
+
+def install_host_devices(monkeypatch, devices: int) -> FakeCudart:
+    """Stand-in GPUs for the rest of a test: cuda-python's runtime API, the step kernels (HostKernels per device) and
+    cuda.core's streams patched; returns the FakeCudart."""
+    import types
+
+    import cuda.core as core
+
+    from sdxl_trt.kernels import nvrtc
+
+    fake = FakeCudart(devices=devices)
+    monkeypatch.setattr(cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(nvrtc.StepKernels, "load", classmethod(
+        lambda cls, stream=None, cache=True, device=None: HostKernels(fake, device)))
+    monkeypatch.setattr(core, "Stream", types.SimpleNamespace(from_handle=lambda handle: handle))
+    return fake

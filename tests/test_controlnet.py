@@ -40,6 +40,12 @@ def control_engine(tmp_path_factory):
     return out
 
 
+def test_controlnet_graphs_are_clean(control_engine):
+    from test_export import assert_clean_graphs
+
+    assert_clean_graphs(control_engine)  # controlnet_<i> and unet_control too
+
+
 @pytest.fixture(scope="module")
 def pipe(control_engine):
     return Pipeline.load(control_engine)
@@ -271,6 +277,22 @@ def test_cli_control_flags(control_engine, tmp_path):
         progress=False, control_image=[Image.open(p) for p in paths], controlnet_conditioning_scale=[0.4, 1.0],
         control_guidance_end=[1.0, 0.5]).array
     np.testing.assert_allclose(np.load(out), direct, rtol=0, atol=0)
+    # a PNG records its control images (path, sha256, scale, window): --from-png makes the same image again
+    png, again = tmp_path / "made.png", tmp_path / "again.png"
+    png_args = [a if a != str(out) else str(png) for a in args if a not in ("--output-type", "latent")]
+    flags = ["--control", f"{paths[0]}:0.4", "--control", str(paths[1]), "--control-end", "1,0.5", "--guess-mode"]
+    assert subprocess.run([*png_args, *flags], capture_output=True, text=True).returncode == 0
+    replay = [sys.executable, "-m", "sdxl_trt.runtime.cli", "generate", str(control_engine), "--from-png", str(png),
+              "--out", str(again)]
+    run = subprocess.run(replay, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    without = subprocess.run([*png_args[:-1], str(tmp_path / "plain.png")], capture_output=True, text=True)
+    assert without.returncode == 0 and not np.array_equal(np.asarray(Image.open(png)),
+                                                          np.asarray(Image.open(tmp_path / "plain.png")))
+    control_images(2)[1].rotate(90).save(paths[1])  # a control image changed since: said, not silently used
+    run = subprocess.run(replay, capture_output=True, text=True)
+    assert run.returncode == 2 and "has changed since the image was made" in run.stderr, run.stderr[-2000:]
     for extra, says in ((["--control", str(paths[0])], "--control: 1 image for 2 ControlNets"),
                         (["--control", f"{paths[0]}:inf", "--control", str(paths[1])], "finite"),
                         (["--control-start", "0.3"], "--control-start goes with --control")):
@@ -312,21 +334,13 @@ def host_gpu(control_engine, monkeypatch):
     the kernels, ONNX Runtime CPU sessions behind the binding interface), and the ort-cpu reference."""
     import types
 
-    import cuda.core as core
-    from fake_gpu import FakeCudart
-    from host_devices import HostDeviceBackend, HostKernels
+    from host_devices import HostDeviceBackend, install_host_devices
 
-    from sdxl_trt.kernels import nvrtc
-    from sdxl_trt.runtime import cuda
     from sdxl_trt.runtime.backends import OrtCpuBackend
     from sdxl_trt.runtime.device_loop import DeviceLoop
     from sdxl_trt.runtime.parallel_loop import ParallelLoop
 
-    fake = FakeCudart(devices=2)
-    monkeypatch.setattr(cuda, "cudart", lambda: fake)
-    monkeypatch.setattr(nvrtc.StepKernels, "load", classmethod(
-        lambda cls, stream=None, cache=True, device=None: HostKernels(fake, device)))
-    monkeypatch.setattr(core, "Stream", types.SimpleNamespace(from_handle=lambda handle: handle))
+    fake = install_host_devices(monkeypatch, 2)
     reference = Pipeline.load(control_engine, backend="ort-cpu")
     cpu = OrtCpuBackend(reference.manifest)
     backends = [HostDeviceBackend(reference.manifest, fake, d, cpu) for d in (0, 1)]
@@ -377,3 +391,78 @@ def test_controlnet_across_devices_runs_on_the_first(host_gpu, caplog):
     assert "ControlNet runs on GPU 0 alone" in caplog.text
     assert "unet_control" not in host_gpu.backends[1].sessions
     assert rel_l2(got, host_gpu.reference("a kite", **kw).array) < 1e-5
+
+
+# --- on the GPU (ort-cuda): the device loop, with ONNX Runtime's per-step graphs and as one whole-loop graph ---------
+
+GPU_NOISE = 5e-3  # as test_ort_cuda.NOISE: fused fp16 files differ from run to run by ≈ 1.5e-3 on their own
+
+
+@pytest.fixture(scope="module")
+def control_optimized(control_engine, tmp_path_factory):
+    from conftest import optimized_copy
+
+    return optimized_copy(control_engine, tmp_path_factory, "control-optimized")
+
+
+GPU_KW = dict(width=192, height=256, num_inference_steps=8, seed=3, progress=False, output_type="latent",
+              controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.25],
+              control_guidance_end=[0.75, 1.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras"])
+def test_gpu_device_loop_with_controlnets_computes_what_its_host_loop_computes(control_engine, sampler):
+    """ort-cuda, the same sessions: the device loop (nets on the UNet's buffers, fp16 residual sums on the device)
+    against the pipeline's numpy loop (residuals summed in fp32 on the host)."""
+    pipe = Pipeline.load(control_engine, backend="ort-cuda")
+    kw = dict(GPU_KW, sampler=sampler, control_image=control_images(2))
+    on_device = pipe(PROMPTS, **kw).array
+    pipe.device_loop = False
+    host = pipe(PROMPTS, **kw).array
+    error = rel_l2(on_device, host)
+    print(f"{sampler}: ControlNet device loop vs host loop on ort-cuda: rel-L2 {error:.2e}")
+    assert error < GPU_NOISE
+
+
+@pytest.mark.gpu
+def test_gpu_controlnet_cuda_graphs_compute_what_plain_runs_compute(control_optimized):
+    """The fused files with ONNX Runtime's per-step CUDA graphs (one per net and one for the UNet) and with the whole
+    loop as one graph of ours, captured then replayed, against plain runs; and against ort-cpu's fp32 latents."""
+    kw = dict(GPU_KW, sampler="euler_a", control_image=control_images(2), guess_mode=True)
+    buckets = ["192x256"]
+    plain = Pipeline.load(control_optimized, backend="ort-cuda", cuda_graphs="off", buckets=buckets)(PROMPTS, **kw).array
+    step = Pipeline.load(control_optimized, backend="ort-cuda", cuda_graphs="step", buckets=buckets)
+    loop = Pipeline.load(control_optimized, backend="ort-cuda", cuda_graphs="loop", buckets=buckets)
+    got = {"step": step(PROMPTS, **kw).array, "captured": loop(PROMPTS, **kw).array}
+    assert loop.backend.device_loop.last_run == "loop-capture"
+    got["replayed"] = loop(PROMPTS, **kw).array
+    assert loop.backend.device_loop.last_run == "loop-replay"
+    cpu = Pipeline.load(control_optimized)(PROMPTS, **kw).array
+    for name, latents in got.items():
+        print(f"{name}: rel-L2 {rel_l2(latents, plain):.2e} against plain runs, {rel_l2(latents, cpu):.2e} against "
+              "ort-cpu fp32")
+        assert rel_l2(latents, plain) < GPU_NOISE, name
+    assert rel_l2(plain, cpu) < 1e-2  # fp16 fused files against fp32 (an image swap moves them 2e-2 on the CPU)
+
+
+def test_lora_reaches_the_unet_that_takes_residuals(control_engine, tiny_base, tmp_path):
+    """unet_control holds the base UNet's weights: a LoRA adapter for the UNet is merged into it too. With the
+    ControlNets at scale 0 (zero residuals) a LoRA call with control images gives the LoRA call without them."""
+    from safetensors.numpy import save_file
+    from test_lora import lora_pair
+
+    rng = np.random.default_rng(5)
+    peft = {}
+    for module in [n for n, _ in tiny_base.unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_v"))]:
+        down, up = lora_pair(tiny_base.unet.get_submodule(module).weight, 4, rng)
+        peft[f"unet.{module}.lora_A.weight"], peft[f"unet.{module}.lora_B.weight"] = down, up
+    save_file(peft, tmp_path / "unet.safetensors")
+    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=4, seed=3, output_type="latent", progress=False)
+    pipe = Pipeline.load(control_engine)
+    plain = pipe(PROMPTS, **kw).array
+    pipe.set_loras([(tmp_path / "unet.safetensors", 1.0)])
+    with_lora = pipe(PROMPTS, **kw).array
+    zero_control = pipe(PROMPTS, control_image=control_images(2), controlnet_conditioning_scale=0.0, **kw).array
+    assert rel_l2(with_lora, plain) > 0.05  # the adapter matters
+    assert rel_l2(zero_control, with_lora) < 1e-5  # unet_control carries it as unet does

@@ -34,8 +34,8 @@ def session(engine_dir, component, precision="fp32"):
 
 def test_all_six_components_and_the_shared_ones(engine_dir):
     manifest = load_manifest(engine_dir)
-    assert set(manifest.components) == set(COMPONENTS) == {
-        "clip_l", "clip_g", "unet", "unet_refiner", "vae_decoder", "vae_encoder"}
+    assert set(manifest.components) == {"clip_l", "clip_g", "unet", "unet_refiner", "vae_decoder", "vae_encoder"}
+    assert set(COMPONENTS) == set(manifest.components) | {"controlnet", "unet_control"}  # those: with --controlnet
     refiner = manifest.data["pipelines"]["refiner"]["components"]
     assert refiner == {"clip_g": "clip_g", "unet": "unet_refiner", "vae_decoder": "vae_decoder",
                        "vae_encoder": "vae_encoder"}
@@ -61,9 +61,13 @@ def test_files_are_valid_onnx_with_an_ir_version_ort_reads(engine_dir):
 
 
 def test_graphs_are_clean(engine_dir):
+    assert_clean_graphs(engine_dir)
+
+
+def assert_clean_graphs(engine_dir) -> None:
     """No dead nodes, and nothing left that depends on constants only (shape arithmetic is folded)."""
     manifest = load_manifest(engine_dir)
-    for name in COMPONENTS:
+    for name in manifest.components:
         model = onnx.load(str(manifest.path(manifest.components[name]["precisions"]["fp32"])), load_external_data=False)
         graph = model.graph
         consumed = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}

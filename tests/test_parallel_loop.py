@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fake_gpu import FakeCudart
-from host_devices import HostDeviceBackend, HostKernels
+from host_devices import HostDeviceBackend, install_host_devices
 from sdxl_trt.runtime import cuda
 from sdxl_trt.runtime.backends import OrtCpuBackend
 from sdxl_trt.runtime.errors import UserError
@@ -98,17 +98,10 @@ def test_low_memory_with_several_devices_is_refused(tiny_engine):
 @pytest.fixture
 def host_gpus(tiny_engine, monkeypatch):
     """A pipeline whose backend runs the device loop across two stand-in devices, and the ort-cpu reference."""
-    from sdxl_trt.kernels import nvrtc
     from sdxl_trt.runtime import Pipeline
     from sdxl_trt.runtime.device_loop import DeviceLoop
 
-    fake = FakeCudart(devices=2)
-    monkeypatch.setattr(cuda, "cudart", lambda: fake)
-    monkeypatch.setattr(nvrtc.StepKernels, "load", classmethod(
-        lambda cls, stream=None, cache=True, device=None: HostKernels(fake, device)))
-    import cuda.core as core
-
-    monkeypatch.setattr(core, "Stream", types.SimpleNamespace(from_handle=lambda handle: handle))
+    fake = install_host_devices(monkeypatch, 2)
     reference = Pipeline.load(tiny_engine, backend="ort-cpu")
     cpu = OrtCpuBackend(reference.manifest)
     backends = [HostDeviceBackend(reference.manifest, fake, d, cpu) for d in (0, 1)]
