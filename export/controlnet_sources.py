@@ -168,13 +168,20 @@ def _inferred(state: dict, unet_config: dict) -> dict:
 
 
 def _from_original(src: ControlNetSpec, state: dict, unet_config: dict) -> dict:
-    """Original (`control_model.`) keys → diffusers' names, through diffusers' own converter."""
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    """Original (`control_model.`) keys → diffusers' names, through diffusers' own converter, plus SDXL's added
+    embedding (`label_emb.0.*` → `add_embedding.*`), whose mapping diffusers lists but its ControlNet converter
+    (0.42) does not apply."""
+    from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
+                                                     convert_controlnet_checkpoint)
 
     try:
-        return convert_controlnet_checkpoint(state, _config_from_unet(unet_config))
-    except (KeyError, ValueError, IndexError) as e:
+        converted = convert_controlnet_checkpoint(state, _config_from_unet(unet_config))
+    except (KeyError, ValueError, IndexError, TypeError) as e:
         raise UserError(f"--controlnet {src.spec!r}: diffusers' converter cannot read it ({e})") from None
+    for diffusers_key, ldm_key in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
+        if LDM_CONTROLNET_KEY + ldm_key in state and diffusers_key not in converted:
+            converted[diffusers_key] = state[LDM_CONTROLNET_KEY + ldm_key]
+    return {k: v for k, v in converted.items() if v is not None}
 
 
 def _check_fits(spec: str, net: dict, unet: dict) -> None:

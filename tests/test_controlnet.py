@@ -205,6 +205,45 @@ def test_single_file_and_folder_controlnets_load_as_the_same_net(nets, tmp_path)
         assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
 
 
+def original_layout(net) -> dict:
+    """A ControlNet's weights in the original (`control_model.`) layout, as published ControlNet checkpoints store
+    them: the UNet part through tests/original_layout.py's UNet mapping, the hint block, zero convs and mid-block
+    output by their names there — the inverse of what diffusers' converter reads."""
+    import types
+
+    from original_layout import UNET_PREFIX, _convert_unet
+
+    own = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+    state = net.state_dict()
+    unet_part = types.SimpleNamespace(config=net.config,
+                                      state_dict=lambda: {k: v for k, v in state.items() if not k.startswith(own)})
+    out = {"control_model." + k.removeprefix(UNET_PREFIX): v for k, v in _convert_unet(unet_part).items()}
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    names = {"conv_in": 0, "conv_out": 2 * (len(blocks) + 1), **{f"blocks.{b}": 2 * (b + 1) for b in blocks}}
+    for k, v in state.items():
+        head, _, param = k.rpartition(".")
+        if head.startswith("controlnet_cond_embedding."):
+            out[f"control_model.input_hint_block.{names[head.split('.', 1)[1]]}.{param}"] = v
+        elif head.startswith("controlnet_down_blocks."):
+            out[f"control_model.zero_convs.{head.split('.')[1]}.0.{param}"] = v
+        elif head == "controlnet_mid_block":
+            out[f"control_model.middle_block_out.0.{param}"] = v
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_original_layout_controlnet_loads_as_the_same_net(nets, tmp_path):
+    """A single-file ControlNet in the original layout goes through diffusers' converter (and the SDXL added
+    embedding it leaves out) to the same weights."""
+    from safetensors.torch import save_file
+
+    config = json.loads((CONFIGS / "tiny-base" / "unet" / "config.json").read_text())
+    save_file(original_layout(nets[1]), tmp_path / "original.safetensors")
+    loaded = load_controlnet(resolve_controlnet(str(tmp_path / "original.safetensors")), 0, config).state_dict()
+    want = nets[1].state_dict()
+    assert loaded.keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.items())
+
+
 @pytest.mark.parametrize("spec, says", [
     ("tiny:nothing", "no such file or folder"),
     ("", "--controlnet is empty"),
