@@ -96,7 +96,7 @@ def prepare_control(pipeline: dict, components: dict, control_image, conditionin
     if not isinstance(guess_mode, (bool, np.bool_)) and guess_mode is not None:
         raise UserError(f"{spelled('guess_mode', names)}: expected true or false, got {guess_mode!r}")
     pooled = bool(components[nets[0]].get("global_pool_conditions", False))  # diffusers reads the first net's
-    residuals = next(len(c["outputs"]) for name, c in components.items() if name == nets[0])
+    residuals = len(components[nets[0]]["outputs"])
     arrays = [np.repeat(control_pixels(p, width, height), images, axis=0) for p in pictures]
     return Control(nets, arrays, scales, starts, ends, bool(guess_mode) or pooled, residuals)
 
@@ -110,17 +110,17 @@ def control_pixels(image, width: int, height: int) -> np.ndarray:
 
 
 def control_residuals(backend, control: Control, step: int, x: np.ndarray, t: np.ndarray, cond: Sequence[np.ndarray],
-              guidance: bool, cond_x: np.ndarray, output_specs: list[dict]) -> dict[str, np.ndarray]:
-    """The summed residuals of the nets active at `step`, for the UNet's batch `x` ([negative; prompt] under
-    guidance). `cond_x`: the prompt half's scaled latents (guess mode with guidance runs the nets on it alone)."""
+                      guidance: bool, output_specs: list[dict]) -> dict[str, np.ndarray]:
+    """The summed residuals of the nets active at `step`, for the UNet's scaled batch `x` ([negative; prompt] under
+    guidance; guess mode with guidance runs the nets on the prompt half alone)."""
     embeds, pooled, time_ids = cond
     half = guidance and control.guess_mode
-    n = cond_x.shape[0]
+    n = x.shape[0] // 2 if guidance else x.shape[0]  # images
     total: dict[str, np.ndarray] = {}
     for k in control.active(step):
         image = control.images[k]
         if half:
-            feeds = dict(sample=cond_x, timestep=t[n:], encoder_hidden_states=embeds[n:], text_embeds=pooled[n:],
+            feeds = dict(sample=x[n:], timestep=t[n:], encoder_hidden_states=embeds[n:], text_embeds=pooled[n:],
                          time_ids=time_ids[n:], controlnet_cond=image)
         else:
             feeds = dict(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids,

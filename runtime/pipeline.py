@@ -422,8 +422,7 @@ class Pipeline:
             extra_inputs = {}
             if control is not None:
                 outputs = self.manifest.data["components"][control.nets[0]]["outputs"]
-                extra_inputs = control_residuals(self.backend, control, i, x, t, cond, guidance,
-                                                 sampler.scale_model_input(latents, i), outputs)
+                extra_inputs = control_residuals(self.backend, control, i, x, t, cond, guidance, outputs)
             noise_pred = unet.run(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled,
                                   time_ids=time_ids, **extra_inputs)["noise_pred"].astype(np.float32)
             if guidance:
