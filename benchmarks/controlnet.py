@@ -5,7 +5,8 @@ and parity with diffusers' fp16 StableDiffusionXLControlNetPipeline on the same 
     sdxl-trt optimize DIR
     python benchmarks/controlnet.py --engine DIR --out benchmarks/results/h100-controlnet.json [--runs 5] [--git C]
 
-Cases (1024², 30 Euler steps, CFG 5, batch 1): without ControlNet, with one (scale 0.8), with one in guess mode;
+Cases (1024², 30 Euler steps, CFG 5, batch 1): without ControlNet, with one (scale 0.8), with one in guess mode,
+with one for the first half of the steps (`control_guidance_end` 0.5: the net is not run at the others);
 timed in alternation after two warm-up calls each (sessions made, CUDA graphs captured); end-to-end medians
 (prompt → PIL image) and the ratio with / without (issue 25's bound: ≤ 1.35). Parity: final latents against
 diffusers fp16 (random:base + random:controlnet built by the exporter's own code, moved to the GPU in fp16) from the
@@ -61,7 +62,8 @@ def main() -> int:
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, sampler="euler", seed=7,
               progress=False)
     cases = {"without": {}, "one ControlNet": dict(control_image=image, controlnet_conditioning_scale=0.8),
-             "guess mode": dict(control_image=image, controlnet_conditioning_scale=0.8, guess_mode=True)}
+             "guess mode": dict(control_image=image, controlnet_conditioning_scale=0.8, guess_mode=True),
+             "window 0-0.5": dict(control_image=image, controlnet_conditioning_scale=0.8, control_guidance_end=0.5)}
     for extra in cases.values():
         for _ in range(2):
             pipe(PROMPT, **kw, **extra)

@@ -130,10 +130,14 @@ def _run_jobs(todo: list[tuple], jobs: int):
         for i, fused, seconds in pool.imap_unordered(_job, list(enumerate(job[2:] for job in todo))):
             name, source, _, dest, _, _ = todo[i]
             yield name, source, dest, fused, seconds
-        pool.close()
-    finally:  # Ctrl-C, SIGTERM or an error: the workers stop now (SIGTERM), removing what they were writing
+    except BaseException:  # Ctrl-C, SIGTERM or an error: the workers stop now (SIGTERM), removing what they were writing
         pool.terminate()
         pool.join()
+        raise
+    # all done: the workers end on their own (a SIGTERM now would reach one in its interpreter's shutdown, where the
+    # handler's SystemExit is printed as "Exception ignored in threading._shutdown")
+    pool.close()
+    pool.join()
 
 
 def _worker_signals() -> None:

@@ -20,6 +20,7 @@ from ..runtime.samplers import KERNEL_KINDS
 SOURCE = Path(__file__).with_name("step.cu")
 KERNELS = ("scale_input_f16", "scale_input_f32", "cfg_combine_f16", "cfg_combine_f32", "step_kernel", "advance_step",
            "select_timestep", "widen_f16", "widen_f32", "accumulate_f16", "accumulate_f32",
+           "zero_f16", "zero_f32",
            "unscale_latents_f16", "unscale_latents_f32", "to_uint8_f16", "to_uint8_f32")
 # numpy's arithmetic: no fused multiply-add, IEEE division and square root, no flush to zero
 OPTIONS = dict(std="c++17", fma=False, prec_div=True, prec_sqrt=True, ftz=False)
@@ -125,6 +126,10 @@ class StepKernels:
     def accumulate(self, dst, src, dtype, n: int) -> None:
         """dst[:n] += src[:n] in `dtype` (fp16 or fp32): several ControlNets' residuals summed."""
         self._launch(f"accumulate_{self._suffix(dtype)}", n, ptr(dst), ptr(src), np.uint64(n))
+
+    def zero(self, dst, dtype, n: int) -> None:
+        """dst[:n] = 0 in `dtype` (fp16 or fp32)."""
+        self._launch(f"zero_{self._suffix(dtype)}", n, ptr(dst), np.uint64(n))
 
     def advance_step(self, step) -> None:
         self._launch("advance_step", 1, ptr(step))

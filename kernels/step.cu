@@ -130,6 +130,9 @@ __global__ void select_timestep(const float* table, float* out, const int* step,
 // dst += src, computed in fp32 and stored in the residuals' dtype.
 __global__ void accumulate_f16(half_t* dst, const half_t* src, size64 n) { FOR_EACH(i, n) store(dst, i, load(dst, i) + load(src, i)); }
 __global__ void accumulate_f32(float* dst, const float* src, size64 n) { FOR_EACH(i, n) dst[i] = dst[i] + src[i]; }
+// Twin: zero residuals (the pipeline's np.zeros for a step where the first ControlNet is outside its window).
+__global__ void zero_f16(half_t* dst, size64 n) { FOR_EACH(i, n) dst[i] = 0; }
+__global__ void zero_f32(float* dst, size64 n) { FOR_EACH(i, n) dst[i] = 0.0f; }
 __global__ void advance_step(int* step) { if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1; }
 __global__ void unscale_latents_f16(const float* x, half_t* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }
 __global__ void unscale_latents_f32(const float* x, float* out, float scaling_factor, float shift, size64 n) { unscale_latents(x, out, scaling_factor, shift, n); }

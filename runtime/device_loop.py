@@ -24,10 +24,11 @@ in advance on the host from each image's own generator in the order the numpy lo
 the CPU runtime's. Not here: inpainting, guidance rescale, heun / dpmpp_sde_karras / tcd (the pipeline keeps its
 numpy loop for those).
 
-ControlNets (`control`): each step runs every ControlNet after the timestep selection and before the UNet, on the
-UNet's own input buffers, its conditioning scale for the step picked from a per-step table by the same kernel as the
-timestep, the residuals summed by the `accumulate` kernel into the buffers the UNet that takes them reads; a net
-outside its guidance window runs with zero scales (as diffusers runs it), so every step queues the same work.
+ControlNets (`control`): each step runs the ControlNets whose guidance window holds it after the timestep selection
+and before the UNet, on the UNet's own input buffers, its conditioning scale for the step picked from a per-step table
+by the same kernel as the timestep, the residuals summed by the `accumulate` kernel into the buffers the UNet that
+takes them reads. A net outside its window is not run (diffusers runs it at scale 0, which adds nothing; the host
+loop skips it too): a step outside every window runs the UNet alone.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def _close_binding(shape: _Shape) -> None:
 @dataclass
 class _Net:
     """One ControlNet bound for a pass: its session and shape, its per-step scale table and the buffer its
-    `conditioning_scale` input reads, and the (dst, src, dtype, count) additions that sum its residuals into the
-    first net's (none for the first)."""
+    `conditioning_scale` input reads, the (dst, src, dtype, count) additions that sum its residuals into the
+    first net's (none for the first), at which schedule steps it runs (`active`: a nonzero scale row), and the first
+    net's (dst, dtype, count) outputs in the UNet's residual inputs (`writes`: zeroed at a step it does not run)."""
 
     session: object
     shape: _Shape
@@ -100,6 +102,8 @@ class _Net:
     scale: int
     residuals: int
     sums: list
+    active: tuple
+    writes: list
 
 
 class Pass:
@@ -115,13 +119,21 @@ class Pass:
         self.half_bytes = half_bytes  # bytes of one UNet run's prediction
         self.prediction = a["pred"]  # the [2N] (guided) or [N] prediction the update reads
         self.nets: list[_Net] = []  # ControlNets run before the UNet each step (begin's `control`)
+        self.index = 0  # the schedule step the next model() evaluates, as the host knows it (the device's `step`)
 
     def model(self) -> None:
-        """The step's UNet evaluation (with ONNX Runtime's graph of this shape in "step" mode)."""
+        """The step's UNet evaluation (with ONNX Runtime's graph of this shape in "step" mode), after the ControlNets
+        whose window holds this step (the others are not run: the host loop skips them too, diffusers runs them at
+        scale 0, which adds nothing)."""
         a, k = self.a, self.loop.kernels
         k.scale_input(a["x"], a["sample"], a["sample_dtype"], a["coefficients"], a["step"], a["n"], a["copies"])
         k.select_timestep(a["timesteps"], a["timestep"], a["step"], a["batch"])
+        if self.nets and not self.nets[0].active[self.index]:  # the sums below start from zero residuals
+            for dst, dtype, count in self.nets[0].writes:
+                k.zero(dst, dtype, count)
         for net in self.nets:  # ControlNets: their residuals summed into the buffers the UNet reads
+            if not net.active[self.index]:
+                continue
             k.select_timestep(net.scales, net.scale, a["step"], net.residuals)
             net.session.run_bound(net.shape.binding[0], net.shape.graph_id if self.mode == "step" else -1)
             for dst, src, dtype, count in net.sums:
@@ -129,7 +141,15 @@ class Pass:
         graph_id = self.shape.graph_id if self.mode == "step" else -1
         self.session.run_bound(self.shape.binding[0], graph_id)
 
+    def steps(self, evals: range) -> None:
+        """Queue the steps of `evals`, each model() then update()."""
+        self.index = evals.start
+        for _ in evals:
+            self.model()
+            self.update()
+
     def update(self) -> None:
+        self.index += 1
         a, k = self.a, self.loop.kernels
         if a["guided"]:
             k.cfg_combine(a["pred"], a["out_dtype"], a["eps"], a["guidance"], a["n"])
@@ -182,18 +202,17 @@ class DeviceLoop:
         mode = run.mode
         loop_key = (sampler.name, sampler.prediction_type, len(sampler.timesteps), evals.start, len(evals),
                     guidance_scale, noise is not None,
-                    None if control is None else (tuple(control.nets), control.guess_mode))
+                    None if control is None else (tuple(control.nets), control.guess_mode,
+                                                  tuple(net.active for net in run.nets)))
         shape, stream = run.shape, self.backend.stream
         if mode == "loop" and loop_key in shape.loops:
             shape.loops[loop_key][0].launch(stream)
             self.last_run = "loop-replay"
         else:
-            for _ in evals:
-                run.model()
-                run.update()
+            run.steps(evals)
             self.last_run = mode
             if mode == "loop":
-                self._capture(shape, loop_key, lambda: [(run.model(), run.update()) for _ in evals])
+                self._capture(shape, loop_key, lambda: run.steps(evals))
         return run.result()
 
     def begin(self, unet: str, latents: np.ndarray, sampler: Sampler, evals: range, cond, guidance_scale: float,
@@ -270,6 +289,7 @@ class DeviceLoop:
             noise=noise_ptr, n=n, copies=copies, batch=batch, guided=guided, guidance=guidance_scale,
             sampler=sampler.name, prediction_type=sampler.prediction_type), half_bytes)
         run.nets = nets
+        run.index = evals.start
         return run
 
     def _bind_nets(self, control, sampler: Sampler, unet_shape: _Shape, inputs: dict, shapes: dict, unet_session,
@@ -278,7 +298,9 @@ class DeviceLoop:
         where the UNet reads them (in guess mode under guidance only the prompt's half: the second N rows), its
         control image and its scale row of the step (a [steps, R] table: controlnet.Control.scale_vector at every
         step of the schedule), and writes its residuals into the UNet's residual inputs (the first net; in guess
-        mode into their second half, the first staying zero) or into buffers of its own that are then added."""
+        mode into their second half, the first staying zero) or into buffers of its own that are then added. A net
+        runs only at the steps of its window; at a step where the first does not run, its residuals are zeroed
+        before the others' are added (so a whole-loop graph is one per pattern of windows: denoise's loop key)."""
         stream = self.backend.stream
         half = guided and control.guess_mode
         batch = shapes["sample"][0]
@@ -306,7 +328,7 @@ class DeviceLoop:
                     raise ValueError(f"{name} takes {key} as {np.dtype(session.dtype(key))}, the UNet as {dtype}")
                 row = int(np.prod(shapes[key][1:])) * dtype.itemsize
                 feeds[key] = (inputs[key] + skip * row, net_shapes[key], dtype)
-            outputs, sums = {}, []
+            outputs, sums, writes = {}, [], []
             for res in residual_names:
                 dtype = np.dtype(unet_session.dtype(res))
                 if np.dtype(session.output_dtypes[res]) != dtype:
@@ -317,6 +339,7 @@ class DeviceLoop:
                 target = inputs[res] + skip * (count // rows) * dtype.itemsize
                 if k == 0:
                     outputs[res] = (target, dims, dtype)
+                    writes.append((target, dtype, count))
                     if skip:  # the negatives' residuals: zero, written once
                         unet_shape.buffers[f"residual {res}"].upload(np.zeros(skip * count // rows, dtype), stream)
                 else:
@@ -328,7 +351,8 @@ class DeviceLoop:
                 for graph, _ in unet_shape.loops.values():  # a whole loop captured with the old binding
                     graph.close()
                 unet_shape.loops.clear()
-            nets.append(_Net(session, net, scales, scale, control.residuals, sums))
+            nets.append(_Net(session, net, scales, scale, control.residuals, sums,
+                             tuple(bool(row.any()) for row in table), writes))
         return nets
 
     @_on_backend_device

@@ -58,6 +58,10 @@ class HostKernels:
         out = view(int(dst), (n,), dtype)
         out[:] = (out.astype(np.float32) + view(int(src), (n,), dtype).astype(np.float32)).astype(dtype)
 
+    def zero(self, dst, dtype, n):
+        self._on_my_device()
+        view(int(dst), (n,), dtype)[:] = 0
+
     def sampler_step(self, sampler, x, model_output, coefficients, step, prediction_type, n, prev=0, noise=0):
         self._on_my_device()
         assert KERNEL_KINDS[sampler] in (0, 1) and prediction_type == "epsilon", "host twins: euler, euler_a"

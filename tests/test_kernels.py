@@ -123,13 +123,17 @@ def test_select_timestep_follows_the_step_counter(gpu):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_accumulate_adds_residuals_in_their_dtype(gpu, dtype):
     """Several ControlNets' residuals summed as diffusers sums them: in the residuals' dtype (fp16 rounding of an fp32
-    sum, numpy's rounding of the same)."""
+    sum, numpy's rounding of the same); `zero` clears the first n."""
     kernels, to_device, empty, to_host = gpu
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal(SHAPE).astype(dtype) * 3 for _ in range(2))
     dst = to_device(a)
     kernels.accumulate(dst, to_device(b), dtype, a.size)
     np.testing.assert_array_equal(to_host(dst, SHAPE, dtype), (a.astype(np.float32) + b.astype(np.float32)).astype(dtype))
+    kernels.zero(dst, dtype, a.size - 5)  # all but the last five
+    np.testing.assert_array_equal(to_host(dst, SHAPE, dtype).reshape(-1)[:-5], 0)
+    np.testing.assert_array_equal(to_host(dst, SHAPE, dtype).reshape(-1)[-5:],
+                                  (a.astype(np.float32) + b.astype(np.float32)).astype(dtype).reshape(-1)[-5:])
 
 
 @pytest.mark.gpu
