@@ -497,7 +497,6 @@ def test_gpu_controlnet_cuda_graphs_compute_what_plain_runs_compute(control_opti
     assert loop.backend.device_loop.last_run == "loop-capture"
     other = step(PROMPTS, **windows).array
     assert rel_l2(got["other windows"], other) < GPU_NOISE
-    assert rel_l2(other, got["step"]) > 10 * GPU_NOISE
     del got["other windows"]
     cpu = Pipeline.load(control_optimized)(PROMPTS, **kw).array
     for name, latents in got.items():
