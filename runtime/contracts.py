@@ -14,6 +14,24 @@ def symbol_values(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
     return symbols
 
 
+def level_sizes(side: str, value: int) -> dict[str, int]:
+    """The UNet's down-sampled sizes of a latent side (`h` or `w`) = `value`: the contract's `h/2`, `h/4`, … (the
+    ControlNet residuals' sizes), rounded up as a stride-2 convolution with padding 1 rounds."""
+    return {f"{side}/{k}": -(-value // k) for k in (2, 4, 8, 16)}
+
+
+def input_dims(entry: dict, dims: dict[str, int]) -> dict[str, int]:
+    """Every symbolic dimension of `entry`'s inputs from the latent-side ones (B, S, h, w): H, W = 8 × h, w and the
+    down-sampled levels (level_sizes). These are the symbol_values of the input shapes a call at those dims gives
+    the component, by which a session made for one shape is kept (ort_cuda.shape_session)."""
+    known = dict(dims)
+    for small, big in (("h", "H"), ("w", "W")):
+        if small in dims:
+            known = {**level_sizes(small, dims[small]), big: dims[small] * 8, **known}
+    used = dict.fromkeys(d for spec in entry["inputs"] for d in spec["shape"] if isinstance(d, str))
+    return {d: known[d] for d in used if d in known}
+
+
 def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """A component's output shapes from its input shapes, through the contract's symbolic dimensions
     (B, S, h, w, H, W; pixels = 8 × latent)."""
@@ -23,8 +41,7 @@ def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict
             symbols.setdefault(big, symbols[small] * 8)
         if big in symbols:
             symbols.setdefault(small, symbols[big] // 8)
-    for side in ("h", "w"):  # the UNet's down-sampled levels (ControlNet residuals), rounded up as a stride-2 conv
+    for side in ("h", "w"):
         if side in symbols:
-            for k in (2, 4, 8):
-                symbols.setdefault(f"{side}/{k}", -(-symbols[side] // k))
+            symbols = {**level_sizes(side, symbols[side]), **symbols}
     return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}

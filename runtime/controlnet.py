@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contracts import output_shapes
 from .errors import UserError
 from .validate import finite, spelled
 
@@ -110,43 +111,30 @@ def control_pixels(image, width: int, height: int) -> np.ndarray:
 
 
 def control_residuals(backend, control: Control, step: int, x: np.ndarray, t: np.ndarray, cond: Sequence[np.ndarray],
-                      guidance: bool, output_specs: list[dict]) -> dict[str, np.ndarray]:
+                      guidance: bool, entry: dict) -> dict[str, np.ndarray]:
     """The summed residuals of the nets active at `step`, for the UNet's scaled batch `x` ([negative; prompt] under
-    guidance; guess mode with guidance runs the nets on the prompt half alone)."""
+    guidance; guess mode with guidance runs the nets on the prompt half alone). `entry`: the first net's manifest
+    component (its contract gives the residuals' shapes when no net is active)."""
     embeds, pooled, time_ids = cond
     half = guidance and control.guess_mode
     n = x.shape[0] // 2 if guidance else x.shape[0]  # images
+    rows = slice(n, None) if half else slice(None)
     total: dict[str, np.ndarray] = {}
+    feeds = dict(sample=x[rows], timestep=t[rows], encoder_hidden_states=embeds[rows], text_embeds=pooled[rows],
+                 time_ids=time_ids[rows])
     for k in control.active(step):
         image = control.images[k]
-        if half:
-            feeds = dict(sample=x[n:], timestep=t[n:], encoder_hidden_states=embeds[n:], text_embeds=pooled[n:],
-                         time_ids=time_ids[n:], controlnet_cond=image)
-        else:
-            feeds = dict(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids,
-                         controlnet_cond=np.concatenate([image, image]) if guidance else image)
-        out = backend.session(control.nets[k]).run(conditioning_scale=control.scale_vector(k, step), **feeds)
+        image = np.concatenate([image, image]) if guidance and not half else image
+        out = backend.session(control.nets[k]).run(conditioning_scale=control.scale_vector(k, step),
+                                                   controlnet_cond=image, **feeds)
         for name, value in out.items():
             value = value.astype(np.float32)
             total[name] = total[name] + value if name in total else value
-    batch = x.shape[0]
-    for spec in output_specs:  # no net active: zero residuals (the UNet adds nothing)
-        name = spec["name"]
-        if name not in total:
-            shape = (batch - n if half else batch, *residual_dims(spec["shape"][1:], x.shape[2], x.shape[3]))
-            total[name] = np.zeros(shape, np.float32)
-        if half:  # the negative half's residuals are zero
-            total[name] = np.concatenate([np.zeros_like(total[name]), total[name]])
+    if not total:  # no net active: zero residuals (the UNet adds nothing)
+        shapes = {name: value.shape for name, value in feeds.items()}
+        shapes.update(controlnet_cond=(feeds["sample"].shape[0], *control.images[0].shape[1:]),
+                      conditioning_scale=(control.residuals,))
+        total = {name: np.zeros(shape, np.float32) for name, shape in output_shapes(entry, shapes).items()}
+    if half:  # the negative half's residuals are zero
+        total = {name: np.concatenate([np.zeros_like(value), value]) for name, value in total.items()}
     return total
-
-
-def residual_dims(dims: list, h: int, w: int) -> tuple[int, ...]:
-    """A residual's [C, h/k, w/k] for latents of h × w (k: 1, 2, 4, …; rounded up, as a stride-2 conv)."""
-    out = []
-    for d in dims:
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            side, _, k = d.partition("/")
-            out.append(-(-(h if side == "h" else w) // int(k or 1)))
-    return tuple(out)

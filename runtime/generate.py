@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UserError
 from .fileio import atomic_file, check_writable
-from .images import load_image, write_png
+from .images import default_size, load_image, write_png
 from .metadata import control_record, file_sha256, generation_record, model_hash
 from .validate import CLI_NAMES, parse_controls, parse_fractions, parse_size, positive_int, resident_options
 
@@ -166,14 +166,17 @@ def generate(args) -> list[Path]:
                     refiner=args.refiner_start is not None or args.refine_strength is not None)
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
                          loras=args.lora, work=work, **resident)
-    if image is None and not controls and args.long_prompt == "truncate":  # the shapes the call runs at are known:
-        # make them now, in the background while the prompts are encoded
-        pipe.prepare(width, height, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
-                     refiner=args.refiner_start is not None, wait=False)
+    sized = controls[0] if controls else image  # a size not given: the first control image's, else the image's
+    w, h = (width, height) if width else default_size(sized, pipe.model["vae_scale_factor"]) if sized is not None \
+        else (pipe.model["default_size"],) * 2
+    if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,
+        # in the background while the prompts are encoded
+        pipe.prepare(w, h, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,
+                     refiner=args.refiner_start is not None, wait=False, control=bool(controls),
+                     guess_mode=control["guess_mode"])
     if record is not None and record["model_hash"] != model_hash(pipe, pipe.main_role):
         log.warning("--from-png %s was made with other weights (model hash %s; %s has %s): the image will differ",
                     args.from_png, record["model_hash"], args.dir, model_hash(pipe, pipe.main_role))
-    w, h = (width, height) if width else image.size if image is not None else (pipe.model["default_size"],) * 2
     output_room(planned, w, h, args.output_type == "latent")
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                 sampler=args.sampler, spacing=args.spacing, strength=args.strength, refiner_start=args.refiner_start,

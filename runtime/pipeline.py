@@ -23,6 +23,7 @@ import numpy as np
 
 from . import device_loop
 from .backends import BACKENDS, VAE_FP16_ADVICE, non_finite, used_files
+from .contracts import input_dims
 from .controlnet import Control, control_residuals, prepare_control
 from .tiling import decode_tiled
 from .errors import UserError
@@ -160,6 +161,16 @@ def whole_pair(pair, flag: str, least: int, names: dict | None = None) -> tuple[
     if len(values) != 2 or not all(isinstance(v, int) and v >= least for v in values):
         raise UserError(f"{spelled(flag, names)} {pair!r}: expected two whole numbers ≥ {least}")
     return tuple(values)
+
+
+def first_control_image(control_image, names: dict | None = None):
+    """The first ControlNet's image of a call (None without ControlNet), as a PIL image."""
+    first = control_image[0] if isinstance(control_image, (list, tuple)) and control_image else control_image
+    if first is None or isinstance(first, (list, tuple)):
+        return None
+    flag = spelled("control_image", names)
+    return as_image(first, f"{flag} 1" if isinstance(control_image, (list, tuple)) and len(control_image) > 1 else flag,
+                    "RGB")
 
 
 def as_image(value, flag: str, mode: str):
@@ -421,8 +432,8 @@ class Pipeline:
             t = np.full(x.shape[0], sampler.timesteps[i], dtype=np.float32)
             extra_inputs = {}
             if control is not None:
-                outputs = self.manifest.data["components"][control.nets[0]]["outputs"]
-                extra_inputs = control_residuals(self.backend, control, i, x, t, cond, guidance, outputs)
+                entry = self.manifest.data["components"][control.nets[0]]
+                extra_inputs = control_residuals(self.backend, control, i, x, t, cond, guidance, entry)
             noise_pred = unet.run(sample=x, timestep=t, encoder_hidden_states=embeds, text_embeds=pooled,
                                   time_ids=time_ids, **extra_inputs)["noise_pred"].astype(np.float32)
             if guidance:
@@ -503,9 +514,11 @@ class Pipeline:
                                 ("refine_strength", refine_strength)))
         if mask_image is not None and image is None:
             raise UserError(f"{say('mask_image')} needs the image it masks ({say('image')})")
-        if image is not None:  # diffusers' image processor: a side not given is the image's, rounded down to 8
-            scale = self.model["vae_scale_factor"]
-            default_w, default_h = default_size(image, scale)
+        # a side not given is the (first) control image's, else the image's, rounded down to 8: diffusers' ControlNet
+        # pipelines take the control image's size, its image processor an input image's
+        sized = first_control_image(control_image, names) or image
+        if sized is not None:
+            default_w, default_h = default_size(sized, self.model["vae_scale_factor"])
             width, height = width or default_w, height or default_h
         if mask_image is not None and mask_image.size != image.size:
             raise UserError(f"{say('mask_image')} is {mask_image.size[0]}x{mask_image.size[1]} but the "
@@ -625,9 +638,11 @@ class Pipeline:
         return Result(images, array, seeds, timings)
 
     def prepare(self, width: int | None = None, height: int | None = None, images: int = 1, guidance: bool = True,
-                refiner: bool = False, wait: bool = True) -> None:
+                refiner: bool = False, wait: bool = True, control: bool = False, guess_mode: bool = False) -> None:
         """Make now, on several threads at once, the sessions a call of this shape will run on the device (text
-        encoders, the UNet — the refiner's too with `refiner` —, the VAE decoder), instead of one after the other
+        encoders, the UNet — the refiner's too with `refiner`; with `control` the ControlNets and the UNet that takes
+        their residuals instead of the base UNet (`guess_mode`: the nets at the prompts' half) —, the VAE decoder),
+        instead of one after the other
         during the call: a one-shot `generate` starts sooner. The UNets' and the VAE's sessions also run once on
         zeros, so that the call's first steps run at full speed. With `wait` False this returns at once and the next
         call overlaps with it: the text encoders run as soon as their sessions are made, while the UNet's weights
@@ -635,8 +650,8 @@ class Pipeline:
         "sessions" is then the time all of them took). Does nothing on backends without a device loop."""
         if not self._can_prepare:
             return
-        self._preparing = (time.perf_counter(), self.backend.prepare(self._plan(width, height, images, guidance,
-                                                                                refiner), wait=False, warm=True))
+        plan = self._plan(width, height, images, guidance, refiner, control, guess_mode)
+        self._preparing = (time.perf_counter(), self.backend.prepare(plan, wait=False, warm=True))
         if wait:
             self._wait_prepared()
 
@@ -653,16 +668,27 @@ class Pipeline:
     def _can_prepare(self) -> bool:
         return self._on_device and not self.low_memory and hasattr(self.backend, "prepare")
 
-    def _plan(self, width, height, images: int, guidance: bool, refiner: bool) -> list[tuple[str, dict]]:
+    def _plan(self, width, height, images: int, guidance: bool, refiner: bool, control: bool = False,
+              guess_mode: bool = False) -> list[tuple[str, dict]]:
         """(component, symbolic dimensions) of the sessions a call of this shape runs on the device."""
         size, scale = self.model["default_size"], self.model["vae_scale_factor"]
         h, w = (height or size) // scale, (width or size) // scale
         copies = 2 if guidance else 1
+        components = self.manifest.data["components"]
         plan = []
         for role in ("base", "refiner") if refiner and self.main_role == "base" else (self.main_role,):
             names = self.roles[role]["components"]
             plan += [(names[c], {"B": images}) for c in ("clip_l", "clip_g") if c in names]
-            if "unet" in names:
+            nets = self.roles[role].get("controlnets", []) if control and role == "base" else []
+            if nets and len(getattr(self.backend, "devices", ())) > 1:
+                pass  # on several GPUs a ControlNet call runs on the first alone: its sessions are made then
+            elif nets:
+                guess = guess_mode or components[nets[0]].get("global_pool_conditions", False)
+                dims = {"B": copies * images, "S": 77, "h": h, "w": w}
+                plan.append((names["unet_control"], input_dims(components[names["unet_control"]], dims)))
+                rows = {**dims, "B": images if guess and guidance else copies * images}
+                plan += [(net, input_dims(components[net], rows)) for net in nets]
+            elif "unet" in names:
                 plan.append((names["unet"], {"B": copies * images, "S": 77, "h": h, "w": w}))
         vae = self.roles[self.main_role]["components"].get("vae_decoder")
         if vae is not None:
@@ -675,11 +701,14 @@ class Pipeline:
         if hasattr(self.backend, "settle"):
             self.backend.settle()
 
-    def warm_up(self, sizes=None, progress: bool = False) -> dict[str, float]:
+    def warm_up(self, sizes=None, progress: bool = False, control: bool | None = None) -> dict[str, float]:
         """Make and capture, before the first request, what calls at these sizes ("WxH" or (W, H); default: the
         backend's resident buckets, else the model's default size) will run on: each size's sessions and CUDA graphs
-        for the text encoders, the UNets (the refiner's too) and the VAE. Two short calls per size: ONNX Runtime
-        captures a CUDA graph on a session's second run. Returns the seconds each size took."""
+        for the text encoders, the UNets (the refiner's too) and the VAE; with `control` (default: whether the
+        directory has ControlNets) also the ControlNets' and the UNet's that takes their residuals. Two short calls
+        per size (and two with control images): ONNX Runtime captures a CUDA graph on a session's second run.
+        Returns the seconds each size took."""
+        from PIL import Image
         from tqdm.auto import tqdm
 
         from .validate import parse_size
@@ -690,15 +719,19 @@ class Pipeline:
         sizes = [parse_size(s, "--buckets") if isinstance(s, str) else tuple(s) for s in sizes]
         refiner = self.has_refiner and self.main_role == "base"
         steps = 4 if refiner else 2  # every UNet runs at least twice
+        nets = self.roles.get("base", {}).get("controlnets", []) if self.main_role == "base" else []
+        control = bool(nets) if control is None else control and bool(nets)
         taken = {}
         resident = getattr(self.backend, "resident", None)
         if self._can_prepare and resident is not None and resident.budget is None:  # every size's sessions at once
-            self.backend.prepare([item for w, h in sizes for item in self._plan(w, h, 1, True, refiner)])
+            plan = [item for w, h in sizes for c in {False, control} for item in self._plan(w, h, 1, True, refiner, c)]
+            self.backend.prepare(list({(c, tuple(d.items())): (c, d) for c, d in plan}.values()))
         for width, height in tqdm(sizes, desc="warm-up", disable=not progress, leave=False):
             started = time.perf_counter()
-            for _ in range(2):
+            images = [Image.new("RGB", (width, height))] * len(nets) if control else None
+            for extra in [{}] * 2 + ([{"control_image": images}] * 2 if control else []):
                 self("warm-up", width=width, height=height, num_inference_steps=steps, seed=0, progress=False,
-                     refiner_start=0.5 if refiner else None)
+                     refiner_start=0.5 if refiner else None, **extra)
             taken[f"{width}x{height}"] = time.perf_counter() - started
         return taken
 

@@ -126,6 +126,19 @@ def test_controlnet_matches_diffusers(pipe, tiny_base, nets, case):
     assert rel_l2(ours, other) > 5 * LATENT_TOL  # and its control image counts
 
 
+def test_the_control_image_sets_the_size_as_in_diffusers(pipe, tiny_base, nets):
+    """No height/width: diffusers' ControlNet pipeline makes the image at the control image's size, rounded down to a
+    multiple of 8 (here 133x99 → 128x96), not at the model's default size; so do we."""
+    control = control_images(1)[0].resize((133, 99))
+    latents = initial_latents(len(PROMPTS), 128, 96)
+    ours = one_net(pipe)(PROMPTS, num_inference_steps=STEPS, seed=SEED, latents=latents, output_type="latent",
+                         progress=False, control_image=control, controlnet_conditioning_scale=0.7).array
+    theirs = theirs_latents(reference_pipe(tiny_base, nets[:1]), "euler", prompt=PROMPTS, num_inference_steps=STEPS,
+                            latents=torch.from_numpy(latents), image=control, controlnet_conditioning_scale=0.7)
+    assert ours.shape == theirs.shape == latents.shape
+    assert rel_l2(ours, theirs) <= LATENT_TOL
+
+
 def one_net(pipe):
     """The same pipeline with a directory that lists only controlnet_0 (no re-export)."""
     import copy
@@ -332,6 +345,14 @@ def test_cli_control_flags(control_engine, tmp_path):
     control_images(2)[1].rotate(90).save(paths[1])  # a control image changed since: said, not silently used
     run = subprocess.run(replay, capture_output=True, text=True)
     assert run.returncode == 2 and "has changed since the image was made" in run.stderr, run.stderr[-2000:]
+    # no --size: the first control image's (133x99 → 128x96 latents 12x16), as diffusers
+    sized = [tmp_path / f"sized{k}.png" for k in range(2)]
+    for k, image in enumerate(control_images(2)):
+        image.resize((133, 99)).save(sized[k])
+    unsized = [a for a in args if a not in ("--size", f"{WIDTH}x{HEIGHT}")]
+    run = subprocess.run([*unsized, "--control", str(sized[0]), "--control", str(sized[1])], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and np.load(out).shape == (1, 4, 12, 16), run.stderr[-2000:]
     for extra, says in ((["--control", str(paths[0])], "--control: 1 image for 2 ControlNets"),
                         (["--control", f"{paths[0]}:inf", "--control", str(paths[1])], "finite"),
                         (["--control-start", "0.3"], "--control-start goes with --control")):
@@ -431,6 +452,41 @@ def test_device_loop_with_controlnets_equals_the_host_loop(host_gpu, case):
     assert "unet" not in sessions  # the UNet that takes residuals ran, not the plain one
     assert rel_l2(got, expected) < 1e-5
     assert rel_l2(got, pipe(PROMPTS, **{**kw, "control_image": control_images(2)[::-1]}).array) > 1e-3
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_prepare_makes_the_sessions_a_control_call_runs(host_gpu, guess_mode):
+    """Pipeline.prepare(control=True) plans the sessions (component and shape) the device loop then asks for: the
+    ControlNets (at the prompts' half in guess mode) and the UNet that takes residuals, not the plain UNet."""
+    from sdxl_trt.runtime.contracts import symbol_values
+
+    pipe = host_gpu.pipeline(1)
+    backend = host_gpu.backends[0]
+    asked, loop_session = set(), backend.loop_session
+
+    def recording(component, input_shapes):
+        entry = pipe.manifest.data["components"][component]
+        asked.add((component, tuple(sorted(symbol_values(entry, input_shapes).items()))))
+        return loop_session(component, input_shapes)
+
+    backend.loop_session = recording
+    pipe(PROMPTS, width=WIDTH, height=HEIGHT, num_inference_steps=2, seed=1, progress=False, output_type="latent",
+         control_image=control_images(2), guess_mode=guess_mode)
+    plan = {(c, tuple(sorted(d.items()))) for c, d in pipe._plan(WIDTH, HEIGHT, len(PROMPTS), True, False,
+                                                                  control=True, guess_mode=guess_mode)}
+    made = {item for item in asked if item[0] in ("unet_control", "controlnet_0", "controlnet_1")}
+    assert len(made) == 3 and made <= plan, (made, plan)
+    assert "unet" not in {c for c, _ in plan}
+
+
+def test_warm_up_runs_the_controlnets_too(control_engine):
+    """A directory with ControlNets warms them up (and the UNet that takes residuals) beside the plain path."""
+    pipe = Pipeline.load(control_engine)
+    pipe.warm_up([f"{WIDTH}x{HEIGHT}"])
+    assert {"unet", "unet_control", "controlnet_0", "controlnet_1"} <= set(pipe.backend._sessions)
+    plain = Pipeline.load(control_engine)
+    plain.warm_up([f"{WIDTH}x{HEIGHT}"], control=False)
+    assert "unet" in plain.backend._sessions and "controlnet_0" not in plain.backend._sessions
 
 
 def test_controlnet_across_devices_runs_on_the_first(host_gpu, caplog):
