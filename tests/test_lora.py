@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import types
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ import copy
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
