@@ -67,16 +67,17 @@ def main() -> int:
     for extra in cases.values():
         for _ in range(2):
             pipe(PROMPT, **kw, **extra)
-    times = {name: [] for name in cases}
+    times, modes = {name: [] for name in cases}, {}
     for _ in range(args.runs):
         for name, extra in cases.items():
             started = time.perf_counter()
             pipe(PROMPT, **kw, **extra)
             times[name].append((time.perf_counter() - started) * 1e3)
+            modes[name] = pipe.backend.device_loop.last_run
     medians = {name: round(statistics.median(t), 1) for name, t in times.items()}
     rows = {"e2e_ms": medians, "e2e_ms_runs": {n: [round(v, 1) for v in t] for n, t in times.items()},
             "ratio_vs_without": {n: round(medians[n] / medians["without"], 3) for n in cases},
-            "device_loop": pipe.backend.device_loop.last_run}
+            "device_loop": modes}
     print(json.dumps({k: v for k, v in rows.items() if k != "e2e_ms_runs"}), flush=True)
     parity = None
     if not args.no_parity:
