@@ -166,7 +166,7 @@ def generate(args) -> list[Path]:
                     refiner=args.refiner_start is not None or args.refine_strength is not None)
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
                          loras=args.lora, work=work, **resident)
-    sized = controls[0] if controls else image  # a size not given: the first control image's, else the image's
+    sized = image if image is not None else controls[0] if controls else None  # a size not given is its size
     w, h = (width, height) if width else default_size(sized, pipe.model["vae_scale_factor"]) if sized is not None \
         else (pipe.model["default_size"],) * 2
     if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,

@@ -514,9 +514,9 @@ class Pipeline:
                                 ("refine_strength", refine_strength)))
         if mask_image is not None and image is None:
             raise UserError(f"{say('mask_image')} needs the image it masks ({say('image')})")
-        # a side not given is the (first) control image's, else the image's, rounded down to 8: diffusers' ControlNet
-        # pipelines take the control image's size, its image processor an input image's
-        sized = first_control_image(control_image, names) or image
+        # a side not given is the input image's (img2img), else the first control image's, rounded down to 8, as
+        # diffusers' image processor and its ControlNet pipeline take them
+        sized = image if image is not None else first_control_image(control_image, names)
         if sized is not None:
             default_w, default_h = default_size(sized, self.model["vae_scale_factor"])
             width, height = width or default_w, height or default_h
