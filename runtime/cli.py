@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "serve): its prompt, seed, size, steps, sampler, guidance, … ; flags given beside it override the "
                    "file's values (the backend is this command's)")
     g.add_argument("--negative", default="", help="negative prompt (empty: zero negative conditioning on the base)")
-    g.add_argument("--size", help="WxH in pixels, multiples of 8 (default: the model's, 1024x1024 for SDXL)")
+    g.add_argument("--size", help="WxH in pixels, multiples of 8 (default: --init-image's size, else the first "
+                   "--control image's, rounded down to multiples of 8; else the model's, 1024x1024 for SDXL)")
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, help="classifier-free guidance; ≤ 1 turns it off "
                    "(default 5.0; 7.5 when inpainting, as diffusers)")
