@@ -20,14 +20,26 @@ def level_sizes(side: str, value: int) -> dict[str, int]:
     return {f"{side}/{k}": -(-value // k) for k in (2, 4, 8, 16)}
 
 
+def derived(symbols: dict[str, int]) -> dict[str, int]:
+    """`symbols` with the dimensions that follow from them: pixels = 8 × latent (H, W from h, w and back) and the
+    down-sampled levels (level_sizes); given values win."""
+    out = dict(symbols)
+    for big, small in (("H", "h"), ("W", "w")):
+        if small in out:
+            out.setdefault(big, out[small] * 8)
+        if big in out:
+            out.setdefault(small, out[big] // 8)
+    for side in ("h", "w"):
+        if side in out:
+            out = {**level_sizes(side, out[side]), **out}
+    return out
+
+
 def input_dims(entry: dict, dims: dict[str, int]) -> dict[str, int]:
-    """Every symbolic dimension of `entry`'s inputs from the latent-side ones (B, S, h, w): H, W = 8 × h, w and the
-    down-sampled levels (level_sizes). These are the symbol_values of the input shapes a call at those dims gives
-    the component, by which a session made for one shape is kept (ort_cuda.shape_session)."""
-    known = dict(dims)
-    for small, big in (("h", "H"), ("w", "W")):
-        if small in dims:
-            known = {**level_sizes(small, dims[small]), big: dims[small] * 8, **known}
+    """Every symbolic dimension of `entry`'s inputs from the latent-side ones (B, S, h, w). These are the
+    symbol_values of the input shapes a call at those dims gives the component, by which a session made for one
+    shape is kept (ort_cuda.shape_session)."""
+    known = derived(dims)
     used = dict.fromkeys(d for spec in entry["inputs"] for d in spec["shape"] if isinstance(d, str))
     return {d: known[d] for d in used if d in known}
 
@@ -35,13 +47,5 @@ def input_dims(entry: dict, dims: dict[str, int]) -> dict[str, int]:
 def output_shapes(entry: dict, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """A component's output shapes from its input shapes, through the contract's symbolic dimensions
     (B, S, h, w, H, W; pixels = 8 × latent)."""
-    symbols = symbol_values(entry, input_shapes)
-    for big, small in (("H", "h"), ("W", "w")):
-        if small in symbols:
-            symbols.setdefault(big, symbols[small] * 8)
-        if big in symbols:
-            symbols.setdefault(small, symbols[big] // 8)
-    for side in ("h", "w"):
-        if side in symbols:
-            symbols = {**level_sizes(side, symbols[side]), **symbols}
+    symbols = derived(symbol_values(entry, input_shapes))
     return {spec["name"]: tuple(symbols[d] if isinstance(d, str) else d for d in spec["shape"]) for spec in entry["outputs"]}

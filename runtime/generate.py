@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UserError
 from .fileio import atomic_file, check_writable
-from .images import default_size, load_image, write_png
+from .images import load_image, write_png
 from .metadata import control_record, file_sha256, generation_record, model_hash
 from .validate import CLI_NAMES, parse_controls, parse_fractions, parse_size, positive_int, resident_options
 
@@ -166,9 +166,7 @@ def generate(args) -> list[Path]:
                     refiner=args.refiner_start is not None or args.refine_strength is not None)
     pipe = Pipeline.load(args.dir, backend=args.backend, cuda_graphs=args.cuda_graphs, low_memory=args.low_memory,
                          loras=args.lora, work=work, **resident)
-    sized = image if image is not None else controls[0] if controls else None  # a size not given is its size
-    w, h = (width, height) if width else default_size(sized, pipe.model["vae_scale_factor"]) if sized is not None \
-        else (pipe.model["default_size"],) * 2
+    w, h = pipe.call_size(width, height, image, controls or None)
     if image is None and args.long_prompt == "truncate":  # the shapes the call runs at are known: make them now,
         # in the background while the prompts are encoded
         pipe.prepare(w, h, len(prompts) * args.batch, guidance=args.guidance is None or args.guidance > 1,

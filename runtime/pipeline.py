@@ -514,12 +514,7 @@ class Pipeline:
                                 ("refine_strength", refine_strength)))
         if mask_image is not None and image is None:
             raise UserError(f"{say('mask_image')} needs the image it masks ({say('image')})")
-        # a side not given is the input image's (img2img), else the first control image's, rounded down to 8, as
-        # diffusers' image processor and its ControlNet pipeline take them
-        sized = image if image is not None else first_control_image(control_image, names)
-        if sized is not None:
-            default_w, default_h = default_size(sized, self.model["vae_scale_factor"])
-            width, height = width or default_w, height or default_h
+        width, height = self.call_size(width, height, image, control_image, names)
         if mask_image is not None and mask_image.size != image.size:
             raise UserError(f"{say('mask_image')} is {mask_image.size[0]}x{mask_image.size[1]} but the "
                             f"{say('image')} is {image.size[0]}x{image.size[1]}: they must be the same size")
@@ -527,8 +522,6 @@ class Pipeline:
             strength = INPAINT_STRENGTH if mask_image is not None else DEFAULT_STRENGTH
         if guidance_scale is None:
             guidance_scale = INPAINT_GUIDANCE if mask_image is not None else DEFAULT_GUIDANCE
-        size = self.model["default_size"]
-        height, width = height or size, width or size  # as diffusers: a side not given is the model's default
         self._check(height, width, num_inference_steps, output_type, image, latents, strength, refiner_start,
                     refine_strength, names)
         guidance_scale = finite(guidance_scale, "guidance_scale", *GUIDANCE_RANGE, names)
@@ -637,6 +630,19 @@ class Pipeline:
         self._settle()
         return Result(images, array, seeds, timings)
 
+    def call_size(self, width: int | None = None, height: int | None = None, image=None, control_image=None,
+                  names: dict | None = None) -> tuple[int, int]:
+        """(width, height) of a call: a side not given is the input image's (img2img), else the first control
+        image's, rounded down to 8 (diffusers' image processor and its ControlNet pipeline), else the model's default
+        size (diffusers' default)."""
+        if not (width and height):
+            sized = image if image is not None else first_control_image(control_image, names)
+            if sized is not None:
+                default_w, default_h = default_size(sized, self.model["vae_scale_factor"])
+                width, height = width or default_w, height or default_h
+        size = self.model["default_size"]
+        return width or size, height or size
+
     def prepare(self, width: int | None = None, height: int | None = None, images: int = 1, guidance: bool = True,
                 refiner: bool = False, wait: bool = True, control: bool = False, guess_mode: bool = False) -> None:
         """Make now, on several threads at once, the sessions a call of this shape will run on the device (text
@@ -724,7 +730,8 @@ class Pipeline:
         taken = {}
         resident = getattr(self.backend, "resident", None)
         if self._can_prepare and resident is not None and resident.budget is None:  # every size's sessions at once
-            plan = [item for w, h in sizes for c in {False, control} for item in self._plan(w, h, 1, True, refiner, c)]
+            plan = [item for w, h in sizes for c in ([False, True] if control else [False])
+                    for item in self._plan(w, h, 1, True, refiner, c)]
             self.backend.prepare(list({(c, tuple(d.items())): (c, d) for c, d in plan}.values()))
         for width, height in tqdm(sizes, desc="warm-up", disable=not progress, leave=False):
             started = time.perf_counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.contracts import level_sizes
+from ...runtime.contracts import derived
 from ..contract import FLOAT, FLOAT32, TensorSpec
 from .unet import LATENT_FACTOR, Unet, UnetWrapper
 
@@ -43,7 +43,7 @@ def residual_specs(config) -> list[TensorSpec]:
 
 
 def residual_shape(spec: TensorSpec, batch: int, h: int, w: int) -> tuple[int, ...]:
-    values = {"B": batch, "h": h, "w": w, **level_sizes("h", h), **level_sizes("w", w)}
+    values = derived({"B": batch, "h": h, "w": w})
     return tuple(values[d] if isinstance(d, str) else d for d in spec.shape)
 
 
