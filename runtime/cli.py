@@ -197,7 +197,7 @@ def _resident_flags(parser) -> None:
                         "and the model's size")
     parser.add_argument("--max-device-memory", type=float, metavar="GIB", help="ort-cuda: most GPU memory the "
                         "kept sessions and weights may hold; the least recently used sessions are freed first "
-                        "(default: no limit)")
+                        "(default: the GPU's free memory at the start less 10%% of the GPU, at least 2 GiB)")
     parser.add_argument("--devices", metavar="LIST", help="ort-cuda: comma-separated GPU ids (default 0). With "
                         "several, one guided image runs its guidance halves in parallel (one per GPU) and a batch "
                         "is split across them; the text encoders and the VAE run on the first")

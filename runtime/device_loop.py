@@ -46,6 +46,11 @@ from .cuda import BufferPool, Graph, capturing, on_device
 from .samplers import KERNEL_KINDS, Sampler, coefficient_table
 
 log = logging.getLogger(__name__)
+# images per VAE decode: the VAE's activations at 1024² hold about 4 GiB an image (per resident session:
+# h100-resident-buckets-sequence.json), so sessions for a server's batch sizes would keep several times that per bucket,
+# and ran it out of device memory (h100x4-serve-layouts-oom-b0a6c96.json); one at a time costs little: four 1024²
+# images decode in 160 ms at once and 4 × 48 ms one by one on the H100 (the batch sweep of h100-matrix.json)
+DECODE_BATCH = 1
 
 
 def _on_backend_device(method):
@@ -360,13 +365,19 @@ class DeviceLoop:
         """Latents [N,4,h,w] fp32 → images [N,H,W,3] uint8, as Pipeline.decode + images.to_uint8 compute them, on the
         device: the unscaling kernel, the VAE (IOBinding; ONNX Runtime's CUDA graph per shape as for the UNet), then
         the kernel that writes uint8 NHWC pixels and flags NaN/Inf; only the pixels come back. A flagged image goes to
-        the backend's overflow handling (the fp32 VAE from then on, or an error), then is decoded again."""
-        while True:
-            session = self.backend.decode_session(vae, latents.shape)
-            images = self._decode_on(session, vae, latents, scaling_factor, shift)
-            if images is not None:
-                return images
-            self.backend.overflowed(vae)
+        the backend's overflow handling (the fp32 VAE from then on, or an error), then is decoded again. A batch is
+        decoded DECODE_BATCH images at a time, on the sessions (and graphs) of that batch size."""
+        parts = []
+        for start in range(0, len(latents), DECODE_BATCH):
+            part = latents[start:start + DECODE_BATCH]
+            while True:
+                session = self.backend.decode_session(vae, part.shape)
+                images = self._decode_on(session, vae, part, scaling_factor, shift)
+                if images is not None:
+                    break
+                self.backend.overflowed(vae)
+            parts.append(images)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _decode_on(self, session, vae: str, latents: np.ndarray, scaling_factor: float, shift: float):
         shape = self._shape((vae, latents.shape))

@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class VerificationError(UserError):
     """An exported model disagrees with torch beyond its stated tolerance (exit status 4)."""
+
+
+class OutOfMemory(UserError):
+    """The host or the GPU had no memory left for a call: it may succeed smaller, or later (a server answers 503)."""

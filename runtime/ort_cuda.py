@@ -5,8 +5,8 @@ backend.
 
 Sessions: each file's weights are on the device once (weights.py) and every session of that file views them: the
 any-shape session of each component and one session per resident shape — each bucket's (`buckets`) for the UNets and
-the VAE, each batch's for the text encoders —, kept (resident.py) until a device-memory budget frees the least
-recently used.
+the VAE, each batch's for the text encoders —, kept (resident.py) until a device-memory budget (`--max-device-memory`,
+else the GPU's free memory at the start less a reserve) frees the least recently used.
 
 Files: a component's GPU-optimized file (`sdxl-trt optimize DIR --target cuda`: fused attention, GroupNorm, NHWC
 convolutions, fp16) where the engine directory has one, else its fp16 file, else fp32 (with TF32). UNets, text
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -56,7 +57,8 @@ class OrtCudaBackend:
         denoising loop captured as one CUDA graph of our own: experimental, see device_loop.py) or "off".
         `buckets`: the pixel sizes (W, H) that get sessions of their own with CUDA graphs, kept resident (default:
         profiles.BUCKETS and the model's default size); other sizes run on each component's session for any shape.
-        `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py).
+        `max_device_memory` (GiB): least recently used sessions are freed to stay under it (resident.py); default:
+        the GPU's free memory at the start less a reserve (resident.automatic_budget).
         `conv_search`: cuDNN's convolution algorithm search (CONV_SEARCH says why the default).
         `devices`: the GPU ids to run on; the first holds every model, each other one a backend of its own for the
         UNets (`partners`), and the denoising loop splits the guidance batch or the images across them
@@ -78,7 +80,7 @@ class OrtCudaBackend:
 
     def _start(self, manifest, stream, cuda_graphs, buckets, max_device_memory, conv_search) -> None:
         from .lora import Adapters
-        from .resident import GIB, Resident
+        from .resident import GIB, Resident, automatic_budget
 
         self.manifest = manifest
         self.adapters = Adapters()
@@ -93,10 +95,11 @@ class OrtCudaBackend:
         self._scheduled: dict = {}  # file → the future of prepare's loader that uploads its weights
         self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
-        self._baseline = device_memory()[0]  # other processes' memory (and none of ours yet)
-        self.resident = Resident(used=self._memory_used,
-                                 budget=None if max_device_memory is None else int(max_device_memory * GIB),
-                                 evict=self._evicted)
+        self._baseline, total = device_memory()  # other processes' memory (and none of ours yet)
+        automatic = max_device_memory is None
+        self.resident = Resident(used=self._memory_used, evict=self._evicted, automatic=automatic,
+                                 budget=automatic_budget(self._baseline, total) if automatic
+                                 else int(max_device_memory * GIB))
         self._loop = None
 
     @property
@@ -305,7 +308,7 @@ class OrtCudaBackend:
         loaded first, outside the session's making, so that what the session is measured to hold is its own."""
         if key not in self.resident:
             self._shared(key[0], None)
-        return self.resident.get(key, key[0], make)
+        return self.resident.get(key, key[0], make, work=shape_work(dict(key[1])) if key[1] else None)
 
     def _entry(self, component: str) -> dict:
         entry = self.manifest.components.get(component)
@@ -441,6 +444,12 @@ def check_devices(devices) -> tuple[int, ...]:
             raise UserError(f"--devices {','.join(map(str, devices))}: there is no GPU {d} (this machine has "
                             f"{count}: {', '.join(map(str, range(count))) or 'none'})")
     return devices
+
+
+def shape_work(dims: dict[str, int]) -> int:
+    """What a session's activations grow with, from its contract's dimensions: batch × sequence × latent pixels
+    (those of B, S, h, w it has): the scale resident.Resident sizes a new shape's session by."""
+    return math.prod(dims.get(d, 1) for d in ("B", "S", "h", "w"))
 
 
 def resident_sizes(manifest: Manifest, buckets=None) -> frozenset[tuple[int, int]]:

@@ -26,7 +26,7 @@ from .backends import BACKENDS, VAE_FP16_ADVICE, non_finite, used_files
 from .contracts import input_dims
 from .controlnet import Control, control_residuals, prepare_control
 from .tiling import decode_tiled
-from .errors import UserError
+from .errors import OutOfMemory, UserError
 from .images import default_size, load_image, mask_to_array, to_model_input, to_pil, to_uint8
 from .loading import load_backend
 from .manifest import Manifest, load_manifest, work_for
@@ -121,7 +121,8 @@ OUT_OF_MEMORY = ("Failed to allocate memory", "out of memory", "cudaErrorMemoryA
 
 def _user_errors(generate):
     """Running out of host or device memory (numpy, ONNX Runtime, CUDA, TensorRT) becomes a one-line UserError
-    that says what to reduce, in the caller's names, instead of a library's traceback. numpy's overflow and invalid-
+    (OutOfMemory) that says what to reduce, in the caller's names, instead of a library's traceback; the sessions a
+    backend keeps per shape are freed, so that the next call (a server's next request) starts with the room they held. numpy's overflow and invalid-
     value warnings are silenced: non-finite numbers are the pipeline's to report (checked after the text encoders, the
     denoising loop and the VAE, saying which model ran in which precision), and numpy's words would only repeat that
     as a warning about a line of our code."""
@@ -135,12 +136,13 @@ def _user_errors(generate):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return generate(self, *args, **kwargs)
         except MemoryError:
-            raise UserError(f"out of memory: {remedy}") from None
+            raise OutOfMemory(f"out of memory: {remedy}") from None
         except UserError:
             raise
         except Exception as e:
             if any(marker in str(e) for marker in OUT_OF_MEMORY):
-                raise UserError(f"out of memory: {remedy} ({str(e).splitlines()[0][-160:]})") from None
+                self._free_after_out_of_memory()
+                raise OutOfMemory(f"out of memory: {remedy} ({str(e).splitlines()[0][-160:]})") from None
             raise
 
     return wrapper
@@ -698,8 +700,20 @@ class Pipeline:
                 plan.append((names["unet"], {"B": copies * images, "S": 77, "h": h, "w": w}))
         vae = self.roles[self.main_role]["components"].get("vae_decoder")
         if vae is not None:
-            plan.append((vae, {"B": images, "h": h, "w": w}))
+            plan.append((vae, {"B": min(images, device_loop.DECODE_BATCH), "h": h, "w": w}))
         return list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+
+    def _free_after_out_of_memory(self) -> None:
+        """A call ran out of memory: the backend's sessions kept per shape (and their CUDA graphs and buffers) go, the
+        shared weights stay; what a later call needs is made again."""
+        drop = getattr(self.backend, "drop_loop_sessions", None)
+        if drop is None:
+            return
+        try:
+            drop()
+            log.warning("out of memory: freed the sessions kept per shape")
+        except Exception:  # noqa: BLE001 - the out-of-memory error is the one to report
+            log.exception("freeing the sessions after running out of memory failed")
 
     def _settle(self) -> None:
         """A call is done: a backend that keeps sessions resident measures them and keeps to its memory budget."""
@@ -729,7 +743,8 @@ class Pipeline:
         control = bool(nets) if control is None else control and bool(nets)
         taken = {}
         resident = getattr(self.backend, "resident", None)
-        if self._can_prepare and resident is not None and resident.budget is None:  # every size's sessions at once
+        if self._can_prepare and resident is not None and (resident.budget is None or resident.automatic):
+            # every size's sessions at once (under the user's budget, one size after the other: it may hold few)
             plan = [item for w, h in sizes for c in ([False, True] if control else [False])
                     for item in self._plan(w, h, 1, True, refiner, c)]
             self.backend.prepare(list({(c, tuple(d.items())): (c, d) for c, d in plan}.values()))

@@ -20,7 +20,9 @@ message names the request's JSON field (the pipeline's own checks spell its argu
 Dynamic batching: requests that can share a pipeline call (same size, steps, sampler, guidance, refiner start, LoRA
 adapters; no init image) are merged, up to --max-batch images, for at most --max-wait-ms after the first one arrives.
 Each image keeps its own seed's noise stream, so a request gets the images it would get alone. The queue holds at most
---max-queue requests (then 429 with Retry-After); a request waits at most --timeout-s (then 504). On SIGTERM uvicorn
+--max-queue requests (then 429 with Retry-After); a request waits at most --timeout-s (then 504). A call that runs out
+of memory answers 503 with Retry-After (a merged batch first runs again request by request; the sessions kept per
+shape are freed, so the next request finds their room). On SIGTERM uvicorn
 stops accepting connections and the requests in flight are finished before the process exits.
 """
 
@@ -35,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import OutOfMemory, UserError
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +482,8 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
         except asyncio.TimeoutError:
             batcher.cancel(job)
             return error(504, f"not done within {limits.timeout_s:g} s", "timeout")
+        except OutOfMemory as e:  # the server's, not the request's: it may succeed again (the kept sessions were freed)
+            return error(503, str(e), "unavailable", headers={"Retry-After": "1"})
         except UserError as e:
             return error(400, str(e))
         except Exception as e:  # noqa: BLE001 — a bug or the machine: a 500 with its first line, logged whole

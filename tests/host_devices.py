@@ -5,8 +5,8 @@ On cuda-python's runtime API over host memory (fake_gpu.FakeCudart with several 
 and event belongs to the device current on its thread, peer copies and event records are checked against that), the
 device loop runs for real — buffers, bindings, the per-step order, the split across devices and the exchange of
 guidance halves — with:
-  - `HostKernels`: numpy twins of kernels/step.cu's launchers for euler and euler_a (a launch while another device is
-    current fails, as a kernel of one device's module does on CUDA);
+  - `HostKernels`: numpy twins of kernels/step.cu's launchers for euler and euler_a and the decode's (a launch while
+    another device is current fails, as a kernel of one device's module does on CUDA);
   - `HostSession`: the component's ONNX Runtime CPU session (fp32) behind the device loop's binding interface (bind
     addresses by name, run on them), refusing an address that is not its device's;
   - `HostDeviceBackend`: what the device loop asks of a backend (its device, stream, sessions, settle).
@@ -74,6 +74,18 @@ class HostKernels:
             r = r + view(int(noise), (s + 1, n), np.float32)[s] * c[5]
         xs[:] = r
 
+    def unscale_latents(self, x, out, out_dtype, scaling_factor, shift, n):
+        self._on_my_device()
+        view(int(out), (n,), out_dtype)[:] = self._f32(x, n) / np.float32(scaling_factor) + np.float32(shift)
+
+    def to_uint8(self, image, image_dtype, out, nonfinite, channels, pixels, n):
+        self._on_my_device()
+        nchw = view(int(image), (n // (channels * pixels), channels, pixels), image_dtype).astype(np.float32)
+        if not np.isfinite(nchw).all():
+            view(int(nonfinite), (1,), np.int32)[0] = 1
+        pixels_out = np.rint(np.clip(nchw / 2 + 0.5, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 1)
+        view(int(out), (n,), np.uint8)[:] = pixels_out.reshape(-1)
+
     def advance_step(self, step):
         self._on_my_device()
         view(int(step), (1,), np.int32)[0] += 1
@@ -133,6 +145,7 @@ class HostDeviceBackend:
         self.sessions: dict[str, HostSession] = {}
         self.settled = 0
         self.loop = None
+        self.decoded_shapes = []  # the latent shapes decode_session was asked for
 
     @property
     def device_loop(self):
@@ -145,6 +158,10 @@ class HostDeviceBackend:
 
     def session(self, component):
         return self.cpu.session(component)
+
+    def decode_session(self, component, latent_shape):
+        self.decoded_shapes.append(tuple(latent_shape))
+        return self.loop_session(component, {"latent": tuple(latent_shape)})
 
     def settle(self):
         self.settled += 1

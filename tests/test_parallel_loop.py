@@ -146,6 +146,22 @@ def test_a_batch_is_split_across_devices(host_gpus):
     assert rel_l2(got[2], expected[1]) > 0.1  # images are not mixed up
 
 
+def test_a_batch_is_decoded_image_by_image_on_the_device(host_gpus):
+    """The device loop decodes a batch one image at a time (device_loop.DECODE_BATCH) on the one-image VAE session:
+    no session per batch size is kept (at full size each would hold several GiB of the VAE's activations). The
+    pixels equal the host decode's (the numpy loop, Pipeline.decode, images.to_uint8) but for rounding at .5."""
+    kw = dict(width=64, height=64, num_inference_steps=3, seed=7, progress=False, num_images_per_prompt=3)
+    expected = np.stack([np.asarray(image) for image in host_gpus.reference("a kite", **kw).images])
+    got = np.stack([np.asarray(image) for image in host_gpus.pipe("a kite", **kw).images])
+    shapes = host_gpus.backends[0].decoded_shapes
+    assert len(shapes) == 3 and {s[0] for s in shapes} == {1} and host_gpus.backends[1].decoded_shapes == []
+    difference = np.abs(got.astype(int) - expected.astype(int))
+    print(f"device decode vs host: {np.count_nonzero(difference)} of {difference.size} values differ, at most by "
+          f"{difference.max()}")
+    assert got.shape == expected.shape == (3, 64, 64, 3) and difference.max() <= 1 and np.mean(difference) < 0.01
+    assert np.abs(got[0].astype(int) - got[1].astype(int)).mean() > 5  # each image decoded from its own latents
+
+
 def test_one_image_without_guidance_runs_on_the_first_device(host_gpus, caplog):
     kw = dict(width=64, height=64, num_inference_steps=3, seed=5, progress=False, output_type="latent",
               guidance_scale=1.0)

@@ -90,14 +90,19 @@ def test_running_out_of_memory_is_a_clear_error(tiny_engine, monkeypatch):
                            "buffer of size 40000000000")
 
     monkeypatch.setattr(session, "run", fail)
+    dropped = []  # a GPU backend's sessions kept per shape: freed, so that the next call has their room
+    monkeypatch.setattr(pipe.backend, "drop_loop_sessions", lambda: dropped.append(True), raising=False)
     from sdxl_trt.runtime import UserError
+    from sdxl_trt.runtime.errors import OutOfMemory
 
-    with pytest.raises(UserError, match="out of memory: lower height and width or num_images_per_prompt, or use "
-                                        "low_memory"):
+    with pytest.raises(OutOfMemory, match="out of memory: lower height and width or num_images_per_prompt, or use "
+                                          "low_memory"):
         pipe("a cat", height=64, width=64, num_inference_steps=1, progress=False)
+    assert dropped == [True] and issubclass(OutOfMemory, UserError)  # one line and exit 2 from the CLI
     with pytest.raises(ZeroDivisionError):  # anything else is a bug and keeps its traceback
         monkeypatch.setattr(session, "run", lambda **feeds: 1 / 0)
         pipe("a cat", height=64, width=64, num_inference_steps=1, progress=False)
+    assert dropped == [True]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -333,6 +333,67 @@ def test_the_batcher_survives_a_request_that_times_out_while_waiting_for_company
     assert calls == [["a", "b"]]  # the timed-out request never ran
 
 
+def test_a_merged_batch_that_runs_out_of_memory_runs_again_request_by_request():
+    """Batcher logic alone: a merged call that runs out of device memory (OutOfMemory) is tried again one request at
+    a time, so each request gets its image."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sdxl_trt.runtime.errors import OutOfMemory
+    from sdxl_trt.runtime.server import Batcher, Job, Limits, Metrics
+
+    calls = []
+
+    def pipe(prompts, negatives, seed, image, progress, **kwargs):
+        calls.append(list(prompts))
+        if len(prompts) > 1:
+            raise OutOfMemory("out of memory: lower height and width or n")
+        return SimpleNamespace(images=[f"image of {p}" for p in prompts], timings={"base": 0.01})
+
+    async def scenario():
+        batcher = Batcher(pipe, Limits(max_batch=4, max_wait_ms=200), Metrics())
+        jobs = [Job(p, None, 1, [i], {"num_inference_steps": 2}) for i, p in enumerate(["a", "b"])]
+        futures = [batcher.submit(j) for j in jobs]  # both queued before the worker starts: merged
+        batcher.start()
+        results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert calls == [["a", "b"], ["a"], ["b"]]
+    assert [r[0] for r in results] == [["image of a"], ["image of b"]]
+
+
+def test_running_out_of_memory_answers_503_with_retry_after_and_the_server_goes_on():
+    """Out of memory is the server's condition, not the request's: 503, Retry-After and the one-line reason; the
+    next request is served."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from sdxl_trt.runtime.errors import OutOfMemory
+    from sdxl_trt.runtime.server import create_app
+
+    class Stand:
+        backend = SimpleNamespace(name="stand-in")
+        loras = ()
+        manifest = SimpleNamespace(sha256="0" * 64, data={"sources": {}}, components={})
+        roles, main_role, scheduler_config = {}, "base", {}
+
+        def __call__(self, prompts, negatives, seed, image, progress, **kwargs):
+            if prompts[0] == "too big":
+                raise OutOfMemory("out of memory: lower height and width or n (CUDA failure 2: out of memory)")
+            return SimpleNamespace(images=[Image.new("RGB", (64, 64))] * len(prompts), timings={"base": 0.01})
+
+    with TestClient(create_app("stand-in", pipeline=Stand(), warmup=False)) as client:
+        answer = client.post("/v1/images/generations", json={"prompt": "too big", "size": "64x64"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["error"] == {"message": "out of memory: lower height and width or n (CUDA failure 2: "
+                                                     "out of memory)", "type": "unavailable"}
+        assert client.post("/v1/images/generations", json={"prompt": "a kite", "size": "64x64"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
 def test_health_answers_503_while_the_sizes_warm_up_and_200_after():
     """Warm-up runs after startup: /health says 503 "warming up" (and requests get 503) until every resident size's
     sessions and graphs are made, then 200. A stand-in pipeline whose warm-up waits for the test."""

@@ -304,6 +304,64 @@ def test_a_budget_below_one_working_set_still_runs_and_says_so(caplog):
     assert "running over the budget" in caplog.text and caplog.text.count("running over the budget") == 1
 
 
+def test_the_room_made_for_a_new_shape_scales_with_its_work():
+    """A batch of four at a size whose one-image sessions were measured is expected to hold four times as much: room
+    for that is made before it is made, so the device never holds more than the budget (it would, by 40 bytes here,
+    if the room made were one image's)."""
+    from sdxl_trt.runtime.resident import Resident
+
+    device = FakeDevice()
+    device.used = 40
+    freed = []
+
+    def evict(key, session):
+        freed.append(key)
+        device.used -= session.nbytes
+
+    resident = Resident(used=lambda: device.used, budget=150, evict=evict)
+
+    def call(key, work, nbytes):
+        session = resident.get(key, "unet", lambda: Session(device, nbytes), work=work)
+        session.run()
+        resident.settle()
+
+    for size in ("a", "b", "c"):
+        call(("unet", size, 1), work=1000, nbytes=20)
+    assert resident.expected("unet", 4000) == 80 and resident.expected("unet", 500) == 10
+    assert resident.expected("unet") == 20  # a session for any shape: the most one of them held
+    peak = []
+    original_run = Session.run
+
+    def run(self):
+        original_run(self)
+        peak.append(device.used)
+
+    Session.run = run
+    try:
+        call(("unet", "a", 4), work=4000, nbytes=80)
+    finally:
+        Session.run = original_run
+    assert freed == [("unet", "a", 1), ("unet", "b", 1)]  # before it was made: 100 + 80 > 150
+    assert peak == [140] and device.used <= 150
+
+
+def test_the_automatic_budget_is_the_free_memory_less_a_reserve(caplog):
+    from sdxl_trt.runtime.resident import GIB, Resident, automatic_budget
+
+    assert automatic_budget(1 * GIB, 80 * GIB) == 71 * GIB  # 10% of the GPU kept back
+    assert automatic_budget(GIB // 2, 8 * GIB) == int(5.5 * GIB)  # at least 2 GiB kept back
+    assert automatic_budget(79 * GIB, 80 * GIB) == 0  # nothing free: every call frees what came before it
+    device = FakeDevice()
+    resident = Resident(used=lambda: device.used, budget=10, automatic=True,
+                        evict=lambda key, session: setattr(device, "used", device.used - session.nbytes))
+    for size in ("a", "b"):
+        resident.get(("vae", size), "vae", lambda: Session(device, 30)).run()
+        resident.settle()
+    assert resident.keys() == [("vae", "b")]
+    assert "the automatic device-memory budget (0.0 GiB: the GPU's free memory at the start less a reserve)" in \
+        caplog.text and "--max-device-memory" not in caplog.text
+
+
 def test_sessions_made_on_several_threads_are_each_kept_once():
     import threading
     import time
