@@ -237,6 +237,12 @@ class OrtCudaBackend:
                 future.result()
         return self._preparing
 
+    def fits(self, plan: list[tuple[str, dict[str, int]]]) -> bool:
+        """Whether the sessions `plan` names ((component, dims), as `prepare` takes them) that are not kept yet are
+        expected to fit this GPU's device-memory budget beside what is in use (Resident.fits). With partner GPUs the
+        UNets' sessions are counted here at the whole batch, of which this GPU makes a share: an over-estimate."""
+        return self.resident.fits([((c, tuple(sorted(d.items()))), c, shape_work(d)) for c, d in plan])
+
     @property
     def preparing(self) -> bool:
         """Whether sessions of a `prepare(wait=False)` are still being made or warmed (on other threads)."""

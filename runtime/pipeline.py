@@ -122,10 +122,10 @@ OUT_OF_MEMORY = ("Failed to allocate memory", "out of memory", "cudaErrorMemoryA
 def _user_errors(generate):
     """Running out of host or device memory (numpy, ONNX Runtime, CUDA, TensorRT) becomes a one-line UserError
     (OutOfMemory) that says what to reduce, in the caller's names, instead of a library's traceback; the sessions a
-    backend keeps per shape are freed, so that the next call (a server's next request) starts with the room they held. numpy's overflow and invalid-
-    value warnings are silenced: non-finite numbers are the pipeline's to report (checked after the text encoders, the
-    denoising loop and the VAE, saying which model ran in which precision), and numpy's words would only repeat that
-    as a warning about a line of our code."""
+    backend keeps per shape are freed, so that the next call (a server's next request) starts with the room they
+    held. numpy's overflow and invalid-value warnings are silenced: non-finite numbers are the pipeline's to report
+    (checked after the text encoders, the denoising loop and the VAE, saying which model ran in which precision), and
+    numpy's words would only repeat that as a warning about a line of our code."""
     @functools.wraps(generate)
     def wrapper(self, *args, **kwargs):
         names = kwargs.get("names")
@@ -742,13 +742,22 @@ class Pipeline:
         nets = self.roles.get("base", {}).get("controlnets", []) if self.main_role == "base" else []
         control = bool(nets) if control is None else control and bool(nets)
         taken = {}
+        # the sessions of the sizes from `at_once` on are made together, on several threads; under a device-memory
+        # budget the first size (of the default ones, the largest) warms up alone first, so that what its sessions
+        # hold is measured, and the rest are made together only where they are expected to fit (backend.fits), else
+        # one size after the other
         resident = getattr(self.backend, "resident", None)
-        if self._can_prepare and resident is not None and (resident.budget is None or resident.automatic):
-            # every size's sessions at once (under the user's budget, one size after the other: it may hold few)
-            plan = [item for w, h in sizes for c in ([False, True] if control else [False])
-                    for item in self._plan(w, h, 1, True, refiner, c)]
-            self.backend.prepare(list({(c, tuple(d.items())): (c, d) for c, d in plan}.values()))
-        for width, height in tqdm(sizes, desc="warm-up", disable=not progress, leave=False):
+        at_once = None if not self._can_prepare or resident is None else 0 if resident.budget is None else 1
+        for index, (width, height) in enumerate(tqdm(sizes, desc="warm-up", disable=not progress, leave=False)):
+            if index == at_once:
+                plan = [item for w, h in sizes[index:] for c in ([False, True] if control else [False])
+                        for item in self._plan(w, h, 1, True, refiner, c)]
+                plan = list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+                if resident.budget is None or self.backend.fits(plan):
+                    self.backend.prepare(plan)
+                else:
+                    log.info("warm-up: the other sizes' sessions are not expected to fit the device-memory budget "
+                             "together; one size after the other")
             started = time.perf_counter()
             images = [Image.new("RGB", (width, height))] * len(nets) if control else None
             for extra in [{}] * 2 + ([{"control_image": images}] * 2 if control else []):

@@ -142,6 +142,15 @@ class Resident:
             return int(rate * work)
         return self._sizes.get(component, 0)
 
+    def fits(self, wanted) -> bool:
+        """Whether the values of `wanted` ((key, component, work) each) that are not kept yet are expected (`expected`)
+        to fit the budget beside what is in use now (a component never measured counts 0)."""
+        if self.budget is None:
+            return True
+        with self._lock:
+            need = sum(self.expected(component, work) for key, component, work in wanted if key not in self._entries)
+            return self.used() + need <= self.budget
+
     def _make_room(self, needed: int, keep: int = 0) -> None:
         """Free least recently used values until `needed` more bytes fit the budget, keeping the `keep` newest."""
         if self.budget is None:

@@ -162,6 +162,31 @@ def test_a_batch_is_decoded_image_by_image_on_the_device(host_gpus):
     assert np.abs(got[0].astype(int) - got[1].astype(int)).mean() > 5  # each image decoded from its own latents
 
 
+@pytest.mark.parametrize("fits", [True, False])
+def test_warm_up_under_a_budget_measures_the_largest_size_then_prepares_the_rest_if_they_fit(host_gpus, monkeypatch,
+                                                                                             fits):
+    """Under a device-memory budget the first size warms up alone first (what its sessions hold is measured), then
+    the other sizes' sessions are made together only if the backend expects them to fit; else one size after the
+    other. (The warm-up calls are recorded, not run: the order is what is tested.)"""
+    from sdxl_trt.runtime import Pipeline
+
+    backend, events = host_gpus.pipe.backend, []
+    monkeypatch.setattr(backend, "resident", types.SimpleNamespace(budget=2**30, automatic=True), raising=False)
+    monkeypatch.setattr(backend, "prepare", lambda plan: events.append(
+        ("prepare", sorted({(d["w"] * 8, d["h"] * 8) for _, d in plan if "h" in d}))), raising=False)
+    monkeypatch.setattr(backend, "fits", lambda plan: events.append("fits?") or fits, raising=False)
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, prompt, width, height, **kw: events.append((width, height)))
+    taken = host_gpus.pipe.warm_up(["96x64", "64x80", "64x64"])
+    assert list(taken) == ["96x64", "64x80", "64x64"]
+    first = [(96, 64)] * 2 + ["fits?"]
+    rest = [(64, 80)] * 2 + [(64, 64)] * 2
+    assert events == first + ([("prepare", [(64, 64), (64, 80)])] if fits else []) + rest
+    monkeypatch.setattr(backend, "resident", types.SimpleNamespace(budget=None, automatic=False), raising=False)
+    events.clear()
+    host_gpus.pipe.warm_up(["96x64", "64x64"])  # no budget: every size's sessions at once, before any call
+    assert events == [("prepare", [(64, 64), (96, 64)])] + [(96, 64)] * 2 + [(64, 64)] * 2
+
+
 def test_one_image_without_guidance_runs_on_the_first_device(host_gpus, caplog):
     kw = dict(width=64, height=64, num_inference_steps=3, seed=5, progress=False, output_type="latent",
               guidance_scale=1.0)

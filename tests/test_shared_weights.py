@@ -345,6 +345,21 @@ def test_the_room_made_for_a_new_shape_scales_with_its_work():
     assert peak == [140] and device.used <= 150
 
 
+def test_values_not_kept_yet_are_expected_to_fit_or_not():
+    from sdxl_trt.runtime.resident import Resident
+
+    device = FakeDevice()
+    device.used = 40
+    resident = Resident(used=lambda: device.used, budget=150, evict=lambda key, session: None)
+    resident.get(("unet", "a", 1), "unet", lambda: Session(device, 20), work=1000).run()
+    resident.settle()  # 60 in use; 20 bytes per 1000 of work measured
+    one_each = [(("unet", s, 1), "unet", 1000) for s in "abcd"]
+    assert resident.fits(one_each)  # a is kept: 3 × 20 more → 120
+    assert not resident.fits(one_each + [(("unet", "a", 4), "unet", 4000)])  # + 80 → 200 > 150
+    assert resident.fits([(("vae", "a", 1), "vae", 1000)] * 10)  # never measured: counts 0
+    assert Resident(used=lambda: 10**12).fits(one_each)  # no budget
+
+
 def test_the_automatic_budget_is_the_free_memory_less_a_reserve(caplog):
     from sdxl_trt.runtime.resident import GIB, Resident, automatic_budget
 
