@@ -136,6 +136,13 @@ def health(url: str) -> dict:
         return json.loads(r.read())
 
 
+def server_memory(answer: dict) -> dict:
+    """What a /health answer says of the device memory the server (one replica, under Ray) keeps: sessions per
+    shape, GiB in use and at most, its budget and how many sessions it freed to keep it (ort-cuda; {} elsewhere)."""
+    return {key: answer[key] for key in ("resident_sessions", "device_gib", "peak_device_gib", "budget_gib", "budget",
+                                         "evictions") if key in answer}
+
+
 def mixed(url: str, args) -> dict:
     """One request at a time over the sizes in a seeded random order, then each size's steady latency."""
     import random
@@ -190,6 +197,7 @@ def compare_layouts(args) -> int:
         try:
             warmup_s = round(time.perf_counter() - started, 2)
             run = mixed(url, args)
+            run["replica_memory"] = server_memory(health(url))
         finally:
             process.terminate()
             process.wait(60)
@@ -256,8 +264,8 @@ def main() -> int:
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": gpu_name(),
                       "server_flags": args.server_flags, "steps": args.steps, "mode": "mixed", "seed": args.seed,
                       "warmup_s": warmup_s, "server_warmup_s": ready.get("warmup_s"),
-                      "resident_sessions": final.get("resident_sessions"),
-                      "server_device_gib": final.get("device_gib"), "server_peak_device_gib": final.get("peak_device_gib"),
+                      **{("server_" if key.endswith("gib") else "") + key: value
+                         for key, value in server_memory(final).items()},
                       **run}
         else:
             before = metrics(url)

@@ -374,8 +374,11 @@ def test_running_out_of_memory_answers_503_with_retry_after_and_the_server_goes_
     from sdxl_trt.runtime.errors import OutOfMemory
     from sdxl_trt.runtime.server import create_app
 
+    from sdxl_trt.runtime.resident import GIB, Resident
+
     class Stand:
-        backend = SimpleNamespace(name="stand-in")
+        backend = SimpleNamespace(name="stand-in", resident=Resident(used=lambda: 3 * GIB, budget=8 * GIB,
+                                                                     automatic=True))
         loras = ()
         manifest = SimpleNamespace(sha256="0" * 64, data={"sources": {}}, components={})
         roles, main_role, scheduler_config = {}, "base", {}
@@ -391,7 +394,10 @@ def test_running_out_of_memory_answers_503_with_retry_after_and_the_server_goes_
         assert answer.json()["error"] == {"message": "out of memory: lower height and width or n (CUDA failure 2: "
                                                      "out of memory)", "type": "unavailable"}
         assert client.post("/v1/images/generations", json={"prompt": "a kite", "size": "64x64"}).status_code == 200
-        assert client.get("/health").status_code == 200
+        answer = client.get("/health")
+        assert answer.status_code == 200 and answer.json()["device_gib"] == 3.0
+        assert {k: answer.json()[k] for k in ("budget_gib", "budget", "evictions")} == \
+            {"budget_gib": 8.0, "budget": "automatic", "evictions": 0}
 
 
 def test_health_answers_503_while_the_sizes_warm_up_and_200_after():
