@@ -197,7 +197,7 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
             if control_srcs and "controlnet" in wanted:
                 _export_controlnets(control_srcs, roles["base"], precision, verify, report, progress, tmp, manifest)
             _copy_support_files(roles, vae_src, tmp, manifest)
-            manifest["files"] = dict(mf.file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
+            manifest["files"] = mf.file_records(tmp, (p for p in sorted(tmp.rglob("*")) if p.is_file()))
             mf.write_manifest(tmp, manifest)
     except OSError as e:
         raise UserError(f"export to {out} failed: {e.strerror or e} ({e.filename or out}); nothing was written") from None

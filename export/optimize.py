@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..runtime import engines as eng
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
-from ..runtime.manifest import file_record, load_manifest
+from ..runtime.manifest import file_records, load_manifest
 from .fuse_attention import drop_dead_nodes, import_ms_domain
 from .onnx_export import has_external_data, model_files, write_model
 
@@ -167,7 +167,7 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     manifest = load_manifest(root)
     entry = manifest.components[name]
     files = model_files(dest)
-    records = dict(file_record(root, f) for f in files)
+    records = file_records(root, files)
     overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
     record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
               "from": source, "fused": fused, "overflow_check": overflow}

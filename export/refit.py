@@ -133,7 +133,7 @@ def refit_engine_dir(engine_dir: str | Path, out: str | Path, model: str, *, ref
             data["sources"][role] = {"spec": src.spec, "kind": src.kind, "architecture": src.architecture,
                                      "refitted_from": sources[role]["spec"]}
         data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        data["files"] = dict(mf.file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
+        data["files"] = mf.file_records(tmp, (p for p in sorted(tmp.rglob("*")) if p.is_file()))
         mf.write_manifest(tmp, data)
     report.notes.append("optimized files and TensorRT engines are not carried over: run `sdxl-trt optimize` / "
                         "`sdxl-trt build` on the new directory")

@@ -80,6 +80,17 @@ def file_record(root: Path, path: Path) -> tuple[str, dict]:
     return path.relative_to(root).as_posix(), {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
+def file_records(root: Path, paths) -> dict[str, dict]:
+    """file_record of each path, in order, hashed on several threads (hashlib lets go of the GIL while it hashes: an
+    engine directory's weight files, gigabytes each, are read and hashed at once instead of one after the other)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return dict(pool.map(lambda path: file_record(root, path), paths))
+
+
 def file_problem(path: Path, record: dict, check_hash: bool, changed: str) -> str | None:
     """Why `path` is not the file its manifest record ({"size", "sha256"}) describes, or None. `changed` says since
     when, in the message for a wrong hash."""

@@ -321,3 +321,34 @@ def test_every_linear_weight_is_named_after_its_parameter(engine_dir, tiny_base)
                 expected = linear.weight.detach().numpy()
                 expected = expected.T if key.endswith(".T") else expected
                 np.testing.assert_allclose(value, expected, rtol=1e-3, atol=1e-3)  # fp16 files: rounded
+
+
+def test_weights_are_named_by_their_whole_value_not_by_a_sample(tmp_path):
+    """name_weights files parameters by a sample of their values (no hash of every weight): a weight whose sample
+    matches a parameter's but whose values differ elsewhere is not given its name; a value two parameters share
+    stays anonymous; a transposed weight gets ".T"."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from sdxl_trt.export.onnx_export import fingerprint, name_weights
+
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(96, 80, bias=False), "b": torch.nn.Linear(96, 80, bias=False),
+                                  "c": torch.nn.Linear(96, 80, bias=False), "d": torch.nn.Linear(96, 80, bias=False)})
+    with torch.no_grad():
+        module["d"].weight.copy_(module["c"].weight)  # c and d share a value
+    a, b, c = (module[k].weight.detach().numpy() for k in "abc")
+    near_b = b.copy()
+    near_b.flat[2] += 1.0  # not a sampled position of 80 × 96 values (4096 samples over 7680): same fingerprint
+    assert fingerprint(near_b) == fingerprint(b) and fingerprint(a.T) == fingerprint(np.ascontiguousarray(a.T))
+    values = {"onnx::MatMul_1": np.ascontiguousarray(a.T), "onnx::MatMul_2": b, "onnx::MatMul_3": near_b,
+              "onnx::MatMul_4": c}
+    graph = helper.make_graph([helper.make_node("Identity", [name], [f"out{i}"]) for i, name in enumerate(values)],
+                              "g", [], [helper.make_tensor_value_info(f"out{i}", onnx.TensorProto.FLOAT, None)
+                                        for i in range(len(values))],
+                              [numpy_helper.from_array(v, name) for name, v in values.items()])
+    model = helper.make_model(graph)
+    assert name_weights(model, module, tmp_path) == 2
+    assert [t.name for t in model.graph.initializer] == ["a.weight.T", "b.weight", "onnx::MatMul_3", "onnx::MatMul_4"]
+    assert [n.input[0] for n in model.graph.node] == ["a.weight.T", "b.weight", "onnx::MatMul_3", "onnx::MatMul_4"]
