@@ -145,8 +145,7 @@ class OrtCudaBackend:
         scale = self.manifest.data["model"]["vae_scale_factor"]
         if "h" in dims and "w" in dims and (dims["w"] * scale, dims["h"] * scale) not in self.buckets:
             return self.session(component)
-        return self._kept((component, tuple(sorted(dims.items()))),
-                          lambda: self._make(component, cuda_graph=True, dims=dims))
+        return self._kept(shape_key(component, dims), lambda: self._make(component, cuda_graph=True, dims=dims))
 
     def prepare(self, plan: list[tuple[str, dict[str, int]]], workers: int = 8, wait: bool = True,
                 warm: bool = False):
@@ -241,7 +240,7 @@ class OrtCudaBackend:
         """Whether the sessions `plan` names ((component, dims), as `prepare` takes them) that are not kept yet are
         expected to fit this GPU's device-memory budget beside what is in use (Resident.fits). With partner GPUs the
         UNets' sessions are counted here at the whole batch, of which this GPU makes a share: an over-estimate."""
-        return self.resident.fits([((c, tuple(sorted(d.items()))), c, shape_work(d)) for c, d in plan])
+        return self.resident.fits([(shape_key(c, d), c, shape_work(d)) for c, d in plan])
 
     @property
     def preparing(self) -> bool:
@@ -450,6 +449,11 @@ def check_devices(devices) -> tuple[int, ...]:
             raise UserError(f"--devices {','.join(map(str, devices))}: there is no GPU {d} (this machine has "
                             f"{count}: {', '.join(map(str, range(count))) or 'none'})")
     return devices
+
+
+def shape_key(component: str, dims: dict[str, int]) -> tuple:
+    """The key a session made for one shape is kept under (Resident): the component and its dimensions, sorted."""
+    return component, tuple(sorted(dims.items()))
 
 
 def shape_work(dims: dict[str, int]) -> int:

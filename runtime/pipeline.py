@@ -148,6 +148,11 @@ def _user_errors(generate):
     return wrapper
 
 
+def unique_plan(plan: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """(component, dims) pairs of sessions to make, each once, in their first order."""
+    return list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+
+
 def text_list(value, what: str) -> list[str]:
     """A prompt or a sequence of prompts as a list of strings, or a UserError saying what was given instead."""
     if isinstance(value, str):
@@ -701,7 +706,7 @@ class Pipeline:
         vae = self.roles[self.main_role]["components"].get("vae_decoder")
         if vae is not None:
             plan.append((vae, {"B": min(images, device_loop.DECODE_BATCH), "h": h, "w": w}))
-        return list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+        return unique_plan(plan)
 
     def _free_after_out_of_memory(self) -> None:
         """A call ran out of memory: the backend's sessions kept per shape (and their CUDA graphs and buffers) go, the
@@ -750,9 +755,8 @@ class Pipeline:
         at_once = None if not self._can_prepare or resident is None else 0 if resident.budget is None else 1
         for index, (width, height) in enumerate(tqdm(sizes, desc="warm-up", disable=not progress, leave=False)):
             if index == at_once:
-                plan = [item for w, h in sizes[index:] for c in ([False, True] if control else [False])
-                        for item in self._plan(w, h, 1, True, refiner, c)]
-                plan = list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+                plan = unique_plan([item for w, h in sizes[index:] for c in ([False, True] if control else [False])
+                                    for item in self._plan(w, h, 1, True, refiner, c)])
                 if resident.budget is None or self.backend.fits(plan):
                     self.backend.prepare(plan)
                 else:

@@ -454,11 +454,11 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
             answer["warmup_s"] = state["warmup_s"]
         resident = getattr(state["batcher"].pipe.backend, "resident", None)
         if resident is not None:  # what the GPU backend keeps: sessions per shape, device memory (GiB)
+            limited = resident.budget is not None
             answer.update(resident_sessions=len(resident), device_gib=round(resident.used() / 2**30, 2),
-                          peak_device_gib=round(resident.peak / 2**30, 2),
-                          budget_gib=None if resident.budget is None else round(resident.budget / 2**30, 2),
-                          budget=("automatic" if resident.automatic else "--max-device-memory") if resident.budget
-                          is not None else None, evictions=resident.evictions)
+                          peak_device_gib=round(resident.peak / 2**30, 2), evictions=resident.evictions,
+                          budget_gib=round(resident.budget / 2**30, 2) if limited else None,
+                          budget=("automatic" if resident.automatic else "--max-device-memory") if limited else None)
         return answer
 
     @app.get("/metrics")
