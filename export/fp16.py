@@ -3,7 +3,11 @@ Diffusion scripts use), keeping in fp32 what diffusers keeps in fp32 under fp16:
   - inputs the contract names float32 (timesteps, micro-conditioning values),
   - the sinusoidal embeddings of timesteps and time ids (`time_proj`, `add_time_proj`): sin/cos of arguments
     up to ~1000 lose whole radians in fp16,
-  - Resize (its `scales` input must stay fp32 for ONNX Runtime) and random-number ops.
+  - random-number ops.
+Resize runs in fp16 (nearest-neighbour upsampling only copies values); the converter keeps its `scales` input fp32
+itself (ONNX Runtime's float16.ALWAYS_FLOAT_INPUTS), which ONNX Runtime requires. Blocking the whole node, as this
+module did at first, wrapped each upsampler in two Casts and ran it in fp32: 1.4 ms of a 1024² VAE decode on the H100
+(benchmarks/results/h100-vae-variants-ce83b03.json).
 
 The converter rewrites the graph; the weights are converted outside it, one tensor at a time, straight from the
 fp32 file's external data into the fp16 file's: a full-size UNet (10 GB of fp32 weights) never sits in memory.
@@ -19,7 +23,7 @@ import onnx
 from .contract import Component
 from .onnx_export import external_info, initializers, read_external, toposort_nodes, write_model
 
-OP_BLOCK = ["Resize", "RandomNormalLike", "RandomNormal", "RandomUniformLike"]
+OP_BLOCK = ["RandomNormalLike", "RandomNormal", "RandomUniformLike"]
 FP32_SCOPES = ("/time_proj/", "/add_time_proj/")  # node-name scopes of diffusers' Timesteps modules
 
 

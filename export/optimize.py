@@ -5,7 +5,7 @@ From each component's fp32 file (the reference), in memory:
   2. ONNX Runtime's transformer fusions for its model type (unet / vae / clip): LayerNorm, SkipLayerNorm,
      BiasSplitGelu, GroupNorm and SkipGroupNorm (channels-last), NhwcConv, BiasAdd; its own attention fusion and
      Q/K/V packing are off (they do not match this export, and packing would stop LoRA from changing one of them),
-  3. ONNX Runtime's float16 conversion with the blocks of fp16.py (timestep embeddings, Resize scales in fp32),
+  3. ONNX Runtime's float16 conversion with the blocks of fp16.py (timestep embeddings in fp32),
      type information from its symbolic shape inference (which knows the fused operators),
   4. CLIP-G's end-of-text ArgMax on fp32 token ids (the CUDA provider has no integer ArgMax; a node left on the CPU
      would keep the encoder from running as a CUDA graph).
@@ -18,7 +18,8 @@ The SDXL 1.0 VAE overflows fp16; its optimized file is fp16 anyway and flagged `
 it finds any, so a black image is never written.
 
 Each file is written atomically and recorded in the manifest under the component's `optimized` → `cuda` with the
-sha256 of the fp32 file it came from; running the command again skips what is up to date.
+sha256 of the fp32 file it came from and the recipe that made it (runtime/backends.py's OPTIMIZE_RECIPE); running the
+command again skips what is up to date and makes again what an older recipe made.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from ..runtime import engines as eng
+from ..runtime.backends import OPTIMIZE_RECIPE
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_records, load_manifest
@@ -95,7 +97,8 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             entry = manifest.components[name]
             source = eng.onnx_sha256(manifest, name, "fp32")
             done = entry.get("optimized", {}).get(target)
-            if done and done["from"] == source and all(manifest.path(f).is_file() for f in done["files"]):
+            if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
+                    and all(manifest.path(f).is_file() for f in done["files"])):
                 report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
                                     None))
                 continue
@@ -170,7 +173,7 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     records = file_records(root, files)
     overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
     record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
-              "from": source, "fused": fused, "overflow_check": overflow}
+              "from": source, "recipe": OPTIMIZE_RECIPE, "fused": fused, "overflow_check": overflow}
 
     def change(data: dict) -> None:
         data["files"].update(records)

@@ -216,6 +216,18 @@ def precision_files(manifest: Manifest, component: str, precision: str, backend:
     return files[precision]
 
 
+# The recipe `sdxl-trt optimize` makes its files by (export/optimize.py), kept in each file's manifest record: a file
+# made by an older recipe still runs, only slower, and `optimize` makes it again. 1: the first; 2: Resize in fp16
+# (export/fp16.py), 1.4 ms off a 1024² VAE decode on the H100 (benchmarks/results/h100-vae-variants-ce83b03.json).
+OPTIMIZE_RECIPE = 2
+
+
+def stale_optimized(manifest, target: str = "cuda") -> list[str]:
+    """The components whose optimized files for `target` an older recipe made."""
+    return [name for name, entry in manifest.components.items()
+            if target in entry.get("optimized", {}) and entry["optimized"][target].get("recipe", 1) < OPTIMIZE_RECIPE]
+
+
 def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
     """Which file ort-cuda runs a component from: (file kind, precision, path or None for the precision's own file):
     the optimized file if there is one, else fp16, else fp32; or the `file` asked for."""

@@ -378,6 +378,8 @@ class _Schema:
                 self.file_list(record.get("files", MISSING), f"{where}.files")
                 self.need(isinstance(record.get("overflow_check", False), bool), f"{where}.overflow_check",
                           record.get("overflow_check"), "true or false")
+                self.need(_whole(record.get("recipe", 1), 1), f"{where}.recipe", record.get("recipe"),
+                          "a whole number ≥ 1 (the `sdxl-trt optimize` recipe that made the files)")
 
     def tensors(self, entry: dict, field: str, side: str, names: tuple[str, ...]) -> None:
         specs = entry.get(side, MISSING)

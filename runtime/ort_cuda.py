@@ -30,7 +30,7 @@ import numpy as np
 
 from . import tensorrt_api
 from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
-                       quiet_onnxruntime, session_file)
+                       quiet_onnxruntime, session_file, stale_optimized)
 from .contracts import output_shapes, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
@@ -95,6 +95,10 @@ class OrtCudaBackend:
         self._scheduled: dict = {}  # file → the future of prepare's loader that uploads its weights
         self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
+        stale = stale_optimized(manifest)
+        if stale:
+            log.warning("%s: the optimized files of %s were made by an older `sdxl-trt optimize`; they run, but "
+                        "`sdxl-trt optimize %s` again makes faster ones", manifest.root, ", ".join(stale), manifest.root)
         self._baseline, total = device_memory()  # other processes' memory (and none of ours yet)
         automatic = max_device_memory is None
         self.resident = Resident(used=self._memory_used, evict=self._evicted, automatic=automatic,
@@ -481,6 +485,28 @@ CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_
 # faster than HEURISTIC's: on the H100 a new bucket's first call took 4.4-4.6 s with it and 2.9-3.0 s without, steady
 # 1024² 1109 vs 1083 ms (benchmarks/results/h100-resident-buckets-sequence.json)
 CONV_SEARCH = "HEURISTIC"
+# The VAE decoder's own options. On the H100 a 1024² decode took 45.7 ms as shipped and 35.3 ms with both, at the same
+# distance from the fp32 file (rel-L2 3.06e-3; benchmarks/results/h100-vae-variants-ce83b03.json):
+#  - fuse_conv_bias: each convolution's bias inside cuDNN's graph (its conv + pointwise kernels) instead of a separate
+#    cudnnAddTensor pass over the output (7.4 ms of 36 adds): 45.7 → 39.6 ms;
+#  - sdpa_kernel 16 (ONNX Runtime's unfused attention: two cuBLAS GEMMs and a softmax): the VAE's one attention has a
+#    head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 → 42.5 ms. The
+#    unfused kernel writes out the B × tokens² fp16 scores, so only where they stay under UNFUSED_ATTENTION_BYTES
+#    (every SDXL bucket: ≤ 16384 tokens, 0.5 GiB an image); a larger decode keeps the memory-efficient kernel.
+# The UNet's convolutions are not measured with fuse_conv_bias yet: it keeps CUDA_OPTIONS alone.
+VAE_DECODER_OPTIONS = {"fuse_conv_bias": "1"}
+UNFUSED_ATTENTION_BYTES = 1 << 30
+
+
+def session_options(component: str, dims: dict[str, int] | None) -> dict[str, str]:
+    """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (VAE_DECODER_OPTIONS says why);
+    `dims` None: the session for any shape."""
+    if component != "vae_decoder":
+        return {}
+    options = dict(VAE_DECODER_OPTIONS)
+    if dims and {"B", "h", "w"} <= dims.keys() and dims["B"] * (dims["h"] * dims["w"]) ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
+        options["sdpa_kernel"] = "16"
+    return options
 
 
 class OrtCudaSession(OrtSession):
@@ -493,7 +519,7 @@ class OrtCudaSession(OrtSession):
         self.file, precision, path = session_file(entry, file)
         self.device = device
         cuda = {"device_id": str(device), "user_compute_stream": str(stream.ptr), **CUDA_OPTIONS,
-                "cudnn_conv_algo_search": conv_search}
+                "cudnn_conv_algo_search": conv_search, **session_options(component, dims)}
         self.cuda_graph = cuda_graph and self.file == "cuda"  # unfused files keep shape arithmetic on the CPU
         if self.cuda_graph:
             cuda["enable_cuda_graph"] = "1"

@@ -256,6 +256,9 @@ FIELDS = [  # (field, bad value): missing, wrong type, out of range, unknown enu
     ("scheduler.timestep_spacing", {"leading": 1}), ("components.unet.precisions.fp32", ["onnx/unet/model.onnx"]),
     ("model.default_size", [1024]), ("model.vae_scaling_factor", {"v": 0.13}),
     ("pipelines.base.time_ids", {"original_height": 0}), ("sources.base", ["tiny:base"]),
+    # an optimized record whose recipe is not a whole number (compared with OPTIMIZE_RECIPE when a backend opens it)
+    ("components.unet.optimized", {"cuda": {"precision": "fp16", "path": "onnx/unet/model.onnx",
+                                            "files": ["onnx/unet/model.onnx"], "recipe": "2"}}),
 ]
 
 

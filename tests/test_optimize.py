@@ -210,6 +210,67 @@ def test_optimize_again_skips_what_is_up_to_date(tiny_optimized, tmp_path, capsy
     load_manifest(root).check_files()
 
 
+def test_upsampling_runs_in_fp16(tiny_engine, tiny_optimized):
+    """Resize takes the fp16 activations straight (no Cast pair around it: export/fp16.py), in the exported fp16 UNet
+    and in every optimized file, and its scales stay fp32 (the UNet's upsamplers are given sizes, int64, instead).
+    Their numbers: the export's --verify (fp16 UNet on ONNX Runtime CPU) and test_ort_cuda.py (optimized, on a GPU)."""
+    files = [load_manifest(tiny_engine).path(load_manifest(tiny_engine).components["unet"]["precisions"]["fp16"])]
+    optimized = load_manifest(tiny_optimized)
+    files += [optimized.path(entry["optimized"]["cuda"]["path"]) for entry in optimized.components.values()]
+    resizes = 0
+    for path in files:
+        model = onnx.load(str(path), load_external_data=False)
+        producers = {out: node for node in model.graph.node for out in node.output}
+        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        constants = {t.name: t.data_type for t in model.graph.initializer}
+        constants.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"})
+        for node in (n for n in model.graph.node if n.op_type == "Resize"):
+            resizes += 1
+            assert node.input[0] not in producers or producers[node.input[0]].op_type != "Cast", (path, node.name)
+            assert types.get(node.output[0]) in (onnx.TensorProto.FLOAT16, None), (path, node.name)
+            if node.input[2]:
+                assert constants[node.input[2]] == onnx.TensorProto.FLOAT, (path, node.name)
+    assert resizes >= 6  # the UNet's two upsamplers, twice, and the VAE decoder's
+
+
+def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsys):
+    """A file an older `optimize` made (no recipe in its record: the first) is listed as stale (what ort-cuda's backend
+    warns of), and `optimize` makes it again (not "cached") with today's recipe."""
+    from sdxl_trt.runtime.backends import OPTIMIZE_RECIPE, stale_optimized
+
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_optimized, root)
+    manifest = load_manifest(root)
+    assert stale_optimized(manifest) == [] and manifest.components["vae_decoder"]["optimized"]["cuda"]["recipe"] == 2
+    data = json.loads((root / "manifest.json").read_text())
+    del data["components"]["vae_decoder"]["optimized"]["cuda"]["recipe"]
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert stale_optimized(load_manifest(root)) == ["vae_decoder"]
+    assert main(["optimize", str(root)]) == 0
+    assert capsys.readouterr().out.count("cached") == len(data["components"]) - 1
+    record = load_manifest(root).components["vae_decoder"]["optimized"]["cuda"]
+    assert record["recipe"] == OPTIMIZE_RECIPE and stale_optimized(load_manifest(root)) == []
+
+
+def test_the_vae_decoder_gets_its_own_provider_options_within_the_attention_memory_bound():
+    """ort_cuda.session_options: fused conv bias for every VAE decoder session; unfused attention only where its
+    B × tokens² fp16 scores stay under UNFUSED_ATTENTION_BYTES (every SDXL bucket at one image; not 2048², where
+    they would be 8 GiB, nor the session for any shape, whose size is not known); nothing for other components."""
+    from sdxl_trt.runtime.ort_cuda import UNFUSED_ATTENTION_BYTES, session_options
+    from sdxl_trt.runtime.profiles import BUCKETS
+
+    for width, height in BUCKETS:
+        dims = {"B": 1, "h": height // 8, "w": width // 8}
+        assert session_options("vae_decoder", dims) == {"fuse_conv_bias": "1", "sdpa_kernel": "16"}, (width, height)
+    assert session_options("vae_decoder", {"B": 1, "h": 256, "w": 256}) == {"fuse_conv_bias": "1"}
+    assert session_options("vae_decoder", {"B": 4, "h": 128, "w": 128}) == {"fuse_conv_bias": "1"}  # 2 GiB
+    assert session_options("vae_decoder", None) == {"fuse_conv_bias": "1"}
+    assert 2 * 128 ** 4 * 2 <= UNFUSED_ATTENTION_BYTES  # two 1024² images still fit
+    assert session_options("vae_decoder", {"B": 2, "h": 128, "w": 128})["sdpa_kernel"] == "16"
+    for name in ("unet", "unet_refiner", "clip_l", "clip_g", "vae_encoder"):
+        assert session_options(name, {"B": 1, "h": 128, "w": 128}) == {}
+
+
 def test_optimize_in_worker_processes_writes_the_same_files(tiny_engine, tiny_optimized, tmp_path, capfd):
     """--jobs 3: components optimized at once in spawned workers, the manifest updated as each finishes; the files
     and records are those of the one-at-a-time run, byte for byte. The workers end quietly (their stderr is the

@@ -227,6 +227,20 @@ def test_device_decode_gives_the_pixels_the_host_decode_gives(optimized, pipelin
     assert result.array.dtype == np.uint8 and np.array_equal(np.asarray(result.images[0]), result.array[0])
 
 
+def test_the_vae_decoder_runs_with_its_own_provider_options(optimized):
+    """ort_cuda.session_options as ONNX Runtime took them: the VAE decoder's bias fused into its convolutions, its
+    attention unfused where the scores fit UNFUSED_ATTENTION_BYTES (a bucket's shape session), the UNet as before."""
+    backend = optimized["step"].backend
+
+    def options(component, dims):
+        return backend.shape_session(component, dims)._session.get_provider_options()["CUDAExecutionProvider"]
+
+    vae = options("vae_decoder", {"B": 1, "h": 32, "w": 24})
+    assert (vae["fuse_conv_bias"], vae["sdpa_kernel"]) == ("1", "16")
+    unet = options("unet", {"B": 2, "S": 77, "h": 32, "w": 24})
+    assert (unet["fuse_conv_bias"], unet["sdpa_kernel"]) == ("0", "0")
+
+
 def test_device_decode_falls_back_to_fp32_when_the_fp16_vae_overflows(tiny_optimized, pipelines, caplog):
     """Latents so large that the VAE's fp16 input is Inf: the kernel flags it, the backend warns and decodes in
     fp32 from then on; never a black image."""
