@@ -1,0 +1,162 @@
+"""Issue 26: what one component's session gives under other ONNX Runtime settings and files, against the fp32 file on
+the same GPU: the VAE decoder (1024², one image) or the UNet (1024², batch 2: one guided step). One process, one GPU;
+every session made fresh for the shape (as the runtime's shape sessions: free dimensions fixed) with ONNX Runtime's
+CUDA graph, timed as the median of --runs synchronous runs after 3 warm-up runs (ONNX Runtime synchronises its stream
+at the end of a run). Writes JSON (rewritten after every case, so a run cut short keeps what it measured).
+
+    sdxl-trt export --model random:base --components vae_decoder --precision fp32 --out /root/vae
+    sdxl-trt optimize /root/vae
+    python benchmarks/session_variants.py --engine shipped=/root/vae [--engine resize16=/root/vae_r16] --out vae.json
+    python benchmarks/session_variants.py --component unet --engine shipped=/root/full --out unet.json
+
+Options tried on every file (OPTIONS): none beyond the runtime's CUDA_OPTIONS, and each of `fuse_conv_bias` (the
+convolutions' bias inside cuDNN's graph instead of a separate add) and `sdpa_kernel` 16 (ONNX Runtime's unfused
+attention), and both. "as shipped" is what runtime/ort_cuda.py's session_options gives the component today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+OPTIONS = {"neither": {"fuse_conv_bias": "0", "sdpa_kernel": "0"},
+           "fuse_conv_bias": {"fuse_conv_bias": "1", "sdpa_kernel": "0"},
+           "sdpa_kernel math": {"fuse_conv_bias": "0", "sdpa_kernel": "16"},
+           "fuse_conv_bias + sdpa_kernel math": {"fuse_conv_bias": "1", "sdpa_kernel": "16"}}
+NP_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int32)": np.int32,
+            "tensor(int64)": np.int64}
+DIMS = {"vae_decoder": {"B": 1}, "unet": {"B": 2, "S": 77}, "unet_refiner": {"B": 2, "S": 77}}
+
+
+def entry_of(engine: Path, component: str) -> dict:
+    return json.loads((engine / "manifest.json").read_text())["components"][component]
+
+
+def file_of(engine: Path, component: str, optimized: bool) -> Path:
+    entry = entry_of(engine, component)
+    return engine / (entry["optimized"]["cuda"]["path"] if optimized else entry["precisions"]["fp32"])
+
+
+def feeds(entry: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the contract's shapes for `dims`: normal noise, a mid-schedule timestep, SDXL's time ids."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in entry["inputs"]:
+        shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
+        if spec["name"] == "timestep":
+            out[spec["name"]] = np.full(shape, 500, np.float32)
+        elif spec["name"] == "time_ids":
+            h, w = dims["h"] * 8, dims["w"] * 8
+            out[spec["name"]] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (shape[0], 1))
+        else:
+            out[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict, runs: int, graph: bool,
+                profile: bool = False):
+    """(median ms, first output as fp32, kernel profile or None) of one session on `path`."""
+    import onnxruntime as ort
+
+    from sdxl_trt.runtime.contracts import output_shapes
+    from sdxl_trt.runtime.ort_cuda import CONV_SEARCH, CUDA_OPTIONS
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for name, value in dims.items():
+        so.add_free_dimension_override_by_name(name, value)
+    cuda = {**CUDA_OPTIONS, "cudnn_conv_algo_search": CONV_SEARCH, **options}
+    if graph:
+        cuda["enable_cuda_graph"] = "1"
+    session = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", cuda)])
+    binding = session.io_binding()
+    keep = []
+    for spec in session.get_inputs():
+        value = ort.OrtValue.ortvalue_from_numpy(inputs[spec.name].astype(NP_TYPES[spec.type]), "cuda", 0)
+        keep.append(value)
+        binding.bind_ortvalue_input(spec.name, value)
+    shapes = output_shapes(entry, {k: v.shape for k, v in inputs.items()})
+    outputs = []
+    for spec in session.get_outputs():
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shapes[spec.name]), NP_TYPES[spec.type], "cuda", 0)
+        outputs.append(value)
+        binding.bind_ortvalue_output(spec.name, value)
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run_with_iobinding(binding)
+        times.append((time.perf_counter() - t) * 1e3)
+    kernels = None
+    if profile:
+        from gpu_pipeline import kernel_profile
+
+        kernels = kernel_profile(lambda: session.run_with_iobinding(binding), lambda: None)
+    return round(float(np.median(times)), 2), outputs[0].numpy().astype(np.float32), kernels
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", action="append", required=True, metavar="LABEL=DIR",
+                   help="an engine directory with the component optimized (the first one's fp32 file is the reference)")
+    p.add_argument("--component", default="vae_decoder", choices=sorted(DIMS))
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
+    first = next(iter(engines.values()))
+    entry = entry_of(first, args.component)
+    dims = {**DIMS[args.component], "h": args.size // 8, "w": args.size // 8}
+    inputs = feeds(entry, dims)
+    ref_ms, reference, _ = run_session(file_of(first, args.component, False), entry, {}, dims, inputs, args.runs, False)
+    import onnxruntime as ort
+
+    from sdxl_trt.runtime.ort_cuda import session_options
+
+    result = {"what": f"{args.component}, one session: ONNX Runtime settings and files (issue 26)",
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
+              "component": args.component, "dims": dims, "runs": args.runs,
+              "as shipped": session_options(args.component, dims), "fp32 file, no CUDA graph": {"ms": ref_ms},
+              "cases": []}
+    try:
+        import torch
+        result["device"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    best = None
+    for label, engine in engines.items():
+        for name, options in OPTIONS.items():
+            case = {"file": label, "options": name}
+            try:
+                ms, out, _ = run_session(file_of(engine, args.component, True), entry, options, dims, inputs,
+                                         args.runs, True)
+                diff = out - reference
+                case.update(ms=ms, rel_l2_vs_fp32=float(np.linalg.norm(diff) / np.linalg.norm(reference)),
+                            max_abs_vs_fp32=float(np.abs(diff).max()), finite=bool(np.isfinite(out).all()))
+                if best is None or ms < best[0]:
+                    best = (ms, engine, options, case)
+            except Exception as e:
+                case["error"] = f"{type(e).__name__}: {e}"[:300]
+            result["cases"].append(case)
+            print(json.dumps(case), flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    shipped = (first, session_options(args.component, dims))
+    for label, (engine, options) in {"as shipped": shipped, "fastest": best[1:3] if best else shipped}.items():
+        profile = run_session(file_of(engine, args.component, True), entry, options, dims, inputs, 5, True, True)[2]
+        result.setdefault("kernel_profiles", {})[label] = {"file": str(engine), "options": options, "profile": profile}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["kernel_profiles"])[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
