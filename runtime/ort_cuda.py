@@ -488,7 +488,8 @@ CONV_SEARCH = "HEURISTIC"
 # The VAE decoder's own options. On the H100 a 1024² decode took 45.7 ms as shipped and 35.3 ms with both, at the same
 # distance from the fp32 file (rel-L2 3.06e-3; benchmarks/results/h100-vae-variants-ce83b03.json):
 #  - fuse_conv_bias: each convolution's bias inside cuDNN's graph (its conv + pointwise kernels) instead of a separate
-#    cudnnAddTensor pass over the output (7.4 ms of 36 adds): 45.7 → 39.6 ms;
+#    cudnnAddTensor pass over the output (7.4 ms of 36 adds): 45.7 → 39.6 ms; where cuDNN has no fused engine for
+#    a convolution (another GPU), ONNX Runtime plans it unfused again by itself (its conv.cc falls back);
 #  - sdpa_kernel 16 (ONNX Runtime's unfused attention: two cuBLAS GEMMs and a softmax): the VAE's one attention has a
 #    head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 → 42.5 ms. The
 #    unfused kernel writes out the B × tokens² fp16 scores, so only where they stay under UNFUSED_ATTENTION_BYTES
