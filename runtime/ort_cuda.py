@@ -485,8 +485,9 @@ CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_
 # faster than HEURISTIC's: on the H100 a new bucket's first call took 4.4-4.6 s with it and 2.9-3.0 s without, steady
 # 1024² 1109 vs 1083 ms (benchmarks/results/h100-resident-buckets-sequence.json)
 CONV_SEARCH = "HEURISTIC"
-# The VAE decoder's own options. On the H100 a 1024² decode took 45.7 ms as shipped and 35.3 ms with both, at the same
-# distance from the fp32 file (rel-L2 3.06e-3; benchmarks/results/h100-vae-variants-ce83b03.json):
+# The VAE decoder's own options. On the H100 a 1024² decode took 45.7 ms without them and 36.7 ms with both (35.3 ms
+# with the fp16 upsampling of export/fp16.py too), each at the same distance from the fp32 file (rel-L2 3.06e-3;
+# benchmarks/results/h100-vae-variants-ce83b03.json):
 #  - fuse_conv_bias: each convolution's bias inside cuDNN's graph (its conv + pointwise kernels) instead of a separate
 #    cudnnAddTensor pass over the output (7.4 ms of 36 adds): 45.7 → 39.6 ms; where cuDNN has no fused engine for
 #    a convolution (another GPU), ONNX Runtime plans it unfused again by itself (its conv.cc falls back);
