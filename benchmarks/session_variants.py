@@ -1,5 +1,5 @@
 """Issue 26: what one component's session gives under other ONNX Runtime settings and files, against the fp32 file on
-the same GPU: the VAE decoder (1024², one image) or the UNet (1024², batch 2: one guided step). One process, one GPU;
+the same GPU: the VAE decoder or encoder (1024², one image) or the UNet (1024², batch 2: one guided step). One process, one GPU;
 every session made fresh for the shape (as the runtime's shape sessions: free dimensions fixed) with ONNX Runtime's
 CUDA graph, timed as the median of --runs synchronous runs after 3 warm-up runs (ONNX Runtime synchronises its stream
 at the end of a run). Writes JSON (rewritten after every case, so a run cut short keeps what it measured).
@@ -31,7 +31,7 @@ OPTIONS = {"neither": {"fuse_conv_bias": "0", "sdpa_kernel": "0"},
            "fuse_conv_bias + sdpa_kernel math": {"fuse_conv_bias": "1", "sdpa_kernel": "16"}}
 NP_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int32)": np.int32,
             "tensor(int64)": np.int64}
-DIMS = {"vae_decoder": {"B": 1}, "unet": {"B": 2, "S": 77}, "unet_refiner": {"B": 2, "S": 77}}
+DIMS = {"vae_decoder": {"B": 1}, "vae_encoder": {"B": 1}, "unet": {"B": 2, "S": 77}, "unet_refiner": {"B": 2, "S": 77}}
 
 
 def entry_of(engine: Path, component: str) -> dict:
@@ -69,8 +69,10 @@ def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    symbols = {d for spec in entry["inputs"] for d in spec["shape"] if isinstance(d, str)}
     for name, value in dims.items():
-        so.add_free_dimension_override_by_name(name, value)
+        if name in symbols:
+            so.add_free_dimension_override_by_name(name, value)
     cuda = {**CUDA_OPTIONS, "cudnn_conv_algo_search": CONV_SEARCH, **options}
     if graph:
         cuda["enable_cuda_graph"] = "1"
@@ -114,7 +116,7 @@ def main() -> int:
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
     first = next(iter(engines.values()))
     entry = entry_of(first, args.component)
-    dims = {**DIMS[args.component], "h": args.size // 8, "w": args.size // 8}
+    dims = {**DIMS[args.component], "h": args.size // 8, "w": args.size // 8, "H": args.size, "W": args.size}
     inputs = feeds(entry, dims)
     ref_ms, reference, _ = run_session(file_of(first, args.component, False), entry, {}, dims, inputs, args.runs, False)
     import onnxruntime as ort
