@@ -485,7 +485,7 @@ CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_
 # faster than HEURISTIC's: on the H100 a new bucket's first call took 4.4-4.6 s with it and 2.9-3.0 s without, steady
 # 1024² 1109 vs 1083 ms (benchmarks/results/h100-resident-buckets-sequence.json)
 CONV_SEARCH = "HEURISTIC"
-# The VAE decoder's own options. On the H100 a 1024² decode took 45.7 ms without them and 36.7 ms with both (35.3 ms
+# The VAEs' own options. On the H100 a 1024² decode took 45.7 ms without them and 36.7 ms with both (35.3 ms
 # with the fp16 upsampling of export/fp16.py too), each at the same distance from the fp32 file (rel-L2 3.06e-3;
 # benchmarks/results/h100-vae-variants-ce83b03.json):
 #  - fuse_conv_bias: each convolution's bias inside cuDNN's graph (its conv + pointwise kernels) instead of a separate
@@ -495,18 +495,26 @@ CONV_SEARCH = "HEURISTIC"
 #    head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 → 42.5 ms. The
 #    unfused kernel writes out the B × tokens² fp16 scores, so only where they stay under UNFUSED_ATTENTION_BYTES
 #    (every SDXL bucket: ≤ 16384 tokens, 0.5 GiB an image); a larger decode keeps the memory-efficient kernel.
+# The VAE encoder (the same convolutions and one attention of the same shape at the latent size) gets the same: a
+# 1024² encode took 53.7 ms without them, 47.4 ms with both (fuse_conv_bias 50.4, sdpa_kernel 16 50.5), rel-L2 1.45e-3
+# from the fp32 file in each (benchmarks/results/h100-vae-encoder-variants-68bf3ed.json, H100; before the Pad fold).
 # The UNet's convolutions are not measured with fuse_conv_bias yet: it keeps CUDA_OPTIONS alone.
-VAE_DECODER_OPTIONS = {"fuse_conv_bias": "1"}
+VAE_OPTIONS = {"fuse_conv_bias": "1"}
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 UNFUSED_ATTENTION_BYTES = 1 << 30
 
 
 def session_options(component: str, dims: dict[str, int] | None) -> dict[str, str]:
-    """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (VAE_DECODER_OPTIONS says why);
-    `dims` None: the session for any shape."""
-    if component != "vae_decoder":
+    """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (VAE_OPTIONS says why);
+    `dims` None: the session for any shape. The attention's tokens are the latent's pixels (h × w, or the image's
+    H × W / 64 for the encoder)."""
+    if component not in VAE_COMPONENTS:
         return {}
-    options = dict(VAE_DECODER_OPTIONS)
-    if dims and {"B", "h", "w"} <= dims.keys() and dims["B"] * (dims["h"] * dims["w"]) ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
+    options = dict(VAE_OPTIONS)
+    dims = dims or {}
+    tokens = dims["h"] * dims["w"] if {"h", "w"} <= dims.keys() else (
+        (dims["H"] // 8) * (dims["W"] // 8) if {"H", "W"} <= dims.keys() else None)
+    if tokens is not None and "B" in dims and dims["B"] * tokens ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
         options["sdpa_kernel"] = "16"
     return options
 

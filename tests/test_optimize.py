@@ -233,6 +233,53 @@ def test_upsampling_runs_in_fp16(tiny_engine, tiny_optimized):
     assert resizes >= 6  # the UNet's two upsamplers, twice, and the VAE decoder's
 
 
+def test_the_vae_encoders_pads_become_its_convolutions_padding(tiny_engine, tiny_optimized):
+    """fold_pads_into_convs on the exported fp32 VAE encoder: its three downsamplers' Pads (one row and column at the
+    end) become their convolutions' own padding, and ONNX Runtime CPU computes the same latents to float rounding;
+    the optimized file has no Pad. Pads that are not zeros on the spatial sides are left alone."""
+    from onnx import helper, numpy_helper
+
+    from sdxl_trt.export.optimize import fold_pads_into_convs
+
+    manifest = load_manifest(tiny_engine)
+    path = manifest.path(manifest.components["vae_encoder"]["precisions"]["fp32"])
+    model = onnx.load(str(path))
+    folded = onnx.load(str(path))
+    assert fold_pads_into_convs(folded) == 3
+    assert op_counts_of(folded)["Pad"] == 0
+    assert sorted(tuple(a.ints) for n in folded.graph.node if n.op_type == "Conv" for a in n.attribute
+                  if a.name == "pads" and a.ints[:2] != a.ints[2:]) == [(0, 0, 1, 1)] * 3  # the others: (1, 1, 1, 1)
+    image = np.random.default_rng(5).uniform(-1, 1, (2, 3, 136, 200)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"image": image})
+
+    for want, got in zip(run(model), run(folded)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    optimized = load_manifest(tiny_optimized)
+    assert op_counts(optimized.path(optimized.components["vae_encoder"]["optimized"]["cuda"]["path"]))["Pad"] == 0
+
+    def pad_then_conv(pads, value=0.0, mode="constant"):
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 6, 6])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+        inits = [numpy_helper.from_array(np.array(pads, np.int64), "pads"),
+                 numpy_helper.from_array(np.array(value, np.float32), "value"),
+                 numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")]
+        nodes = [helper.make_node("Pad", ["x", "pads", "value"], ["p"], mode=mode),
+                 helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2])]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+
+    assert fold_pads_into_convs(pad_then_conv([0, 0, 1, 0, 0, 0, 0, 2])) == 1
+    assert fold_pads_into_convs(pad_then_conv([0, 1, 0, 0, 0, 0, 1, 1])) == 0  # a channel padded
+    assert fold_pads_into_convs(pad_then_conv([0, 0, 0, 0, 0, 0, 1, 1], value=1.0)) == 0  # ones, not zeros
+    assert fold_pads_into_convs(pad_then_conv([0, 0, 0, 0, 0, 0, 1, 1], mode="reflect")) == 0
+
+
+def op_counts_of(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
 def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsys):
     """A file an older `optimize` made (no recipe in its record: the first) is listed as stale (what ort-cuda's backend
     warns of), and `optimize` makes it again (not "cached") with today's recipe."""
@@ -241,7 +288,8 @@ def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsy
     root = tmp_path / "tiny"
     shutil.copytree(tiny_optimized, root)
     manifest = load_manifest(root)
-    assert stale_optimized(manifest) == [] and manifest.components["vae_decoder"]["optimized"]["cuda"]["recipe"] == 2
+    assert stale_optimized(manifest) == []
+    assert manifest.components["vae_decoder"]["optimized"]["cuda"]["recipe"] == OPTIMIZE_RECIPE
     data = json.loads((root / "manifest.json").read_text())
     del data["components"]["vae_decoder"]["optimized"]["cuda"]["recipe"]
     (root / "manifest.json").write_text(json.dumps(data))
@@ -252,10 +300,11 @@ def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsy
     assert record["recipe"] == OPTIMIZE_RECIPE and stale_optimized(load_manifest(root)) == []
 
 
-def test_the_vae_decoder_gets_its_own_provider_options_within_the_attention_memory_bound():
-    """ort_cuda.session_options: fused conv bias for every VAE decoder session; unfused attention only where its
+def test_the_vaes_get_their_own_provider_options_within_the_attention_memory_bound():
+    """ort_cuda.session_options: fused conv bias for every VAE session; unfused attention only where its
     B × tokens² fp16 scores stay under UNFUSED_ATTENTION_BYTES (every SDXL bucket at one image; not 2048², where
-    they would be 8 GiB, nor the session for any shape, whose size is not known); nothing for other components."""
+    they would be 8 GiB, nor the session for any shape, whose size is not known); nothing for other components.
+    The encoder's tokens come from the image's size (its contract names H and W)."""
     from sdxl_trt.runtime.ort_cuda import UNFUSED_ATTENTION_BYTES, session_options
     from sdxl_trt.runtime.profiles import BUCKETS
 
@@ -267,7 +316,10 @@ def test_the_vae_decoder_gets_its_own_provider_options_within_the_attention_memo
     assert session_options("vae_decoder", None) == {"fuse_conv_bias": "1"}
     assert 2 * 128 ** 4 * 2 <= UNFUSED_ATTENTION_BYTES  # two 1024² images still fit
     assert session_options("vae_decoder", {"B": 2, "h": 128, "w": 128})["sdpa_kernel"] == "16"
-    for name in ("unet", "unet_refiner", "clip_l", "clip_g", "vae_encoder"):
+    assert session_options("vae_encoder", {"B": 1, "H": 1024, "W": 1024}) == {"fuse_conv_bias": "1", "sdpa_kernel": "16"}
+    assert session_options("vae_encoder", {"B": 1, "H": 2048, "W": 2048}) == {"fuse_conv_bias": "1"}
+    assert session_options("vae_encoder", None) == {"fuse_conv_bias": "1"}
+    for name in ("unet", "unet_refiner", "clip_l", "clip_g", "controlnet_0"):
         assert session_options(name, {"B": 1, "h": 128, "w": 128}) == {}
 
 
