@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdxl_trt.runtime.contracts import derived, input_dims
+
 OPTIONS = {"neither": {"fuse_conv_bias": "0", "sdpa_kernel": "0"},
            "fuse_conv_bias": {"fuse_conv_bias": "1", "sdpa_kernel": "0"},
            "sdpa_kernel math": {"fuse_conv_bias": "0", "sdpa_kernel": "16"},
@@ -52,7 +54,8 @@ def feeds(entry: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndar
         if spec["name"] == "timestep":
             out[spec["name"]] = np.full(shape, 500, np.float32)
         elif spec["name"] == "time_ids":
-            h, w = dims["h"] * 8, dims["w"] * 8
+            pixels = derived(dims)
+            h, w = pixels["H"], pixels["W"]
             out[spec["name"]] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (shape[0], 1))
         else:
             out[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
@@ -69,10 +72,8 @@ def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    symbols = {d for spec in entry["inputs"] for d in spec["shape"] if isinstance(d, str)}
     for name, value in dims.items():
-        if name in symbols:
-            so.add_free_dimension_override_by_name(name, value)
+        so.add_free_dimension_override_by_name(name, value)
     cuda = {**CUDA_OPTIONS, "cudnn_conv_algo_search": CONV_SEARCH, **options}
     if graph:
         cuda["enable_cuda_graph"] = "1"
@@ -116,7 +117,7 @@ def main() -> int:
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
     first = next(iter(engines.values()))
     entry = entry_of(first, args.component)
-    dims = {**DIMS[args.component], "h": args.size // 8, "w": args.size // 8, "H": args.size, "W": args.size}
+    dims = input_dims(entry, {**DIMS[args.component], "h": args.size // 8, "w": args.size // 8})
     inputs = feeds(entry, dims)
     ref_ms, reference, _ = run_session(file_of(first, args.component, False), entry, {}, dims, inputs, args.runs, False)
     import onnxruntime as ort

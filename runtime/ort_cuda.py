@@ -31,7 +31,7 @@ import numpy as np
 from . import tensorrt_api
 from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
                        quiet_onnxruntime, session_file, stale_optimized)
-from .contracts import output_shapes, symbol_values
+from .contracts import derived, output_shapes, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
 from .manifest import Manifest
@@ -506,15 +506,13 @@ UNFUSED_ATTENTION_BYTES = 1 << 30
 
 def session_options(component: str, dims: dict[str, int] | None) -> dict[str, str]:
     """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (VAE_OPTIONS says why);
-    `dims` None: the session for any shape. The attention's tokens are the latent's pixels (h × w, or the image's
-    H × W / 64 for the encoder)."""
+    `dims` None: the session for any shape. The attention's tokens are the latent's pixels (h × w; the encoder's
+    contract names the image's H × W, from which contracts.derived gives them)."""
     if component not in VAE_COMPONENTS:
         return {}
     options = dict(VAE_OPTIONS)
-    dims = dims or {}
-    tokens = dims["h"] * dims["w"] if {"h", "w"} <= dims.keys() else (
-        (dims["H"] // 8) * (dims["W"] // 8) if {"H", "W"} <= dims.keys() else None)
-    if tokens is not None and "B" in dims and dims["B"] * tokens ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
+    dims = derived(dims or {})
+    if {"B", "h", "w"} <= dims.keys() and dims["B"] * (dims["h"] * dims["w"]) ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
         options["sdpa_kernel"] = "16"
     return options
 

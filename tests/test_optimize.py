@@ -23,8 +23,11 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 
-def op_counts(path) -> collections.Counter:
-    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+def op_counts(model) -> collections.Counter:
+    """Nodes per operator type of an ONNX model or the file at a path."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return collections.Counter(n.op_type for n in model.graph.node)
 
 
 # Fused attention (ONNX Runtime CPU MultiHeadAttention) against diffusers' Attention, fp32 both sides: only the
@@ -246,7 +249,7 @@ def test_the_vae_encoders_pads_become_its_convolutions_padding(tiny_engine, tiny
     model = onnx.load(str(path))
     folded = onnx.load(str(path))
     assert fold_pads_into_convs(folded) == 3
-    assert op_counts_of(folded)["Pad"] == 0
+    assert op_counts(folded)["Pad"] == 0
     assert sorted(tuple(a.ints) for n in folded.graph.node if n.op_type == "Conv" for a in n.attribute
                   if a.name == "pads" and a.ints[:2] != a.ints[2:]) == [(0, 0, 1, 1)] * 3  # the others: (1, 1, 1, 1)
     image = np.random.default_rng(5).uniform(-1, 1, (2, 3, 136, 200)).astype(np.float32)
@@ -274,10 +277,6 @@ def test_the_vae_encoders_pads_become_its_convolutions_padding(tiny_engine, tiny
     assert fold_pads_into_convs(pad_then_conv([0, 1, 0, 0, 0, 0, 1, 1])) == 0  # a channel padded
     assert fold_pads_into_convs(pad_then_conv([0, 0, 0, 0, 0, 0, 1, 1], value=1.0)) == 0  # ones, not zeros
     assert fold_pads_into_convs(pad_then_conv([0, 0, 0, 0, 0, 0, 1, 1], mode="reflect")) == 0
-
-
-def op_counts_of(model: onnx.ModelProto) -> collections.Counter:
-    return collections.Counter(n.op_type for n in model.graph.node)
 
 
 def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsys):
