@@ -9,15 +9,17 @@ at the end of a run). Writes JSON (rewritten after every case, so a run cut shor
     python benchmarks/session_variants.py --engine shipped=/root/vae [--engine resize16=/root/vae_r16] --out vae.json
     python benchmarks/session_variants.py --component unet --engine shipped=/root/full --out unet.json
 
-Options tried on every file (OPTIONS): none beyond the runtime's CUDA_OPTIONS, and each of `fuse_conv_bias` (the
-convolutions' bias inside cuDNN's graph instead of a separate add) and `sdpa_kernel` 16 (ONNX Runtime's unfused
-attention), and both. "as shipped" is what runtime/ort_cuda.py's session_options gives the component today.
+Options tried on every file (DEFAULT_OPTIONS per component, or --options): none beyond the runtime's CUDA_OPTIONS,
+and each of `fuse_conv_bias` (the convolutions' bias inside cuDNN's graph instead of a separate add) and an attention
+kernel (`sdpa_kernel`: 16, ONNX Runtime's unfused attention, for the VAEs; 1, its own flash attention instead of
+cuDNN's, for the UNets), and both. "as shipped" is what runtime/ort_cuda.py's session_options gives the component today.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,10 +29,23 @@ import numpy as np
 
 from sdxl_trt.runtime.contracts import derived, input_dims
 
+# sdpa_kernel is ONNX Runtime's AttentionBackend bit mask (attention_common.h): 1 its own flash attention, 8 cuDNN's
+# flash attention, 16 the unfused "math" path; 0 lets it choose (cuDNN's on the H100 for the UNet's heads of 64)
 OPTIONS = {"neither": {"fuse_conv_bias": "0", "sdpa_kernel": "0"},
            "fuse_conv_bias": {"fuse_conv_bias": "1", "sdpa_kernel": "0"},
            "sdpa_kernel math": {"fuse_conv_bias": "0", "sdpa_kernel": "16"},
-           "fuse_conv_bias + sdpa_kernel math": {"fuse_conv_bias": "1", "sdpa_kernel": "16"}}
+           "fuse_conv_bias + sdpa_kernel math": {"fuse_conv_bias": "1", "sdpa_kernel": "16"},
+           "sdpa_kernel flash": {"fuse_conv_bias": "0", "sdpa_kernel": "1"},
+           "fuse_conv_bias + sdpa_kernel flash": {"fuse_conv_bias": "1", "sdpa_kernel": "1"},
+           "exhaustive conv search": {"fuse_conv_bias": "0", "sdpa_kernel": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"},
+           "fuse_conv_bias + exhaustive conv search": {"fuse_conv_bias": "1", "sdpa_kernel": "0",
+                                                       "cudnn_conv_algo_search": "EXHAUSTIVE"}}
+# the sets tried by default: the VAEs' one attention has heads of 512 (no flash kernel); the UNet's are 64 wide, where
+# the unfused path would hold B·heads·tokens² scores (10 GiB at 1024²)
+DEFAULT_OPTIONS = {"vae_decoder": ["neither", "fuse_conv_bias", "sdpa_kernel math", "fuse_conv_bias + sdpa_kernel math"],
+                   "unet": ["neither", "fuse_conv_bias", "sdpa_kernel flash", "fuse_conv_bias + sdpa_kernel flash"]}
+DEFAULT_OPTIONS["vae_encoder"] = DEFAULT_OPTIONS["vae_decoder"]
+DEFAULT_OPTIONS["unet_refiner"] = DEFAULT_OPTIONS["unet"]
 NP_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int32)": np.int32,
             "tensor(int64)": np.int64}
 DIMS = {"vae_decoder": {"B": 1}, "vae_encoder": {"B": 1}, "unet": {"B": 2, "S": 77}, "unet_refiner": {"B": 2, "S": 77}}
@@ -112,8 +127,12 @@ def main() -> int:
     p.add_argument("--component", default="vae_decoder", choices=sorted(DIMS))
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--options", nargs="+", choices=sorted(OPTIONS), metavar="SET",
+                   help=f"option sets to try on every file (default: per component); any of {sorted(OPTIONS)}")
+    p.add_argument("--no-profiles", action="store_true", help="skip the kernel profiles of the shipped and the fastest")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    option_sets = {name: OPTIONS[name] for name in (args.options or DEFAULT_OPTIONS[args.component])}
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
     first = next(iter(engines.values()))
     entry = entry_of(first, args.component)
@@ -125,7 +144,7 @@ def main() -> int:
     from sdxl_trt.runtime.ort_cuda import session_options
 
     result = {"what": f"{args.component}, one session: ONNX Runtime settings and files (issue 26)",
-              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # option sets' names have spaces
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
               "component": args.component, "dims": dims, "runs": args.runs,
               "as shipped": session_options(args.component, dims), "fp32 file, no CUDA graph": {"ms": ref_ms},
@@ -137,7 +156,7 @@ def main() -> int:
         pass
     best = None
     for label, engine in engines.items():
-        for name, options in OPTIONS.items():
+        for name, options in option_sets.items():
             case = {"file": label, "options": name}
             try:
                 ms, out, _ = run_session(file_of(engine, args.component, True), entry, options, dims, inputs,
@@ -152,6 +171,8 @@ def main() -> int:
             result["cases"].append(case)
             print(json.dumps(case), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.no_profiles:
+        return 0
     shipped = (first, session_options(args.component, dims))
     for label, (engine, options) in {"as shipped": shipped, "fastest": best[1:3] if best else shipped}.items():
         profile = run_session(file_of(engine, args.component, True), entry, options, dims, inputs, 5, True, True)[2]

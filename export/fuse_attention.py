@@ -27,7 +27,11 @@ from onnx import helper, numpy_helper
 MS_DOMAIN = "com.microsoft"
 
 
-class _Graph:
+class Graph:
+    """Who produces and who reads each tensor of an ONNX graph, and its constants: what the rewriting passes look at
+    (this module's, optimize.fold_pads_into_convs, benchmarks/context_kv_merge.py). A snapshot: rebuild it after
+    changing the graph."""
+
     def __init__(self, graph: onnx.GraphProto):
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers = defaultdict(list)
@@ -73,7 +77,7 @@ def _perm(node: onnx.NodeProto) -> list[int]:
     return []
 
 
-def _heads(g: _Graph, reshape: onnx.NodeProto) -> int | None:
+def _heads(g: Graph, reshape: onnx.NodeProto) -> int | None:
     """The heads of a Reshape to [B, -1, heads, d]: its shape is a constant or a Concat of (B, -1, heads, d)."""
     shape = g.constant(reshape.input[1])
     if shape is not None:
@@ -85,7 +89,7 @@ def _heads(g: _Graph, reshape: onnx.NodeProto) -> int | None:
     return int(heads.reshape(-1)[0]) if heads is not None and heads.size == 1 and heads.reshape(-1)[0] > 0 else None
 
 
-def _head_input(g: _Graph, node: onnx.NodeProto | None, perm: list[int]) -> tuple[str, int, list] | None:
+def _head_input(g: Graph, node: onnx.NodeProto | None, perm: list[int]) -> tuple[str, int, list] | None:
     """(projection output, heads, nodes) for Reshape → Transpose(perm) ending at `node` (the Transpose)."""
     if node is None or node.op_type != "Transpose" or _perm(node) != perm:
         return None
@@ -98,7 +102,7 @@ def _head_input(g: _Graph, node: onnx.NodeProto | None, perm: list[int]) -> tupl
     return reshape.input[0], heads, [reshape, node]
 
 
-def _scaled(g: _Graph, node: onnx.NodeProto | None, perm: list[int]):
+def _scaled(g: Graph, node: onnx.NodeProto | None, perm: list[int]):
     """A Transpose, optionally followed by Mul(√scale): (projection, heads, nodes, √scale or None if computed)."""
     factor = None
     nodes = []
@@ -122,7 +126,7 @@ def _scaled(g: _Graph, node: onnx.NodeProto | None, perm: list[int]):
     return found[0], found[1], found[2] + nodes, factor
 
 
-def _computed_from_head_size(g: _Graph, name: str) -> bool:
+def _computed_from_head_size(g: Graph, name: str) -> bool:
     """Whether `name` is the exporter's √(1/√d): Sqrt(Cast?(Div(1, Sqrt(Cast(d)))))."""
     node = g.producer.get(name)
     if node is None or node.op_type != "Sqrt":
@@ -141,7 +145,7 @@ def _computed_from_head_size(g: _Graph, name: str) -> bool:
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Replace each SDPA subgraph of `model` by one MultiHeadAttention node (in place); returns how many.
     Nodes left without consumers (the subgraph and the shape arithmetic of its Reshapes) are dropped."""
-    g = _Graph(model.graph)
+    g = Graph(model.graph)
     replaced: dict[int, onnx.NodeProto] = {}  # id of an output Reshape → the MultiHeadAttention that replaces it
     count = 0
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:

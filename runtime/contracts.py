@@ -20,6 +20,12 @@ def level_sizes(side: str, value: int) -> dict[str, int]:
     return {f"{side}/{k}": -(-value // k) for k in (2, 4, 8, 16)}
 
 
+def shape_key(component: str, dims: dict[str, int]) -> tuple:
+    """One key for a component's session made for one shape (its dimensions, sorted): what a backend keeps such a
+    session under (resident.Resident) and what a plan of sessions to make is deduplicated by."""
+    return component, tuple(sorted(dims.items()))
+
+
 def derived(symbols: dict[str, int]) -> dict[str, int]:
     """`symbols` with the dimensions that follow from them: pixels = 8 × latent (H, W from h, w and back) and the
     down-sampled levels (level_sizes); given values win."""

@@ -31,7 +31,7 @@ import numpy as np
 from . import tensorrt_api
 from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
                        quiet_onnxruntime, session_file, stale_optimized)
-from .contracts import derived, output_shapes, symbol_values
+from .contracts import derived, output_shapes, shape_key, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
 from .manifest import Manifest
@@ -453,11 +453,6 @@ def check_devices(devices) -> tuple[int, ...]:
             raise UserError(f"--devices {','.join(map(str, devices))}: there is no GPU {d} (this machine has "
                             f"{count}: {', '.join(map(str, range(count))) or 'none'})")
     return devices
-
-
-def shape_key(component: str, dims: dict[str, int]) -> tuple:
-    """The key a session made for one shape is kept under (Resident): the component and its dimensions, sorted."""
-    return component, tuple(sorted(dims.items()))
 
 
 def shape_work(dims: dict[str, int]) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import device_loop
 from .backends import BACKENDS, VAE_FP16_ADVICE, non_finite, used_files
-from .contracts import input_dims
+from .contracts import input_dims, shape_key
 from .controlnet import Control, control_residuals, prepare_control
 from .tiling import decode_tiled
 from .errors import OutOfMemory, UserError
@@ -150,7 +150,7 @@ def _user_errors(generate):
 
 def unique_plan(plan: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """(component, dims) pairs of sessions to make, each once, in their first order."""
-    return list({(c, tuple(d.items())): (c, d) for c, d in plan}.values())
+    return list({shape_key(c, d): (c, d) for c, d in plan}.values())
 
 
 def text_list(value, what: str) -> list[str]:

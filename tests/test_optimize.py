@@ -129,6 +129,78 @@ def test_attention_with_a_mask_is_left_alone(tmp_path):
     assert fuse_attention(model) == 0 and len(model.graph.node) == before
 
 
+def context_kv_merge():
+    """benchmarks/context_kv_merge.py (issue 26's experiment; not part of `optimize`), imported from its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "context_kv_merge.py"
+    spec = importlib.util.spec_from_file_location("context_kv_merge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_context_kv_merge_experiment_computes_what_separate_projections_compute(tiny_engine, tiny_optimized,
+                                                                                     tmp_path):
+    """The cross-attention K/V projections of the tiny UNet as one MatMul + Split (Q_K_V_BSNH_BNSH_BNSH attention):
+    ONNX Runtime CPU gives the fp32 UNet's output again to float rounding (measured rel-L2 7e-7; bound 1e-5, while K
+    and V swapped in the merged weight move it by > 1e-2). The variant directory of an optimized engine has one
+    MatMul of the context, its weight the originals side by side, and Split sizes that stay in the model file."""
+    from onnx import numpy_helper
+
+    merge = context_kv_merge()
+    manifest = load_manifest(tiny_engine)
+    model = onnx.load(str(manifest.path(manifest.components["unet"]["precisions"]["fp32"])))
+    assert fuse_attention(model) > 0
+    reference = model.SerializeToString()
+    tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    cross = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention" and
+                any(model.graph.node[i].input[0] == "encoder_hidden_states" for i in range(len(model.graph.node))
+                    if model.graph.node[i].output[0] == n.input[1]))
+    merged = onnx.ModelProto.FromString(reference)
+    assert merge.merge_context_projections(merged, tensors.__getitem__) == cross > 1
+    counts = op_counts(merged)
+    assert counts["MultiHeadAttention"] == op_counts(model)["MultiHeadAttention"] and counts["Split"] == 1
+    assert sum(i == "encoder_hidden_states" for n in merged.graph.node for i in n.input) == 1
+    rng = np.random.default_rng(3)
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
+             "timestep": np.full((2,), 500, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32),
+             "text_embeds": rng.standard_normal((2, 64)).astype(np.float32),
+             "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
+
+    def run(m):
+        data = m if isinstance(m, bytes) else m.SerializeToString()
+        return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    want, got = run(reference), run(merged)
+    error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    swapped = onnx.ModelProto.FromString(reference)
+    merge.merge_context_projections(swapped, lambda n: tensors[n.replace("to_k", "to_V").replace("to_v", "to_k")
+                                                                .replace("to_V", "to_v")])
+    notch = float(np.linalg.norm(run(swapped) - want) / np.linalg.norm(want))
+    print(f"context K/V merged: rel-L2 {error:.1e} from separate projections; K and V swapped: {notch:.1e}")
+    assert error < 1e-5 and notch > 1e-2
+
+    out = merge.merged_copy(tiny_optimized, tmp_path / "merged")
+    variant = load_manifest(tmp_path / "merged")
+    path = variant.path(variant.components["unet"]["optimized"]["cuda"]["path"])
+    merged_file = onnx.load(str(path))
+    columns = merge.packed_columns(merged_file)
+    assert out > 1 and len(columns) == 1 and len(next(iter(columns.values()))) == 2 * out
+    original = onnx.load(str(tiny_optimized / path.relative_to(tmp_path / "merged")))
+    weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    (name, spans), = columns.items()
+    packed = next(numpy_helper.to_array(t) for t in merged_file.graph.initializer if t.name == name)
+    for source, start, end in spans:
+        np.testing.assert_array_equal(packed[:, start:end], weights[source])
+    constants = [n.attribute[0].t for n in merged_file.graph.node if n.op_type == "Constant" and "context_kv" in n.name]
+    assert constants and all(not t.raw_data and t.int64_data for t in constants)
+    assert (tmp_path / "merged" / "manifest.json").is_file() and \
+        all((tmp_path / "merged" / f).exists() for f in variant.data["files"])
+
+
 def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
     manifest = load_manifest(tiny_optimized)
     for name, entry in manifest.components.items():

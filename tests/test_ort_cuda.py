@@ -130,9 +130,8 @@ def test_optimized_files_match_ort_cpu(optimized, pipelines):
     got = cuda.backend.session("vae_encoder").run(image=image)
     want = cpu.backend.session("vae_encoder").run(image=image)
     print(f"fp16 VAE encoder: latent mean rel-L2 {rel_l2(got['latent_mean'], want['latent_mean']):.2e}")
-    # fp16 against fp32, the decoder's bound (atol 1e-2 on outputs of magnitude ~1) as a relative one; not yet run on a
-    # GPU when written (2026-11-28): tighten to a few times what it prints there
-    assert rel_l2(got["latent_mean"], want["latent_mean"]) < 1e-2
+    # fp16 against fp32: 1.96e-3 on the H200 (2026-11-28, h200 GPU tests of this change); bound 2.5x that
+    assert rel_l2(got["latent_mean"], want["latent_mean"]) < 5e-3
 
 
 # The fused files are not deterministic from run to run on ONNX Runtime 1.31: two plain runs of the same 8-step call
