@@ -5,11 +5,11 @@ transformer blocks: 140 small MatMuls a step ([B·77, 2048] × [2048, 640 or 128
 weights, about 680 MB a step, in kernels too small to fill the GPU. `merge_context_projections` gives all of them one
 MatMul with the weights side by side ([2048, Σ 2·D]: one weight read at full bandwidth), then one Reshape + Transpose
 to heads and one Split into each attention's K and V in the (B, N, L, H) layout that ONNX Runtime's MultiHeadAttention
-takes for cross attention (its Q_K_V_BSNH_BNSH_BNSH format: flash / cuDNN attention read them in place, no unpacking
-copy, and its CPU kernel takes them too). Same arithmetic: each output column is still one weight column's dot product
-with the context.
+takes for cross attention (its Q_K_V_BSNH_BNSH_BNSH format, which flash / cuDNN attention read in place, and its CPU
+kernel takes too; the Transpose and the Split copy the small [B, 77, Σ 2·D] result twice). Same arithmetic: each output
+column is still one weight column's dot product with the context.
 
-Measured (benchmarks/results/h200-unet-variants-context-kv.json, one H200, 1024², batch 2, CUDA graph, same process):
+Measured (benchmarks/results/h200-unet-context-kv-merge.json, one H200, 1024², batch 2, CUDA graph, same process):
 32.58 ms a UNet evaluation merged against 32.74 ms separate (−0.16 ms, 0.5 %; 32.51 vs 32.62 with fuse_conv_bias),
 with the same distance from the fp32 file (rel-L2 1.34e-3). Too little to pay for what shipping it costs (LoRA would
 have to merge into column slices of the merged weight), so `sdxl-trt optimize` does not do it; this script makes the
@@ -19,8 +19,9 @@ variant for measuring it again:
     python benchmarks/session_variants.py --component unet --engine merged=/root/merged --engine separate=/root/full \
         --options neither --out unet.json
 
---out gets the engine directory's manifest, links to its other files and the UNet's optimized file rewritten (its
-weights streamed from the original, the merged one added).
+--out (outside --engine) becomes an engine directory: links to --engine's files, the UNet's optimized file written again
+with the merge (its weights streamed from the original, the merged one added) and a manifest recording that file, so
+`sdxl-trt bench /root/merged …` runs it end to end too.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def merge_context_projections(model: onnx.ModelProto, read: Callable[[str], np.n
     for node in model.graph.node:
         if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.input) != 3:
             continue
-        k, v = (g.parent(node, i, "MatMul") for i in (1, 2))
-        if k is None or v is None or k.input[0] != v.input[0] or k.input[0] == node.input[0]:
-            continue
+        q, k, v = (g.parent(node, i, "MatMul") for i in (0, 1, 2))
+        if k is None or v is None or k.input[0] != v.input[0] or (q is not None and q.input[0] == k.input[0]):
+            continue  # not two projections of one tensor, or self-attention (the query projects that tensor too)
         if any(len(g.consumers[m.output[0]]) != 1 or m.input[1] not in g.initializers for m in (k, v)):
             continue
         shapes = [tuple(g.initializers[m.input[1]].dims) for m in (k, v)]
@@ -71,7 +72,7 @@ def merge_context_projections(model: onnx.ModelProto, read: Callable[[str], np.n
             continue
         groups.setdefault((k.input[0], shapes[0][1] // heads), []).append((node, k, v, heads))
     merged = 0
-    first_new = {}  # context tensor → the new nodes, placed right after the context's producer
+    after_producer = {}  # context tensor → the new nodes, placed right after the context's producer
     columns = packed_columns(model)
     for (context, head_size), members in groups.items():
         if len(members) < 2:
@@ -104,7 +105,7 @@ def merge_context_projections(model: onnx.ModelProto, read: Callable[[str], np.n
                                   name=f"{prefix}/Transpose", perm=[0, 2, 1, 3]),
                  helper.make_node("Split", [f"{prefix}/Transpose_output_0", f"{prefix}/split"], outputs,
                                   name=f"{prefix}/Split", axis=1)]
-        first_new.setdefault(context, []).extend(nodes)
+        after_producer.setdefault(context, []).extend(nodes)
         for i, (node, _, _, _) in enumerate(members):
             node.input[1], node.input[2] = outputs[2 * i], outputs[2 * i + 1]
         columns[weight_name] = spans
@@ -112,13 +113,13 @@ def merge_context_projections(model: onnx.ModelProto, read: Callable[[str], np.n
     if not merged:
         return 0
     order = []
-    for name, nodes in first_new.items():  # graph inputs and initializers first; else right after their producer
+    for name, nodes in after_producer.items():  # graph inputs and initializers first; else right after their producer
         if name not in g.producer:
             order.extend(nodes)
     for node in model.graph.node:
         order.append(node)
         for out in node.output:
-            order.extend(first_new.get(out, []))
+            order.extend(after_producer.get(out, []))
     del model.graph.node[:]
     model.graph.node.extend(order)
     drop_dead_nodes(model.graph)  # the separate K/V MatMuls and their weights
@@ -134,22 +135,15 @@ def _ints(values) -> onnx.TensorProto:
     return helper.make_tensor("value", onnx.TensorProto.INT64, [len(values)], [int(v) for v in values])
 
 
-def merged_copy(engine: Path, out: Path) -> int:
-    """`out`: `engine`'s manifest, links to its files, and the UNet's optimized file with the projections merged."""
+def merge_file(src: Path, dest: Path) -> int:
+    """`dest`: the ONNX file `src` (weights inline or in its data file) with the projections merged; the weights are
+    streamed from `src`, not loaded (only the merged ones are read), and both files are written under temporary names
+    and renamed into place. Returns what merge_context_projections returns."""
     from sdxl_trt.export.fp16 import load_stubbed
-    from sdxl_trt.export.onnx_export import read_external, write_model
+    from sdxl_trt.export.onnx_export import has_external_data, read_external, write_model
+    from sdxl_trt.runtime.fileio import atomic_file
 
-    manifest = json.loads((engine / "manifest.json").read_text())
-    path = engine / manifest["components"][COMPONENT]["optimized"]["cuda"]["path"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for f in engine.rglob("*"):
-        target = out / f.relative_to(engine)
-        if f.is_file() and f not in (path, path.with_name(path.name + ".data"), engine / "manifest.json") \
-                and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(f.resolve())
-    model, stubs = load_stubbed(path)
+    model, stubs = load_stubbed(src)
     tensors = {t.name: t for t in model.graph.initializer}
 
     def read(name: str) -> np.ndarray:
@@ -157,12 +151,48 @@ def merged_copy(engine: Path, out: Path) -> int:
         if name not in stubs:
             return numpy_helper.to_array(tensor)
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.frombuffer(read_external(stubs[name], path.parent), dtype).reshape(tuple(tensor.dims))
+        return np.frombuffer(read_external(stubs[name], src.parent), dtype).reshape(tuple(tensor.dims))
 
     merged = merge_context_projections(model, read)
+    data_path = dest.with_name(dest.name + ".data")
+    if not has_external_data(model, stubs):
+        with atomic_file(dest) as tmp:
+            write_model(model, tmp, src.parent, stubs=stubs)
+        return merged
+    with atomic_file(dest) as tmp, atomic_file(data_path) as tmp_data:
+        write_model(model, tmp, src.parent, stubs=stubs, data_path=tmp_data, location=data_path.name)
+    return merged
+
+
+def merged_copy(engine: Path, out: Path) -> int:
+    """`out`: an engine directory of links to `engine`'s files but the UNet's optimized file, which is written again
+    with the projections merged, and a manifest that records that file as it now is (the runtime loads `out` like any
+    engine directory). Returns what merge_context_projections returns."""
+    from sdxl_trt.export.onnx_export import model_files
+    from sdxl_trt.runtime.manifest import file_records, load_manifest, write_manifest
+
+    engine, out = engine.resolve(), out.resolve()
+    if out == engine or out.is_relative_to(engine):
+        raise SystemExit(f"--out {out}: must lie outside --engine {engine} (the variant links to its files)")
+    manifest = load_manifest(engine)
+    record = manifest.components[COMPONENT]["optimized"]["cuda"]
+    path = manifest.path(record["path"])
+    rewritten = set(model_files(path))
+    for f in engine.rglob("*"):
+        target = out / f.relative_to(engine)
+        if f.is_file() and f not in rewritten and f.name != "manifest.json" and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
     dest = out / path.relative_to(engine)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_model(model, dest, path.parent, stubs=stubs)
+    merged = merge_file(path, dest)
+    records = file_records(out, model_files(dest))
+    data = manifest.data
+    for name in record["files"]:
+        data["files"].pop(name, None)
+    data["files"].update(records)
+    data["components"][COMPONENT]["optimized"]["cuda"]["files"] = list(records)
+    write_manifest(out, data)
     return merged
 
 

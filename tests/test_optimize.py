@@ -143,25 +143,35 @@ def context_kv_merge():
 
 def test_the_context_kv_merge_experiment_computes_what_separate_projections_compute(tiny_engine, tiny_optimized,
                                                                                      tmp_path):
-    """The cross-attention K/V projections of the tiny UNet as one MatMul + Split (Q_K_V_BSNH_BNSH_BNSH attention):
-    ONNX Runtime CPU gives the fp32 UNet's output again to float rounding (measured rel-L2 7e-7; bound 1e-5, while K
-    and V swapped in the merged weight move it by > 1e-2). The variant directory of an optimized engine has one
-    MatMul of the context, its weight the originals side by side, and Split sizes that stay in the model file."""
+    """The cross-attention K/V projections of the tiny UNet as one MatMul + Split (Q_K_V_BSNH_BNSH_BNSH attention),
+    written by merge_file from a file whose weights are all in its data file: ONNX Runtime CPU gives the separate
+    projections' output again to float rounding (measured rel-L2 7e-7; bound 1e-5, while K and V swapped in the merged
+    weight move it by > 1e-2); self-attentions are left alone. The variant engine directory of an optimized engine
+    passes the runtime's file checks, its merged weight is the originals side by side, and --out inside --engine is
+    refused."""
     from onnx import numpy_helper
+
+    from sdxl_trt.export.fuse_attention import Graph
 
     merge = context_kv_merge()
     manifest = load_manifest(tiny_engine)
     model = onnx.load(str(manifest.path(manifest.components["unet"]["precisions"]["fp32"])))
     assert fuse_attention(model) > 0
-    reference = model.SerializeToString()
+    graph = Graph(model.graph)
+    attentions = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    cross = [n for n in attentions if graph.parent(n, 1, "MatMul").input[0] == "encoder_hidden_states"]
+    assert 1 < len(cross) < len(attentions)
     tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    cross = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention" and
-                any(model.graph.node[i].input[0] == "encoder_hidden_states" for i in range(len(model.graph.node))
-                    if model.graph.node[i].output[0] == n.input[1]))
-    merged = onnx.ModelProto.FromString(reference)
-    assert merge.merge_context_projections(merged, tensors.__getitem__) == cross > 1
+    reference = model.SerializeToString()
+    src = tmp_path / "fused" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, location="model.onnx.data")  # weights > 1 KiB outside
+    dest = tmp_path / "merged" / "model.onnx"
+    dest.parent.mkdir()
+    assert merge.merge_file(src, dest) == len(cross)
+    merged = onnx.load(str(dest))
     counts = op_counts(merged)
-    assert counts["MultiHeadAttention"] == op_counts(model)["MultiHeadAttention"] and counts["Split"] == 1
+    assert counts["MultiHeadAttention"] == len(attentions) and counts["Split"] == 1
     assert sum(i == "encoder_hidden_states" for n in merged.graph.node for i in n.input) == 1
     rng = np.random.default_rng(3)
     feeds = {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
@@ -171,10 +181,10 @@ def test_the_context_kv_merge_experiment_computes_what_separate_projections_comp
              "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
 
     def run(m):
-        data = m if isinstance(m, bytes) else m.SerializeToString()
+        data = str(m) if not isinstance(m, onnx.ModelProto) else m.SerializeToString()
         return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
-    want, got = run(reference), run(merged)
+    want, got = run(src), run(dest)
     error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     swapped = onnx.ModelProto.FromString(reference)
     merge.merge_context_projections(swapped, lambda n: tensors[n.replace("to_k", "to_V").replace("to_v", "to_k")
@@ -183,22 +193,21 @@ def test_the_context_kv_merge_experiment_computes_what_separate_projections_comp
     print(f"context K/V merged: rel-L2 {error:.1e} from separate projections; K and V swapped: {notch:.1e}")
     assert error < 1e-5 and notch > 1e-2
 
-    out = merge.merged_copy(tiny_optimized, tmp_path / "merged")
-    variant = load_manifest(tmp_path / "merged")
+    assert merge.merged_copy(tiny_optimized, tmp_path / "variant") > 1
+    variant = load_manifest(tmp_path / "variant")
+    variant.check_files()  # what the runtime checks when it loads a directory
     path = variant.path(variant.components["unet"]["optimized"]["cuda"]["path"])
     merged_file = onnx.load(str(path))
-    columns = merge.packed_columns(merged_file)
-    assert out > 1 and len(columns) == 1 and len(next(iter(columns.values()))) == 2 * out
-    original = onnx.load(str(tiny_optimized / path.relative_to(tmp_path / "merged")))
+    (name, spans), = merge.packed_columns(merged_file).items()
+    original = onnx.load(str(tiny_optimized / path.relative_to(tmp_path / "variant")))
     weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
-    (name, spans), = columns.items()
     packed = next(numpy_helper.to_array(t) for t in merged_file.graph.initializer if t.name == name)
     for source, start, end in spans:
         np.testing.assert_array_equal(packed[:, start:end], weights[source])
     constants = [n.attribute[0].t for n in merged_file.graph.node if n.op_type == "Constant" and "context_kv" in n.name]
-    assert constants and all(not t.raw_data and t.int64_data for t in constants)
-    assert (tmp_path / "merged" / "manifest.json").is_file() and \
-        all((tmp_path / "merged" / f).exists() for f in variant.data["files"])
+    assert constants and all(not t.raw_data and t.int64_data for t in constants)  # never moved to a data file
+    with pytest.raises(SystemExit, match="outside --engine"):
+        merge.merged_copy(tiny_optimized, tiny_optimized / "variant")
 
 
 def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):

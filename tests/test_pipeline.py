@@ -434,3 +434,15 @@ def test_low_memory_frees_each_model_after_its_stage(tiny_engine):
     assert np.abs(got.array - expected.array).mean() < 0.05  # tiled decode: close to the whole-image decode
     latents = low("a kite", **{**kw, "output_type": "latent"}).array
     np.testing.assert_array_equal(latents, normal("a kite", **{**kw, "output_type": "latent"}).array)
+
+
+def test_a_plan_makes_each_session_once_whatever_the_order_of_its_dimensions():
+    """pipeline.unique_plan keys a (component, dims) pair as the backends key the session made for it
+    (contracts.shape_key): the same dimensions in another order are one session, other sizes or components are not."""
+    from sdxl_trt.runtime.contracts import shape_key
+    from sdxl_trt.runtime.pipeline import unique_plan
+
+    plan = [("unet", {"B": 2, "h": 128, "w": 96}), ("unet", {"w": 96, "B": 2, "h": 128}), ("unet", {"B": 2, "h": 96, "w": 96}),
+            ("vae_decoder", {"B": 2, "h": 128, "w": 96})]
+    assert unique_plan(plan) == [plan[0], plan[2], plan[3]]
+    assert shape_key(*plan[0]) == shape_key(*plan[1]) != shape_key(*plan[2])
