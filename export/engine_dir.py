@@ -90,7 +90,7 @@ def _resolve_vae(spec: str, allow_pickle: bool) -> SourceSpec:
         if config.get("_class_name") != "AutoencoderKL":
             raise UserError(f"--vae {spec!r} holds a {config.get('_class_name')}, not an AutoencoderKL")
         return SourceSpec(spec, "vae-folder", "vae", None, path=path)
-    return resolve(spec, allow_pickle=allow_pickle)
+    return resolve(spec, allow_pickle=allow_pickle, flag="--vae")
 
 
 def _load_module(src: SourceSpec, module: str, allow_pickle: bool):
@@ -128,7 +128,7 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
     if refiner is not None:
         if main.role == "refiner":
             raise UserError(f"--model {model!r} is already a refiner; --refiner goes with a base model")
-        ref = resolve(refiner, allow_pickle=allow_pickle)
+        ref = resolve(refiner, allow_pickle=allow_pickle, flag="--refiner")
         if ref.role != "refiner":
             raise UserError(f"--refiner {refiner!r} is an SDXL {ref.role} model, not a refiner")
         roles["refiner"] = ref
@@ -143,7 +143,8 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
             wanted.append("unet_control")  # the UNet that takes the residuals goes with the ControlNets
     absent = [c for c in (components or []) if c not in produced]
     if absent:
-        hint = "it needs --refiner" if absent[0] == "unet_refiner" else f"{model!r} is a refiner"
+        hint = "it needs --refiner" if absent[0] == "unet_refiner" else \
+            "they need --controlnet" if absent[0] in ("controlnet", "unet_control") else f"{model!r} is a refiner"
         raise UserError(f"--components {absent[0]}: not among what this export makes ({', '.join(produced)}); {hint}")
 
     report = ExportReport(out)

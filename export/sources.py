@@ -89,19 +89,20 @@ class ModelSource:
         save_folder(self, Path(dest))
 
 
-def resolve(spec: str, *, allow_pickle: bool = False) -> SourceSpec:
-    """Check a `--model` value without loading weights; raise UserError naming it and what is accepted."""
+def resolve(spec: str, *, allow_pickle: bool = False, flag: str = "--model") -> SourceSpec:
+    """Check a `--model` value (or `flag`'s: --refiner, --vae) without loading weights; raise UserError naming it and
+    what is accepted."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"--model is empty; accepted: {ACCEPTED}")
+        raise UserError(f"{flag} is empty; accepted: {ACCEPTED}")
     size, _, role = spec.partition(":")
     if size in BUILTIN_SIZES and role:
         if role not in ROLES:
-            raise UserError(f"--model {spec!r}: unknown built-in model; accepted: {ACCEPTED}")
+            raise UserError(f"{flag} {spec!r}: unknown built-in model; accepted: {ACCEPTED}")
         return SourceSpec(spec, size, role, f"{BUILTIN_SIZES[size]}-{role}")
     path = Path(spec).expanduser()
     if not path.exists():
         hint = "" if ":" not in spec else " (built-in models are random:base, random:refiner, tiny:base, tiny:refiner)"
-        raise UserError(f"--model {spec!r}: no such file or folder{hint}; accepted: {ACCEPTED}")
+        raise UserError(f"{flag} {spec!r}: no such file or folder{hint}; accepted: {ACCEPTED}")
     if path.is_dir():
         from .diffusers_folder import inspect_folder
 
@@ -113,12 +114,12 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> SourceSpec:
         return inspect_checkpoint(spec, path)
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise UserError(f"--model {spec!r} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            raise UserError(f"{flag} {spec!r} is a pickle checkpoint, which can run arbitrary code when loaded; "
                             "convert it to .safetensors or pass --allow-pickle if you trust it")
         from .single_file import inspect_checkpoint
 
         return inspect_checkpoint(spec, path, pickle=True)
-    raise UserError(f"--model {spec!r}: not a model file (expected .safetensors); accepted: {ACCEPTED}")
+    raise UserError(f"{flag} {spec!r}: not a model file (expected .safetensors); accepted: {ACCEPTED}")
 
 
 def load_model(spec: str | SourceSpec, *, dtype=None, device: str = "cpu", allow_pickle: bool = False,

@@ -94,6 +94,20 @@ def unet_evaluations(case: Case) -> int:
     return case.steps * case.batch * (2 if case.guidance > 1.0 else 1)
 
 
+def read_flops(path: str) -> dict:
+    """--flops: a FLOP table written by benchmarks/unet_flops.py, read (and its shape checked) before any run."""
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--flops {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"--flops {path!r}: not a JSON file ({e})") from None
+    if not (isinstance(table, dict) and isinstance(table.get("flops"), dict)
+            and all(isinstance(table["flops"].get(role), dict) for role in ("base", "refiner"))):
+        raise UserError(f"--flops {path!r}: not a FLOP table of benchmarks/unet_flops.py (no flops.base / .refiner)")
+    return table
+
+
 def flops_per_call(case: Case, table: dict | None) -> float | None:
     """FLOPs of the UNet work in one call from a benchmarks/unet_flops.py table (base, and the refiner's share)."""
     if not table:
@@ -341,19 +355,20 @@ def run(args) -> dict:
     from . import tensorrt_api
     from .fileio import atomic_file, check_writable
     from .manifest import load_manifest
-    from .validate import parse_size
+    from .validate import finite, parse_size
 
     engine = Path(args.dir)
     manifest = load_manifest(engine)
     size = parse_size(args.size) if args.size else (manifest.data["model"]["default_size"],) * 2
-    flops = json.loads(Path(args.flops).read_text()) if args.flops else None
+    flops = read_flops(args.flops) if args.flops else None
+    finite(args.compile_limit, "--compile-limit", low=1)
+    out = Path(args.out)
+    if out.suffix.lower() != ".json" or out.is_dir():  # said now, not after the runs when the results are saved
+        raise UserError(f"--out {str(out)!r}: expected a .json file name" + (" (it is a folder)" if out.is_dir() else ""))
     if args.refiner and args.contenders:  # checked now, not when the first refiner case comes up
         from ..export.sources import resolve
 
-        try:
-            role = resolve(args.refiner).role
-        except UserError as e:
-            raise UserError(f"--refiner: {e}") from None
+        role = resolve(args.refiner, flag="--refiner").role
         if role != "refiner":
             raise UserError(f"--refiner {args.refiner!r} is an SDXL {role}, not a refiner")
     timer = Timer(args.runs, args.warmup)
@@ -364,7 +379,6 @@ def run(args) -> dict:
               "engine": str(engine),
               "model": manifest.data.get("sources", {}), "runs": args.runs, "warmup": args.warmup,
               "prompt": PROMPT, "cases": [], "overhead": [], "load_s": {}, "complete": False}
-    out = Path(args.out)
     if args.resume and out.exists():
         resume(result, out)
     check_writable(out, f"--out {str(out)!r}")  # before the first case, not after it

@@ -9,6 +9,7 @@ This module imports nothing heavy at start-up: torch is imported only by the sub
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_serve(args) -> int:
-    from .validate import resident_options
+    from .validate import finite, resident_options
 
     resident = resident_options(args.backend, args.buckets, args.max_device_memory, args.devices)
     try:
@@ -42,6 +43,10 @@ def _cmd_serve(args) -> int:
                         ("--max-steps", args.max_steps)):
         if value < 1:
             raise UserError(f"{flag} {value}: expected at least 1")
+    finite(args.max_wait_ms, "--max-wait-ms", low=0)
+    for flag, value in (("--timeout-s", args.timeout_s), ("--max-body-mb", args.max_body_mb)):
+        if finite(value, flag) <= 0:
+            raise UserError(f"{flag} {value:g}: expected a number above 0")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected 1-65535")
     check_address(args.host, args.port)  # taken or not ours: said now, not by uvicorn after the load (status 3)
@@ -498,6 +503,12 @@ def _end_process(code: int):
     os._exit(code)
 
 
+# errors of a path itself (not of the program): a name too long, a folder where a file was expected or the reverse,
+# no permission, a read-only or full filesystem
+PATH_ERRNOS = {errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+               errno.ENOENT, errno.ELOOP}
+
+
 def _run(args, prog: str) -> int:
     try:
         code = args.func(args) or 0
@@ -519,6 +530,13 @@ def _run(args, prog: str) -> int:
         if not _stdout_gone():
             raise  # some other pipe (a socket, a child process): a bug, with its traceback
         return _quiet_broken_pipe()
+    except OSError as e:  # after BrokenPipeError (an OSError too): a user's path unusable as such, met past the
+        # checks made up front (those say more and before any work; this keeps the rest to one line)
+        if e.errno not in PATH_ERRNOS or e.filename is None:
+            raise
+        _end_progress_bars()
+        print(f"{prog}: error: {e.filename}: {os.strerror(e.errno)}", file=sys.stderr)
+        return 2
 
 
 def _end_progress_bars() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .contracts import output_shapes
 from .errors import UserError
-from .validate import finite, spelled
+from .validate import CONTROL_SCALE_RANGE, finite, spelled
 
 
 @dataclass
@@ -85,7 +85,7 @@ def prepare_control(pipeline: dict, components: dict, control_image, conditionin
     pictures = [as_image(image, f"{flag} {k + 1}" if len(nets) > 1 else flag, "RGB") for k, image in enumerate(given)]
     scales = per_net(1.0 if conditioning_scale is None else conditioning_scale, len(nets),
                      "controlnet_conditioning_scale", names,
-                     lambda v: finite(v, "controlnet_conditioning_scale", names=names))
+                     lambda v: finite(v, "controlnet_conditioning_scale", *CONTROL_SCALE_RANGE, names=names))
     starts = per_net(0.0 if start is None else start, len(nets), "control_guidance_start", names,
                      lambda v: finite(v, "control_guidance_start", 0.0, 1.0, names))
     ends = per_net(1.0 if end is None else end, len(nets), "control_guidance_end", names,

@@ -69,11 +69,25 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+# the longest file name the writers here can use: the filesystem's 255 bytes less the room of the temporary name they
+# write first (atomic_file: ".tmp-<name>-" + 8 random characters)
+NAME_MAX = 255 - 16
+
+
+def check_name(path: str | os.PathLike, what: str) -> None:
+    """Every part of `path` short enough to be a file name here (and for the temporary name written first)."""
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UserError(f"{what}: the name {part[:24]}… is too long ({len(os.fsencode(part))} bytes; the limit "
+                            f"is {NAME_MAX})")
+
+
 def check_writable(path: str | os.PathLike, what: str, need_bytes: int = 0) -> None:
     """Before the work starts: `path` (a file or folder still to be written) can be, in the folder it will be
     written in (the nearest existing one, for folders still to be made), and that folder's filesystem has
     `need_bytes` free (0: the size is not known beforehand). `what` leads the error (the flag and its value).
     A probe file is made and removed, because permission bits say nothing for root, nor about read-only mounts."""
+    check_name(path, what)
     path = Path(path).expanduser().absolute()
     folder = path.parent
     while not folder.is_dir() and folder != folder.parent:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_file, check_writable
+from .fileio import atomic_file, check_name, check_writable
 from .images import load_image, write_png
 from .metadata import control_record, file_sha256, generation_record, model_hash
 from .validate import CLI_NAMES, parse_controls, parse_fractions, parse_size, positive_int, resident_options
@@ -26,6 +26,8 @@ def read_prompts(args) -> list[str]:
             text = path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise UserError(f"--prompts {args.prompts!r}: no such file") from None
+        except OSError as e:
+            raise UserError(f"--prompts {args.prompts!r}: cannot read it ({e.strerror})") from None
         except UnicodeDecodeError as e:
             raise UserError(f"--prompts {args.prompts!r} is not UTF-8 text (byte {e.start})") from None
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -50,17 +52,31 @@ def output_room(paths: list[Path], width: int, height: int, latent: bool) -> Non
     check_writable(paths[0], f"--out {str(paths[0])!r}", each * len(paths))
 
 
+def keep_inputs(outputs: list[Path], inputs: dict[str, str | None]) -> None:
+    """No output is one of the files the run reads (an --init-image written over by its own result is lost)."""
+    written = {path.expanduser().resolve(): path for path in outputs}
+    for flag, value in inputs.items():
+        if value and Path(value).expanduser().resolve() in written:
+            raise UserError(f"--out {str(written[Path(value).expanduser().resolve()])!r} would write over "
+                            f"{flag.split()[0]} {value!r}; write the result elsewhere")
+
+
 def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[Path]:
     base = Path(out).expanduser() if out else Path(f"sdxl-trt-{first_seed}{suffix}")
+    check_name(base, f"--out {str(base)!r}")
     if base.is_dir():
         raise UserError(f"--out {str(base)!r} is a folder; give a file name such as {base / ('image' + suffix)}")
     if base.suffix.lower() != suffix:
         raise UserError(f"--out {str(base)!r}: expected a {suffix} file name")
     if not base.parent.is_dir():
         raise UserError(f"--out {str(base)!r}: folder {base.parent} does not exist")
-    if n == 1:
-        return [base]
-    return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(n)]
+    paths = [base] if n == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(n)]
+    for path in paths[1:]:
+        check_name(path, f"--out {str(base)!r}")
+        if path.is_dir():
+            raise UserError(f"--out {str(base)!r}: {path} (the name of image {paths.index(path) + 1} of the batch) "
+                            "is a folder")
+    return paths
 
 
 # --from-png: the record's keys (metadata.generation_record) → generate's arguments
@@ -113,11 +129,15 @@ def apply_png(args) -> dict:
         args.control_end = ",".join(repr(float(c.get("end", 1.0))) for c in controls)
         args.guess_mode = bool(record.get("guess_mode", False))
     if "lora" not in typed:
-        served = [a["name"] for a in record.get("loras", []) if "file" not in a]
+        loras = record.get("loras") or []
+        if not isinstance(loras, list) or not all(isinstance(a, dict) and ("file" in a and isinstance(
+                a.get("scale"), (int, float)) or "name" in a) for a in loras):
+            raise UserError(f"--from-png {args.from_png!r}: its record's 'loras' is not a list of adapters")
+        served = [a["name"] for a in loras if "file" not in a]
         if served:
             raise UserError(f"--from-png {args.from_png!r}: made with the server's LoRA adapter {served[0]!r}; give "
                             "each adapter with --lora PATH:SCALE")
-        args.lora = [f"{a['file']}:{a['scale']!r}" for a in record.get("loras", [])] or None
+        args.lora = [f"{a['file']}:{a['scale']!r}" for a in loras] or None
     return record
 
 
@@ -141,15 +161,19 @@ def generate(args) -> list[Path]:
     if args.latents:
         try:
             latents = np.load(args.latents, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e})") from None
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise UserError(f"--latents {args.latents!r}: not a readable .npy array ({e or 'empty file'})") from None
     suffix = ".npy" if args.output_type == "latent" else ".png"
     # a bad or unwritable --out (or working folder, for the default name) fails before any work
     planned = output_paths(args.out, 0, len(prompts) * args.batch, suffix)  # names with the seed are known later
     check_writable(planned[0], f"--out {str(planned[0])!r}" if args.out else "the working folder (no --out)")
+    control_paths, control_scales = parse_controls(getattr(args, "control", None))
+    if args.out:
+        keep_inputs(planned, {"--init-image": args.init_image, "--mask": args.mask, "--latents": args.latents,
+                              "--prompts": args.prompts, "--from-png": getattr(args, "from_png", None),
+                              **{f"--control {p}": p for p in control_paths}})
     image = load_image(args.init_image) if args.init_image else None
     mask = load_image(args.mask, "--mask", mode="L") if args.mask else None
-    control_paths, control_scales = parse_controls(getattr(args, "control", None))
     controls = [load_image(path, "--control") for path in control_paths]
     control = dict(control_image=controls or None, controlnet_conditioning_scale=control_scales or None,
                    control_guidance_start=parse_fractions(getattr(args, "control_start", None), "--control-start"),

@@ -12,16 +12,26 @@ from .fileio import atomic_file
 
 def load_image(path: str | Path, flag: str = "--init-image", mode: str = "RGB"):
     """A user's image file as a PIL image in `mode`, or a one-line UserError saying why not."""
+    return open_image(path, f"{flag} {str(path)!r}", mode)
+
+
+def open_image(source, what: str, mode: str = "RGB", unreadable: str = "not a readable image"):
+    """An image from a path or a binary file object (a request's decoded bytes) as a PIL image in `mode`, or a
+    one-line UserError led by `what` (the flag and its value, or the request's field; `unreadable` says what the
+    source is not when PIL cannot read it). Images of more pixels than
+    PIL's decompression-bomb limit (a few kilobytes of PNG can claim gigabytes) are refused, not opened."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return image.convert(mode)
     except FileNotFoundError:
-        raise UserError(f"{flag} {str(path)!r}: no such file") from None
+        raise UserError(f"{what}: no such file") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{what}: too many pixels to open ({str(e).split('. ')[0]})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{flag} {str(path)!r}: not a readable image ({e})") from None
+        raise UserError(f"{what}: {unreadable} ({str(e).splitlines()[0][:120]})") from None
 
 
 def to_model_input(image, width: int, height: int) -> np.ndarray:

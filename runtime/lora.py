@@ -133,11 +133,14 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if end > len(data):
             raise UserError(f"LoRA {path}: truncated (tensor {key} ends past the file)")
         raw = data[begin:end]
-        if kind == "bf16":
-            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            array = np.frombuffer(raw, kind).astype(np.float32)
-        out[key] = array.reshape(info["shape"])
+        try:
+            if kind == "bf16":
+                array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                array = np.frombuffer(raw, kind).astype(np.float32)
+            out[key] = array.reshape(info["shape"])
+        except (ValueError, TypeError) as e:  # offsets that do not fit the dtype or the shape: a damaged file
+            raise UserError(f"LoRA {path}: tensor {key} does not fit its recorded offsets and shape ({e})") from None
     return out
 
 
@@ -207,6 +210,9 @@ def parse_keys(tensors: dict[str, np.ndarray], path: Path) -> dict[tuple[str, st
         if found.down.shape[0] != found.up.shape[1] or found.down.ndim != found.up.ndim or \
                 (found.up.ndim == 4 and found.up.shape[2:] != (1, 1)):
             raise UserError(f"LoRA {path}: {module} ({component}): ranks do not match (down "
+                            f"{list(found.down.shape)}, up {list(found.up.shape)})")
+        if found.down.ndim < 2 or found.down.shape[0] == 0 or 0 in found.down.shape or 0 in found.up.shape:
+            raise UserError(f"LoRA {path}: {module} ({component}) has rank 0 or an empty weight (down "
                             f"{list(found.down.shape)}, up {list(found.up.shape)})")
     if not layers:
         raise UserError(f"LoRA {path}: no LoRA weights in it")

@@ -202,8 +202,8 @@ def load_manifest(root: str | Path) -> Manifest:
                         f"{EXPORT_HINT}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); {EXPORT_HINT}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
+        raise UserError(f"{path} is not valid JSON ({e or 'nested too deep'}); {EXPORT_HINT}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an sdxl-trt manifest")
     if data.get("format_version") != FORMAT_VERSION:
@@ -369,6 +369,7 @@ class _Schema:
                 self.need(isinstance(pair, list) and len(pair) == 2 and _whole(pair[0], 1) and _whole(pair[1], pair[0]),
                           f"{field}.bounds.{key}", pair, "[low, high], whole numbers with 1 ≤ low ≤ high")
             self.precisions(entry, field)
+            self.text(entry, "weights_sha256", f"{field}.weights_sha256", optional=True)
             for target, record in self.table(entry, "optimized", f"{field}.optimized", optional=True).items():
                 where = f"{field}.optimized.{target}"
                 self.need(isinstance(record, dict), where, record, "a JSON object")

@@ -183,8 +183,8 @@ def read_record(path: str | Path, flag: str = "--from-png") -> dict:
                         "written by sdxl-trt generate or serve can be run again")
     try:
         record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{flag} {str(path)!r}: its {CHUNK!r} chunk is not JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
+        raise UserError(f"{flag} {str(path)!r}: its {CHUNK!r} chunk is not JSON ({e or 'nested too deep'})") from None
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise UserError(f"{flag} {str(path)!r}: its {CHUNK!r} chunk is not a {SCHEMA} record")
     for key, (kinds, required) in RECORD_FIELDS.items():

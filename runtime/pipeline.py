@@ -799,6 +799,9 @@ class Pipeline:
             if not (low_ok and high_ok):
                 raise UserError(f"{say(name)} {value}: expected a fraction strictly between 0 and 1"
                                 + ("" if name == "refiner_start" else " (or 1)"))
+        if refine_strength is not None and int(steps * refine_strength) < 1:  # as strength for img2img
+            raise UserError(f"{say('refine_strength')} {refine_strength} of {steps} steps leaves the refiner no step "
+                            f"to run; raise {say('refine_strength')} or {say('num_inference_steps')}")
         # the components this call needs (a subset export may lack them): said now, not after the denoising loop
         self.manifest.require(*work_for(decode=output_type != "latent", img2img=image is not None,
                                         refiner=refiner_start is not None or refine_strength is not None))

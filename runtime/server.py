@@ -278,17 +278,15 @@ def npy_bytes(latent) -> bytes:
 def decode_image(data: str, name: str = "init_image", mode: str = "RGB"):
     """A request's base64 image field → (PIL image in `mode`, {"sha256": of the bytes sent}), or a UserError naming
     the field."""
-    from PIL import Image, UnidentifiedImageError
-
+    from .images import open_image
     from .metadata import file_sha256
 
     try:
         raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (ValueError, UnidentifiedImageError, OSError) as e:
+    except ValueError as e:
         raise UserError(f"{name}: not a base64 PNG or JPEG ({str(e).splitlines()[0][:120]})") from None
-    return image.convert(mode), {"sha256": file_sha256(raw)}
+    image = open_image(io.BytesIO(raw), name, mode, unreadable="not a base64 PNG or JPEG")
+    return image, {"sha256": file_sha256(raw)}
 
 
 def check_address(host: str, port: int) -> None:

@@ -97,6 +97,12 @@ class ClipTokenizer:
         """BPE ids of each prompt, without <bos>/<eos> and without truncation."""
         if isinstance(prompts, str):
             raise TypeError("tokenize() takes a list of prompts")
+        for prompt in prompts:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # invalid UTF-8 on a command line, or an escaped lone surrogate in JSON
+                raise UserError(f"prompt {prompt[:40]!r}: not valid text (character {e.start} is not Unicode; was it "
+                                "written in another encoding than UTF-8?)") from None
         return [e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)]
 
     def __call__(self, prompts: Sequence[str]) -> Tokens:

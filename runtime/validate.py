@@ -25,6 +25,9 @@ GUIDANCE_RESCALE_RANGE = (0.0, 1.0)
 # LoRA scales: 0–1.5 for most adapters, negative and larger ones for "slider" adapters (UIs offer about ±5 to ±8);
 # ±20 is beyond any published use, while a scale like 1e38 only pushes the merged weights out of fp32's range.
 LORA_SCALE_RANGE = (-20.0, 20.0)
+# ControlNet conditioning scales: 0–2 in use (diffusers' examples 0.5–1); the same margin as LoRA's, beyond which the
+# residuals only overflow fp16 (1e38 gave NaN latents blamed on the model)
+CONTROL_SCALE_RANGE = (-20.0, 20.0)
 
 # How each front door spells an argument in its errors. Checks take the Python API's argument name (the API's own
 # spelling) and a `names` map from it to the caller's: the CLI's flags here; the HTTP server maps to its request fields.

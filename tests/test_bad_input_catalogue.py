@@ -54,6 +54,34 @@ def inputs(tmp_path_factory, tiny_engine):
     np.save(d / "latents-nan.npy", np.full((1, 4, 8, 8), np.nan, np.float32))
     np.save(d / "latents-object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (d / "not-a-png.png").write_bytes(b"GIF89a nonsense")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(d / "in.png")  # an input image the run must not write over
+
+    Image.new("1", (20000, 20000)).save(d / "bomb.png")  # 400 megapixels in a few kilobytes
+    (d / "latents-empty.npy").write_bytes(b"")
+    (d / "prompts-folder").mkdir()
+    (d / "taken").mkdir()
+    (d / "taken" / "x-2.png").mkdir()  # the second image's name of a batch is a folder
+    from safetensors.numpy import save_file
+
+    save_file({"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": np.zeros((0, 64), np.float32),
+               "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": np.zeros((64, 0), np.float32)},
+              str(d / "rank0.safetensors"))
+    save_file({"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": np.zeros((4, 64), np.float32),
+               "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": np.zeros((64, 4), np.float32)},
+              str(d / "offsets.safetensors"))
+    raw = (d / "offsets.safetensors").read_bytes()
+    (d / "offsets.safetensors").write_bytes(raw.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1))
+    weird = d / "weird-manifest"
+    shutil.copytree(tiny_engine, weird)
+    data = json.loads((weird / "manifest.json").read_text())
+    data["components"]["unet"]["weights_sha256"] = 5
+    (weird / "manifest.json").write_text(json.dumps(data))
+    deep = d / "deep-manifest"
+    deep.mkdir()
+    (deep / "manifest.json").write_text('{"a":' * 100000)
+    (d / "flops.json").write_text('{"not": "a table"}')
     escape = d / "escaping-manifest"
     shutil.copytree(tiny_engine, escape)
     data = json.loads((escape / "manifest.json").read_text())
@@ -76,6 +104,9 @@ CASES = [  # (argv with {bad} / {engine} placeholders, what the one line must sa
     (["export", "--model", "tiny:base", "--out", "{bad}/a-file"], "a-file", "a-file"),
     (["export", "--model", "tiny:base", "--out", "{bad}/full"], "--force", "full"),
     (["export", "--model", "tiny:base", "--precision", "fp8", "--out", "{bad}/out9"], "fp8", "out9"),
+    (["export", "--model", "tiny:base", "--vae", "{bad}/in.png", "--out", "{bad}/out10"], "--vae", "out10"),
+    (["export", "--model", "tiny:base", "--refiner", "{bad}/in.png", "--out", "{bad}/out11"], "--refiner", "out11"),
+    (["export", "--model", "tiny:base", "--components", "controlnet", "--out", "{bad}/out12"], "--controlnet", "out12"),
     (["generate", "{engine}", "--prompts", "{bad}/prompts-latin1.txt", "--out", "{bad}/g.png"], "not UTF-8", "g.png"),
     (["generate", "{engine}", "--prompts", "{bad}/prompts-blank.txt", "--out", "{bad}/g.png"], "no prompt", "g.png"),
     (["generate", "{engine}", "a cat", "--size", "64x64", "--latents", "{bad}/latents-shape.npy", "--out",
@@ -90,6 +121,32 @@ CASES = [  # (argv with {bad} / {engine} placeholders, what the one line must sa
       "{bad}/g.png"], "not-a-png.png", "g.png"),
     (["generate", "{bad}/escaping-manifest", "a cat", "--size", "64x64", "--out", "{bad}/g.png"],
      "outside the engine directory", "g.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--init-image", "{bad}/bomb.png", "--out", "{bad}/g.png"],
+     "too many pixels", "g.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--latents", "{bad}/latents-empty.npy", "--out",
+      "{bad}/g.png"], "--latents", "g.png"),
+    (["generate", "{engine}", "--prompts", "{bad}/prompts-folder", "--out", "{bad}/g.png"], "--prompts", "g.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--batch", "2", "--out", "{bad}/taken/x.png"],
+     "is a folder", "taken"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--out", "{bad}/" + "a" * 300 + ".png"], "too long",
+     "g.png"),
+    (["generate", "{engine}", "a \udcff cat", "--size", "64x64", "--out", "{bad}/g.png"], "not valid text", "g.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--lora", "{bad}/rank0.safetensors", "--out",
+      "{bad}/g.png"], "rank 0", "g.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--lora", "{bad}/offsets.safetensors", "--out",
+      "{bad}/g.png"], "offsets", "g.png"),
+    (["generate", "{bad}/weird-manifest", "a cat", "--size", "64x64", "--out", "{bad}/g.png"], "weights_sha256",
+     "g.png"),
+    (["inspect", "{bad}/deep-manifest"], "not valid JSON", "deep-manifest"),
+    (["export", "--model", "tiny:base", "--out", "{bad}/" + "b" * 300], "too long", "g.png"),
+    (["bench", "{engine}", "--out", "{bad}/taken"], ".json", "taken"),
+    (["bench", "{engine}", "--out", "{bad}/b.json", "--flops", "{bad}/flops.json"], "--flops", "b.json"),
+    (["bench", "{engine}", "--out", "{bad}/b.json", "--flops", "{bad}/no-flops.json"], "no such file", "b.json"),
+    (["bench", "{engine}", "--out", "{bad}/b.json", "--compile-limit", "nan"], "--compile-limit", "b.json"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--init-image", "{bad}/in.png", "--out", "{bad}/in.png"],
+     "would write over --init-image", "in.png"),
+    (["generate", "{engine}", "a cat", "--size", "64x64", "--refine-strength", "0.01", "--steps", "2", "--out",
+      "{bad}/r.png"], "leaves the refiner no step", "r.png"),
     (["optimize", "{bad}/nowhere"], "nowhere", "nowhere"),
     (["optimize", "{bad}/broken-manifest"], "manifest.json", "broken-manifest"),
     (["optimize", "{bad}/foreign-manifest"], "format version 99", "foreign-manifest"),

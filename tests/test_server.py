@@ -144,8 +144,19 @@ def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
     ({"prompt": "a cat", "lora": [{"name": "style"}]}, None, 400, "--lora-dir"),
     ({"prompt": "a cat", "lora": [{"name": "style", "weight": 1}]}, None, 400, "weight"),
     ({"prompt": "x" * (2 << 20)}, None, 413, "over the limit"),
+    (None, b'{"prompt": "\\ud800 a cat", "size": "64x64"}', 400, "not valid text"),  # a lone surrogate: no Unicode
+    ({"prompt": "a cat", "init_image": "BOMB"}, None, 400, "too many pixels"),
 ])
 def test_bad_requests_get_4xx_with_a_message(server, body, raw, status, says):
+    if body and body.get("init_image") == "BOMB":  # a 1-bit PNG of 20000² pixels: tiny as a file, huge in memory
+        import base64
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+        body = {**body, "init_image": base64.b64encode(buffer.getvalue()).decode()}
     got, answer, _ = server.post(body, raw)
     assert got == status and says in answer["error"]["message"], answer
 
@@ -283,6 +294,10 @@ def test_a_request_over_its_time_gets_504_and_the_server_goes_on(tiny_engine, tm
     (["--ray", "--autoscaling", "[1, 2]"], "JSON object"),
     (["--max-batch", "0"], "--max-batch 0"),
     (["--port", "70000"], "--port 70000"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms nan: expected a finite number"),  # a batch that never closes: a hang
+    (["--max-wait-ms", "-1"], "--max-wait-ms -1"),
+    (["--timeout-s", "-1"], "--timeout-s -1: expected a number above 0"),
+    (["--max-body-mb", "0"], "--max-body-mb 0: expected a number above 0"),
     (["--lora-dir", "/nowhere/at/all"], "--lora-dir /nowhere/at/all: not a folder"),
 ])
 def test_serve_bad_flags_are_one_line(tiny_engine, argv, says, capsys):
