@@ -6,7 +6,7 @@ import json
 
 from . import engines as eng
 from . import tensorrt_api
-from .manifest import WORK, load_manifest
+from .manifest import WORK, file_problem, load_manifest
 
 
 def inspect_data(engine_dir) -> dict:
@@ -18,6 +18,8 @@ def inspect_data(engine_dir) -> dict:
         sizes[name] = {p: sum(data["files"][f]["size"] for f in files) for p, files in entry["files"].items()}
         for target, record in entry.get("optimized", {}).items():  # `sdxl-trt optimize`
             sizes[name][f"{target} {record['precision']}"] = sum(data["files"][f]["size"] for f in record["files"])
+    problems = [problem for relative, record in data["files"].items()  # sizes only: hashing gigabytes is generate's
+                if (problem := file_problem(manifest.path(relative), record, False, "changed since export"))]
     engines = []
     for path, record in manifest.engines.items():
         problem = eng.engine_problem(manifest, path, record, device, check_hash=False)
@@ -33,6 +35,7 @@ def inspect_data(engine_dir) -> dict:
             "components": {name: {"contract": entry["contract"], "precisions": sizes[name]}
                            for name, entry in manifest.components.items()},
             "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
+            "file_problems": problems,  # missing files or files of another size than recorded (a copy cut short)
             "work": {work: manifest.missing(work) for work in WORK},  # None: it can; else why not
             "engines": engines, "machine": machine}
 
@@ -49,6 +52,11 @@ def inspect_dir(engine_dir, as_json: bool = False) -> str:
         lines.append(f"  {name:<14} {files}")
     for role, comps in info["pipelines"].items():
         lines.append(f"  {role} pipeline: " + ", ".join(f"{k}={v}" if k != v else k for k, v in comps.items()))
+    if info["file_problems"]:
+        lines.append(f"files: {len(info['file_problems'])} damaged (work that needs one of them is refused until it is made again):")
+        lines += [f"  {problem}" for problem in info["file_problems"]]
+    else:
+        lines.append("files: all present, of their recorded sizes")
     lines.append("work: " + ", ".join(f"{work} {'yes' if why is None else 'no'}" for work, why in info["work"].items()))
     lines += [f"  {work}: {why}" for work, why in info["work"].items() if why is not None]
     lines.append("engines:" if info["engines"] else "engines: none (build them with `sdxl-trt build DIR --backend ...`)")

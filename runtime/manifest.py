@@ -461,11 +461,14 @@ class _Schema:
         from .validate import MAX_PIXELS, VAE_FACTOR
 
         model = self.table(self.data, "model", "model")
+        # latents are scaled to unit variance: VAEs in use have factors 0.13–1.6 and shifts within ±0.2 (SDXL 0.13025
+        # and none, SD3 1.5305 / 0.0609, Flux 0.3611 / 0.1159); far outside, every image decodes to one colour
         value = model.get("vae_scaling_factor", MISSING)
-        self.need(_number(value) and value > 0, "model.vae_scaling_factor", value,
-                  "a positive number (SDXL's VAE: 0.13025)")
+        self.need(_number(value) and 1e-3 <= value <= 1e3, "model.vae_scaling_factor", value,
+                  "a number from 0.001 to 1000 (SDXL's VAE: 0.13025)")
         value = model.get("vae_shift_factor")
-        self.need(value is None or _number(value), "model.vae_shift_factor", value, "a number or null")
+        self.need(value is None or (_number(value) and abs(value) <= 1e3), "model.vae_shift_factor", value,
+                  "a number from -1000 to 1000, or null")
         value = model.get("vae_scale_factor", MISSING)
         self.need(_whole(value) and value == VAE_FACTOR, "model.vae_scale_factor", value,
                   f"{VAE_FACTOR} (pixels per latent of SDXL's VAE)")

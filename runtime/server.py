@@ -335,13 +335,15 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     metrics = Metrics()
     state: dict = {"ready": False, "batcher": None, "status": "loading"}
 
+    # strict: a JSON value of another type is refused, not converted ("seed": "1" or true is not a seed; a JSON
+    # integer still fills a float field)
     class LoraChoice(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         name: str
         scale: float = 1.0
 
     class GenerationRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         prompt: str
         n: int = Field(1, ge=1)
         size: str | None = None

@@ -221,6 +221,7 @@ FIELDS = [  # (field, bad value): missing, wrong type, out of range, unknown enu
     ("model", DROP), ("model", []),
     ("model.vae_scaling_factor", DROP), ("model.vae_scaling_factor", "0.13"), ("model.vae_scaling_factor", 0),
     ("model.vae_scaling_factor", -1.0), ("model.vae_scaling_factor", float("inf")),
+    ("model.vae_scaling_factor", 1e-30), ("model.vae_shift_factor", 1e30),  # a one-colour image, not an error, before
     ("model.vae_shift_factor", "none"),
     ("model.vae_scale_factor", DROP), ("model.vae_scale_factor", 16), ("model.vae_scale_factor", "8"),
     ("model.latent_channels", 5), ("model.latent_channels", "4"),
@@ -374,3 +375,21 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_2(whole_dir):
         holder.listen()
         port = holder.getsockname()[1]
         one_line_exit_2(run_cli("serve", whole_dir, "--port", port), f"--port {port}")
+
+
+def test_inspect_names_the_files_that_are_missing_or_cut_short(tiny_engine, tmp_path, capsys):
+    """inspect reads sizes (not hashes, which would read gigabytes): a copy cut short is named, not reported usable."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_engine, copy)
+    assert main(["inspect", str(copy)]) == 0
+    assert "files: all present, of their recorded sizes" in capsys.readouterr().out
+    manifest = json.loads((copy / "manifest.json").read_text())
+    victim = next(f for f in manifest["files"] if f.endswith(".onnx"))
+    (copy / victim).write_bytes((copy / victim).read_bytes()[:100])
+    assert main(["inspect", str(copy)]) == 0
+    text = capsys.readouterr().out
+    assert "files: 1 damaged" in text and victim.split("/")[-1] in text
+    assert main(["inspect", str(copy), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["file_problems"]) == 1

@@ -136,6 +136,9 @@ def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
     ({"prompt": "a cat", "steps": 0}, None, 400, "steps"),
     ({"prompt": "a cat", "sampler": "plms"}, None, 400, "plms"),
     ({"prompt": "a cat", "seed": -1}, None, 400, "seed"),
+    ({"prompt": "a cat", "seed": "1"}, None, 400, "seed"),  # strict types: not converted
+    ({"prompt": "a cat", "seed": True}, None, 400, "seed"),
+    ({"prompt": "a cat", "steps": 2.5}, None, 400, "steps"),
     ({"prompt": "a cat", "guidance": "high"}, None, 400, "guidance"),
     ({"prompt": "a cat", "response_format": "url"}, None, 400, "b64_json"),
     ({"prompt": "a cat", "strength": 0.5}, None, 400, "init_image"),
