@@ -152,6 +152,9 @@ def _cmd_build(args) -> int:
     bounds = [entry["bounds"] for entry in manifest.components.values()]
     max_windows = max(b["prompt_windows"][1] for b in bounds)
     pixels = (max(b["pixels"][0] for b in bounds), min(b["pixels"][1] for b in bounds))
+    most = min(b["batch"][1] for b in bounds)  # images per call the export is meant for (its contracts' bounds)
+    if args.max_batch > most:
+        raise UserError(f"--max-batch {args.max_batch}: this export's models are meant for at most {most} images a call")
     profiles = parse_profiles(args.profiles, args.static, args.max_batch, max_windows, pixels)
     options = BuildOptions(args.backend, profiles, opt_level=args.opt_level,
                            workspace_mib=args.workspace, refittable=args.refittable, strip_weights=args.strip_weights,

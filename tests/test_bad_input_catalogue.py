@@ -160,6 +160,8 @@ CASES = [  # (argv with {bad} / {engine} placeholders, what the one line must sa
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--max-batch", "0"], "--max-batch",
      "good"),
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--static", "7x7"], "7x7", "good"),
+    (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--static", "256x256", "--max-batch", "100000"],
+     "at most 8 images", "good"),
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--profiles", "1000x1001"], "1000x1001",
      "good"),
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--opt-level", "9"], "--opt-level",
