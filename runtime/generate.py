@@ -56,9 +56,10 @@ def keep_inputs(outputs: list[Path], inputs: dict[str, str | None]) -> None:
     """No output is one of the files the run reads (an --init-image written over by its own result is lost)."""
     written = {path.expanduser().resolve(): path for path in outputs}
     for flag, value in inputs.items():
-        if value and Path(value).expanduser().resolve() in written:
-            raise UserError(f"--out {str(written[Path(value).expanduser().resolve()])!r} would write over "
-                            f"{flag.split()[0]} {value!r}; write the result elsewhere")
+        read = Path(value).expanduser().resolve() if value else None
+        if read in written:
+            raise UserError(f"--out {str(written[read])!r} would write over {flag.split()[0]} {value!r}; write the "
+                            "result elsewhere")
 
 
 def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[Path]:
@@ -71,11 +72,10 @@ def output_paths(out: str | None, first_seed: int, n: int, suffix: str) -> list[
     if not base.parent.is_dir():
         raise UserError(f"--out {str(base)!r}: folder {base.parent} does not exist")
     paths = [base] if n == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(n)]
-    for path in paths[1:]:
+    for number, path in enumerate(paths[1:], start=2):
         check_name(path, f"--out {str(base)!r}")
         if path.is_dir():
-            raise UserError(f"--out {str(base)!r}: {path} (the name of image {paths.index(path) + 1} of the batch) "
-                            "is a folder")
+            raise UserError(f"--out {str(base)!r}: {path} (the name of image {number} of the batch) is a folder")
     return paths
 
 
