@@ -53,12 +53,12 @@ def kernel_profile(fn, sync, runs: int = 3, top: int = 12) -> dict:
         for event in prof.key_averages():
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
             if us > 0:
-                rows.append({"kernel": event.key[:160], "ms": round(us / runs / 1e3, 3), "calls": event.count // runs})
+                rows.append({"kernel": event.key[:160], "ms": round(us / runs / 1e3, 4), "calls": event.count // runs})
     except Exception as e:  # no CUPTI on this machine: say so instead of failing the benchmark
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     rows.sort(key=lambda r: -r["ms"])
     busy = sum(r["ms"] for r in rows)
-    return {"wall_ms_profiled": round(wall, 2), "kernel_ms": round(busy, 2), "kernels": sum(r["calls"] for r in rows),
+    return {"wall_ms_profiled": round(wall, 3), "kernel_ms": round(busy, 4), "kernels": sum(r["calls"] for r in rows),
             "top": rows[:top]}
 
 

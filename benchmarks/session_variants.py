@@ -1,6 +1,6 @@
 """Issue 26: what one component's session gives under other ONNX Runtime settings and files, against the fp32 file on
 the same GPU: the VAE decoder or encoder (1024², one image) or the UNet (1024², batch 2: one guided step). One process, one GPU;
-every session made fresh for the shape (as the runtime's shape sessions: free dimensions fixed) with ONNX Runtime's
+every session made fresh for the shape (with the file's custom-op library, `optimize --custom-ops`, registered) (as the runtime's shape sessions: free dimensions fixed) with ONNX Runtime's
 CUDA graph, timed as the median of --runs synchronous runs after 3 warm-up runs (ONNX Runtime synchronises its stream
 at the end of a run). Writes JSON (rewritten after every case, so a run cut short keeps what it measured).
 
@@ -61,6 +61,17 @@ def file_of(engine: Path, component: str, optimized: bool) -> Path:
     return engine / (entry["optimized"]["cuda"]["path"] if optimized else entry["precisions"]["fp32"])
 
 
+def library_of(path: Path):
+    """The custom-op library an optimized file needs (`optimize --custom-ops`), checked as the runtime checks it."""
+    from sdxl_trt.runtime.backends import custom_ops_library
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    for parent in path.parents:
+        if (parent / "manifest.json").is_file():
+            return custom_ops_library(load_manifest(parent), path)
+    return None
+
+
 def feeds(entry: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the contract's shapes for `dims`: normal noise, a mid-schedule timestep, SDXL's time ids."""
     rng = np.random.default_rng(seed)
@@ -88,6 +99,9 @@ def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    library = library_of(path)
+    if library is not None:
+        so.register_custom_ops_library(str(library))
     for name, value in dims.items():
         so.add_free_dimension_override_by_name(name, value)
     cuda = {**CUDA_OPTIONS, "cudnn_conv_algo_search": CONV_SEARCH, **options}

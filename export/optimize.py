@@ -71,8 +71,12 @@ class OptimizeReport:
 
 
 def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components: list[str] | None = None,
-                        progress: bool = True, jobs: int = 1) -> OptimizeReport:
+                        progress: bool = True, jobs: int = 1, custom_ops: bool = False) -> OptimizeReport:
     """Optimize the components of `engine_dir` (all, or `components`) for `target`; up-to-date ones are skipped.
+
+    `custom_ops`: the UNets' GEGLU runs on our BiasSplitGelu kernel (kernels/ort_ops.py) instead of ONNX Runtime's;
+    the library is built into `engine_dir/ops/` (nvcc and ONNX Runtime's C API header needed) and named in each
+    such file's record, so the runtime registers it. Without it, files made with it are made again without.
 
     `jobs` > 1 optimizes that many components at once in worker processes (the passes are single-threaded
     Python; a full-size UNet's peak memory is a few GB, so base + refiner + the rest fit a GPU server's RAM).
@@ -92,47 +96,50 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             raise UserError(f"{root}: {name} has no fp32 file to optimize from; re-export it")
     report = OptimizeReport(root)
     with eng.locked(root):
+        library = _build_custom_ops(root, manifest, names, progress) if custom_ops else None
         todo = []
         for name in names:
             entry = manifest.components[name]
             source = eng.onnx_sha256(manifest, name, "fp32")
             done = entry.get("optimized", {}).get(target)
+            ops = library if MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES else None
             if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
-                    and all(manifest.path(f).is_file() for f in done["files"])):
+                    and done.get("custom_ops") == ops and all(manifest.path(f).is_file() for f in done["files"])):
                 report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
                                     None))
                 continue
             manifest.check_files(only=entry["files"]["fp32"])
             src = manifest.path(entry["precisions"]["fp32"])
-            todo.append((name, source, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
-                         _fp32_io(entry)))
+            todo.append((name, source, ops, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
+                         _fp32_io(entry), ops is not None))
         if todo:  # fp16 files: about half their fp32 sources (the old versions are replaced one by one)
             need = sum(manifest.data["files"][f]["size"] for job in todo
                        for f in manifest.components[job[0]]["files"]["fp32"]) // 2
-            check_writable(todo[0][3], f"optimize {root}", need)
+            check_writable(todo[0][4], f"optimize {root}", need)
         bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
-        for name, source, dest, fused, seconds in _run_jobs(todo, jobs):
-            _record(root, target, name, source, dest, fused)
+        for name, source, ops, dest, fused, seconds in _run_jobs(todo, jobs):
+            _record(root, target, name, source, dest, fused, ops)
             report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
             bar.update()
         bar.close()
+        _drop_unused_libraries(root)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _run_jobs(todo: list[tuple], jobs: int):
-    """Yields (name, source sha, dest, fused counts, seconds) per job, in order of completion."""
+    """Yields (name, source sha, custom-op library, dest, fused counts, seconds) per job, in order of completion."""
     if jobs == 1 or len(todo) < 2:
-        for name, source, *job in todo:
-            yield name, source, job[1], *_timed_optimize_file(*job)
+        for name, source, ops, *job in todo:
+            yield name, source, ops, job[1], *_timed_optimize_file(*job)
         return
     import multiprocessing
 
     pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_worker_signals)
     try:
-        for i, fused, seconds in pool.imap_unordered(_job, list(enumerate(job[2:] for job in todo))):
-            name, source, _, dest, _, _ = todo[i]
-            yield name, source, dest, fused, seconds
+        for i, fused, seconds in pool.imap_unordered(_job, list(enumerate(job[3:] for job in todo))):
+            name, source, ops, _, dest, *_ = todo[i]
+            yield name, source, ops, dest, fused, seconds
     except BaseException:  # Ctrl-C, SIGTERM or an error: the workers stop now (SIGTERM), removing what they were writing
         pool.terminate()
         pool.join()
@@ -160,13 +167,34 @@ def _job(numbered: tuple) -> tuple:
     return i, *_timed_optimize_file(*job)
 
 
-def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str]) -> tuple[dict, float]:
+def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str], custom_ops: bool
+                         ) -> tuple[dict, float]:
     t = time.perf_counter()
-    return optimize_file(src, dest, model_type, keep_io_types=keep), time.perf_counter() - t
+    return optimize_file(src, dest, model_type, keep_io_types=keep, custom_ops=custom_ops), time.perf_counter() - t
 
 
-def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: dict) -> None:
-    """The optimized files of `name` into the manifest: sizes and hashes, the fp32 file they came from."""
+# the model types whose files take our custom operators (kernels/ort_ops.py: BiasSplitGelu, the UNets' GEGLU)
+CUSTOM_OPS_MODEL_TYPES = ("unet",)
+OPS_DIR = "ops"
+
+
+def _build_custom_ops(root: Path, manifest, names: list[str], progress: bool) -> str | None:
+    """Build (or find) the custom-op library in root/ops/ when a component to optimize takes it; its path relative
+    to `root`, recorded in the manifest's files."""
+    from ..kernels import ort_ops
+
+    if not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES for n in names):
+        return None
+    library = ort_ops.build(root / OPS_DIR, cuda=True, quiet=not progress)
+    relative = library.relative_to(root).as_posix()
+    records = file_records(root, [library])
+    eng.update_manifest(root, lambda data: data["files"].update(records))
+    return relative
+
+
+def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: dict, custom_ops: str | None) -> None:
+    """The optimized files of `name` into the manifest: sizes and hashes, the fp32 file they came from, the
+    custom-op library they need (if any; libraries no record names any more are removed)."""
     manifest = load_manifest(root)
     entry = manifest.components[name]
     files = model_files(dest)
@@ -174,6 +202,8 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
     record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
               "from": source, "recipe": OPTIMIZE_RECIPE, "fused": fused, "overflow_check": overflow}
+    if custom_ops:
+        record["custom_ops"] = custom_ops
 
     def change(data: dict) -> None:
         data["files"].update(records)
@@ -182,12 +212,30 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     eng.update_manifest(root, change)
 
 
+def _drop_unused_libraries(root: Path) -> None:
+    """Custom-op libraries in root/ops/ that no optimized file names any more (an older build, or files made again
+    without --custom-ops): out of the manifest, then off the disk."""
+    unused = []
+
+    def change(data: dict) -> None:
+        named = {r.get("custom_ops") for e in data["components"].values() for r in (e.get("optimized") or {}).values()}
+        unused[:] = [f for f in data["files"] if f.startswith(f"{OPS_DIR}/") and f not in named]
+        for f in unused:
+            del data["files"][f]
+
+    eng.update_manifest(root, change)
+    for f in unused:
+        (root / f).unlink(missing_ok=True)
+
+
 def _fp32_io(entry: dict) -> list[str]:
     return [t["name"] for t in entry["inputs"] + entry["outputs"] if t["dtype"] == "float32"]
 
 
-def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[str]) -> dict[str, int]:
-    """Fused fp16 `dest` from the fp32 ONNX file `src`; returns the count of each fused operator.
+def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[str], custom_ops: bool = False
+                  ) -> dict[str, int]:
+    """Fused fp16 `dest` from the fp32 ONNX file `src`; returns the count of each fused operator. `custom_ops`:
+    BiasSplitGelu in our domain (kernels/ort_ops.py), fused at any even width our kernel takes.
 
     Large weights never enter memory: the graph is rewritten around data-less stubs of them (fp16.load_stubbed;
     norms and biases, which the fusions read, are loaded), and they are streamed from `src`'s data file into `dest`'s,
@@ -205,7 +253,8 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
     options = FusionOptions(model_type)
     options.enable_attention = False  # done above; ORT's unet/vae patterns do not match an SDPA export
     options.enable_packed_qkv = options.enable_packed_kv = False
-    with _quiet_onnxruntime_logs(), stub_value_info(), _nhwc_weights_as_transposes(stubs), _cuda_kernel_shapes_only():
+    with (_quiet_onnxruntime_logs(), stub_value_info(), _nhwc_weights_as_transposes(stubs),
+          _cuda_kernel_shapes_only(any_bias_split_gelu=custom_ops)):
         optimized = optimize_model(model, model_type=model_type, opt_level=0, optimization_options=options,
                                    use_gpu=True)
         fused = {op: len(optimized.get_nodes_by_op_type(op)) for op in FUSED_OPS}
@@ -214,6 +263,8 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
                                            **fp16_options(optimized.model, keep_io_types))
     model = optimized.model
     import_ms_domain(model)  # ONNX Runtime's CLIP fusions add com.microsoft nodes without importing the domain
+    if custom_ops:
+        use_custom_ops(model)
     transposed = _fold_weight_transposes(model, stubs)
     drop_dead_nodes(model.graph)  # the folded Transposes, and initializers the fusions replaced
     tidy_converted(model)
@@ -326,16 +377,37 @@ def _nhwc_weights_as_transposes(stubs: dict):
 BIAS_SPLIT_GELU_SIZES = (2560, 5120, 6144, 10240, 12288)  # the hidden sizes ONNX Runtime's CUDA kernel takes
 
 
-def _cuda_kernel_shapes_only():
+def _cuda_kernel_shapes_only(any_bias_split_gelu: bool = False):
     """Fuse GroupNorm and BiasSplitGelu only where ONNX Runtime's CUDA kernels take the shape (they fail at run time
     otherwise): GroupNorm with an even number of channels per group, BiasSplitGelu at the hidden sizes its kernel
-    is built for. SDXL's layers all qualify; a model with, say, 32 channels in 32 groups keeps the plain form
-    there, which runs anywhere. (FusionOptions can only turn a fusion off for the whole model: a private hook,
-    ort_internals.fused_only_where.)"""
+    is built for (any width with `any_bias_split_gelu`: our kernel's). SDXL's layers all qualify; a model with, say,
+    32 channels in 32 groups keeps the plain form there, which runs anywhere. (FusionOptions can only turn a fusion
+    off for the whole model: a private hook, ort_internals.fused_only_where.)"""
     from .ort_internals import fused_only_where
 
     return fused_only_where({"GroupNorm": _cuda_group_norm_supports,
-                             "BiasSplitGelu": _cuda_bias_split_gelu_supports})
+                             "BiasSplitGelu": _any_bias_split_gelu if any_bias_split_gelu
+                             else _cuda_bias_split_gelu_supports})
+
+
+def _any_bias_split_gelu(model, node) -> bool:
+    bias = model.get_initializer(node.input[1])
+    return bias is not None and len(bias.dims) == 1 and bias.dims[0] % 2 == 0
+
+
+def use_custom_ops(model: onnx.ModelProto) -> int:
+    """ONNX Runtime's com.microsoft BiasSplitGelu nodes become ours (the same inputs, output and meaning; 70 per SDXL
+    UNet); returns how many."""
+    from ..kernels.ort_ops import DOMAIN
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "BiasSplitGelu" and node.domain == "com.microsoft":
+            node.domain = DOMAIN
+            count += 1
+    if count and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return count
 
 
 def _cuda_bias_split_gelu_supports(model, node) -> bool:

@@ -6,4 +6,7 @@ classifier-free guidance, the updates of euler, euler_a, dpmpp_2m(_karras), ddim
 coefficient table and a step counter in device memory (noise is drawn in advance on the host from each image's
 own generator, so the streams stay those of the CPU runtime), latent unscaling and the uint8 image conversion.
 Not yet: heun, dpmpp_sde_karras, tcd, guidance rescale, and the device-resident loop that uses them (issue 7).
+
+ort_ops.py and ort_ops/: an ONNX Runtime custom-op library (C API, compiled with nvcc) whose operators
+`sdxl-trt optimize --custom-ops` puts into the UNets' GPU files: BiasSplitGelu, the GEGLU, faster than ONNX Runtime's.
 """

@@ -9,6 +9,7 @@ device buffers (ort_cuda.py). `tensorrt` and `tensorrt-rtx`: engines built by `s
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +96,14 @@ class OrtSession:
         # CPU). fp32 files on the CPU keep every pass but NCHWc; other sessions with overrides or shared weights stop
         # one level lower, the CUDA provider's too (its ENABLE_ALL adds no pass of its own; weights.py says which
         # initializers are safe to share at all)
+        library = custom_ops_library(manifest, self.path)
+        if library is not None:
+            try:
+                options.register_custom_ops_library(str(library))
+            except Exception as e:  # noqa: BLE001 — ONNX Runtime's error types; the first line says why
+                raise UserError(f"{library}: ONNX Runtime could not load this custom-op library "
+                                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                                f"build it again: `sdxl-trt optimize {manifest.root} --custom-ops`") from None
         disabled = None
         if overrides and shared is None and providers == ["CPUExecutionProvider"] and precision == "fp32":
             disabled = ["NchwcTransformer"] if any(a.ndim == 4 for a in overrides.values()) else None
@@ -126,6 +135,24 @@ class OrtSession:
         if not self._shared_ready:
             self.weights_ready()
         return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
+
+
+def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
+    """The custom-op library (`sdxl-trt optimize --custom-ops`, kernels/ort_ops.py) the optimized file at `path`
+    needs, checked against its manifest record; None for a file that needs none."""
+    from .manifest import file_problem
+
+    for entry in manifest.components.values():
+        for record in (entry.get("optimized") or {}).values():
+            if record.get("custom_ops") and manifest.path(record["path"]) == path:
+                relative = record["custom_ops"]
+                library = manifest.path(relative)
+                problem = file_problem(library, manifest.data["files"][relative], True,
+                                       "changed since `sdxl-trt optimize` built it")
+                if problem:
+                    raise UserError(f"{problem}; build it again: `sdxl-trt optimize {manifest.root} --custom-ops`")
+                return library
+    return None
 
 
 VERBOSE = False  # --verbose: ONNX Runtime's warnings are printed too (set by the CLI)

@@ -137,7 +137,8 @@ def _cmd_optimize(args) -> int:
                         "(or [export,cpu]; optimizing needs no GPU)")
     from ..export.optimize import optimize_engine_dir
 
-    print(optimize_engine_dir(args.dir, target=args.target, components=args.components, jobs=args.jobs).summary())
+    print(optimize_engine_dir(args.dir, target=args.target, components=args.components, jobs=args.jobs,
+                              custom_ops=args.custom_ops).summary())
     return 0
 
 
@@ -279,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="optimize N components at once in worker processes (default 1; each full-size UNet needs a "
                         "few GB of RAM)")
+    o.add_argument("--custom-ops", action="store_true",
+                   help="run the UNets' GEGLU on sdxl-trt's own CUDA kernel (an ONNX Runtime custom-op library built "
+                        "into DIR/ops/ here: needs nvcc and ONNX Runtime's C API header, see "
+                        "`python -m sdxl_trt.kernels.ort_ops fetch-headers`); without it, files made with it are made "
+                        "again without")
     o.set_defaults(func=_cmd_optimize)
 
     b = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an engine directory's ONNX files")

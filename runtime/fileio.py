@@ -201,9 +201,11 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
-def cache_dir(*parts: str) -> Path:
-    """Our cache folder (`$SDXL_TRT_CACHE`, else `$XDG_CACHE_HOME/sdxl-trt`, else `~/.cache/sdxl-trt`), created."""
+def cache_dir(*parts: str, create: bool = True) -> Path:
+    """Our cache folder (`$SDXL_TRT_CACHE`, else `$XDG_CACHE_HOME/sdxl-trt`, else `~/.cache/sdxl-trt`), created
+    unless `create` is False."""
     root = os.environ.get("SDXL_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl-trt"
     path = Path(root).joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path

@@ -230,6 +230,7 @@ def _check_file_lists(manifest: Manifest) -> None:
     for name, entry in components.items():
         lists = list((entry.get("files") or {}).values())
         lists += [record.get("files", []) for record in (entry.get("optimized") or {}).values()]
+        lists += [[record["custom_ops"]] for record in (entry.get("optimized") or {}).values() if record.get("custom_ops")]
         for relative in (r for files in lists for r in files):
             manifest.path(relative)  # refuses a path that leaves the directory
             if relative not in records:
@@ -381,6 +382,7 @@ class _Schema:
                           record.get("overflow_check"), "true or false")
                 self.need(_whole(record.get("recipe", 1), 1), f"{where}.recipe", record.get("recipe"),
                           "a whole number ≥ 1 (the `sdxl-trt optimize` recipe that made the files)")
+                self.text(record, "custom_ops", f"{where}.custom_ops", optional=True)
 
     def tensors(self, entry: dict, field: str, side: str, names: tuple[str, ...]) -> None:
         specs = entry.get(side, MISSING)

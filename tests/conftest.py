@@ -12,6 +12,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def pytest_configure(config):
+    # ONNX Runtime's C API header for the custom-op library, where `python -m sdxl_trt.kernels.ort_ops fetch-headers`
+    # put it (the user's cache: read, not written), before the throw-away cache below hides it
+    from sdxl_trt.kernels import ort_ops
+
+    if not os.environ.get(ort_ops.INCLUDE_ENV):
+        found = ort_ops.include_dir(required=False)
+        if found is not None:
+            os.environ[ort_ops.INCLUDE_ENV] = str(found)
     # Tests never write into the user's cache: tokenizer folders and the like go to a throw-away one.
     config._sdxl_trt_cache = tempfile.mkdtemp(prefix="sdxl-trt-test-cache-")
     os.environ["SDXL_TRT_CACHE"] = config._sdxl_trt_cache
@@ -65,16 +73,36 @@ def tiny_engine(tmp_path_factory):
     return out
 
 
-def optimized_copy(engine_dir, tmp_path_factory, name: str = "optimized"):
-    """A copy of an engine directory with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda)."""
+def optimized_copy(engine_dir, tmp_path_factory, name: str = "optimized", custom_ops: bool = False):
+    """A copy of an engine directory with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda;
+    `custom_ops`: with --custom-ops, which builds our custom-op library with nvcc)."""
     import shutil
 
     from sdxl_trt.export.optimize import optimize_engine_dir
 
     out = tmp_path_factory.mktemp(name) / "tiny"
     shutil.copytree(engine_dir, out)
-    optimize_engine_dir(out, progress=False)
+    optimize_engine_dir(out, progress=False, custom_ops=custom_ops)
     return out
+
+
+def need_custom_op_build(cuda: bool = True) -> None:
+    """Skip where the custom-op library cannot be built (no nvcc / C++ compiler, no ONNX Runtime header); CI sets
+    SDXL_TRT_REQUIRE_CUSTOM_OPS=1 (it fetches the header), where a missing piece fails the test instead."""
+    from sdxl_trt.kernels import ort_ops
+
+    missing = []
+    if cuda and not ort_ops._nvcc():
+        missing.append("nvcc")
+    if not cuda and not ort_ops._cxx():
+        missing.append("a C++ compiler")
+    if ort_ops.include_dir(required=False) is None:
+        missing.append("ONNX Runtime's C API header (python -m sdxl_trt.kernels.ort_ops fetch-headers)")
+    if missing:
+        why = f"building the custom-op library needs {' and '.join(missing)}"
+        if os.environ.get("SDXL_TRT_REQUIRE_CUSTOM_OPS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

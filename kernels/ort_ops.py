@@ -1,0 +1,228 @@
+"""Our ONNX Runtime custom-op library (ort_ops/): operators `sdxl-trt optimize --custom-ops` puts into the GPU files in
+place of ONNX Runtime's own where ours are faster, built from source where the engine directory is made.
+
+Today one operator, `sdxl_trt.BiasSplitGelu` (the UNet's GEGLU: 70 per SDXL step, each a 42-84 MB pass over memory),
+with a kernel for the CUDA provider (ort_ops/bias_split_gelu.cu) and one for the CPU provider (the reference the
+CPU tests hold it to). The library is one shared object, compiled with nvcc (its CUDA runtime linked statically, for
+the architectures in CUDA_ARCHS plus PTX for newer GPUs) or, without CUDA, with the C++ compiler (CPU kernels only).
+It needs ONNX Runtime's C API header: `$SDXL_TRT_ORT_INCLUDE` (an ONNX Runtime release's `include` folder), else the
+header of Debian's libonnxruntime-dev package, which `python -m sdxl_trt.kernels.ort_ops fetch-headers` downloads into
+our cache (checked against its sha256). The library asks ONNX Runtime for API version 21 (1.21), which every newer
+release serves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..runtime.errors import UserError
+from ..runtime.fileio import atomic_file, cache_dir
+
+DOMAIN = "sdxl_trt"
+OPS = ("BiasSplitGelu",)  # what the library implements in DOMAIN (opset 1)
+SOURCE_DIR = Path(__file__).with_name("ort_ops")
+SOURCES = ("ops.cc", "bias_split_gelu.cu")
+CUDA_ARCHS = ("80", "86", "89", "90")  # Ampere, Ada, Hopper as machine code; PTX of the last for newer GPUs
+HEADER = "onnxruntime_c_api.h"
+INCLUDE_ENV = "SDXL_TRT_ORT_INCLUDE"
+# Debian's libonnxruntime-dev (trixie): ONNX Runtime 1.21's headers, MIT licensed; a package registry, not a model hub
+HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+               "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+HEADERS_VERSION = "1.21.0"
+COMPILE_TIMEOUT_S = 600
+
+
+def include_dir(required: bool = True) -> Path | None:
+    """The folder holding onnxruntime_c_api.h: $SDXL_TRT_ORT_INCLUDE, else the fetched Debian headers."""
+    named = os.environ.get(INCLUDE_ENV)
+    if named:
+        path = Path(named)
+        if not (path / HEADER).is_file():
+            raise UserError(f"${INCLUDE_ENV}={named}: no {HEADER} there (name the `include` folder of an ONNX Runtime "
+                            f"release)")
+        return path
+    fetched = _fetched_dir()
+    if (fetched / HEADER).is_file():
+        return fetched
+    if required:
+        raise UserError(f"the custom operators are built against ONNX Runtime's C API header ({HEADER}), which is not "
+                        f"here: set ${INCLUDE_ENV} to an ONNX Runtime release's `include` folder, or run "
+                        f"`python -m sdxl_trt.kernels.ort_ops fetch-headers` (Debian's libonnxruntime-dev "
+                        f"{HEADERS_VERSION}, 85 kB)")
+    return None
+
+
+def _fetched_dir() -> Path:
+    return cache_dir("ort-include", create=False) / HEADERS_VERSION
+
+
+def fetch_headers(timeout: float = 60.0) -> Path:
+    """Download Debian's libonnxruntime-dev, check its sha256 and unpack its headers into our cache; returns the
+    folder. Nothing else of the package is kept."""
+    import urllib.request
+
+    url, sha256 = HEADERS_DEB
+    dest = _fetched_dir()
+    if (dest / HEADER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as e:
+        raise UserError(f"could not download {url}: {e}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{url}: not the package expected (sha256 {hashlib.sha256(data).hexdigest()}, "
+                        f"expected {sha256})")
+    members = _ar_members(data)
+    payload = next((v for k, v in members.items() if k.startswith("data.tar")), None)
+    if payload is None:
+        raise UserError(f"{url}: no data archive in the package")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{HEADERS_VERSION}-", dir=dest.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if member.isfile() and "include" in parts and member.name.endswith(".h"):
+                    relative = Path(*parts[parts.index("include") + 2:])  # below usr/include/onnxruntime/
+                    target = tmp / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(member).read())
+        if not (tmp / HEADER).is_file():
+            raise UserError(f"{url}: no {HEADER} in the package")
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _ar_members(data: bytes) -> dict[str, bytes]:
+    """The members of a .deb (an `ar` archive): name → bytes."""
+    if not data.startswith(b"!<arch>\n"):
+        raise UserError("the downloaded package is not a Debian archive")
+    members, at = {}, 8
+    while at + 60 <= len(data):
+        header = data[at:at + 60]
+        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        members[name] = data[at + 60:at + 60 + size]
+        at += 60 + size + (size % 2)
+    return members
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cxx() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def library_key(cuda: bool) -> str:
+    """The hash of what makes a library: the sources, the architectures, CUDA or not (names the built file)."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
+    digest.update(f"cuda={cuda} archs={','.join(CUDA_ARCHS)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def library_name(cuda: bool = True) -> str:
+    return f"libsdxl_trt_ops-{'cuda' if cuda else 'cpu'}-{library_key(cuda)}.so"
+
+
+def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
+    """Compile the library into `dest_dir` (named by library_name; kept if already there) and check it loads;
+    returns its path. `cuda`: with the CUDA kernels (needs nvcc), else the CPU kernels only (a C++ compiler)."""
+    dest = Path(dest_dir) / library_name(cuda)
+    if dest.is_file():
+        check(dest, cuda)
+        return dest
+    include = include_dir()
+    compiler = _nvcc() if cuda else _cxx()
+    if compiler is None:
+        raise UserError("building the CUDA custom operators needs nvcc (the CUDA toolkit; set CUDA_HOME or put nvcc "
+                        "on PATH)" if cuda else "building the custom operators needs a C++ compiler (set CXX)")
+    sources = [str(SOURCE_DIR / "ops.cc")]
+    if cuda:
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+        gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")
+        sources.append(str(SOURCE_DIR / "bias_split_gelu.cu"))
+        flags = ["-O3", "-std=c++17", "-shared", "-DSDXL_TRT_CUDA", "-Xcompiler=-fPIC,-fvisibility=hidden",
+                 "-cudart=static", *gencode]
+    else:
+        flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+    if not quiet:
+        print(f"building {dest.name} with {Path(compiler).name} …", file=sys.stderr, flush=True)
+    with atomic_file(dest) as tmp:
+        command = [compiler, *flags, f"-I{include}", *sources, "-o", str(tmp)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"building {dest.name}: {Path(compiler).name} took over {COMPILE_TIMEOUT_S} s") from None
+        except OSError as e:  # $CXX or $CUDA_HOME naming something that does not run
+            raise UserError(f"building {dest.name}: cannot run {compiler}: {e.strerror or e}") from None
+        if done.returncode != 0:
+            log = (done.stderr or done.stdout).strip().splitlines()
+            first = next((line.strip() for line in log if "error" in line.lower()), log[-1] if log else "no output")
+            raise UserError(f"building {dest.name} failed ({Path(compiler).name} exit {done.returncode}): {first}")
+        check(tmp, cuda)
+    return dest
+
+
+def check(path: str | Path, cuda: bool | None = None) -> None:
+    """The library at `path` loads and is the kind asked for (`cuda` True: has the CUDA kernels)."""
+    try:
+        library = ctypes.CDLL(str(path))
+        library.RegisterCustomOps  # noqa: B018 — present, or AttributeError
+        has_cuda = bool(library.sdxl_trt_ops_has_cuda())
+    except (OSError, AttributeError) as e:
+        raise UserError(f"{path}: not a custom-op library of sdxl-trt that loads here ({str(e).splitlines()[0]}); "
+                        f"run `sdxl-trt optimize --custom-ops` again") from None
+    if cuda is not None and has_cuda != cuda:
+        raise UserError(f"{path}: built {'with' if has_cuda else 'without'} the CUDA kernels, "
+                        f"expected {'with' if cuda else 'without'}")
+
+
+def uses_ops(model) -> bool:
+    """Whether an ONNX model (a ModelProto) imports our domain."""
+    return any(o.domain == DOMAIN for o in model.opset_import)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sdxl_trt.kernels.ort_ops",
+                                     description="ONNX Runtime custom operators of sdxl-trt: headers and builds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch-headers", help=f"download ONNX Runtime's C API headers (Debian's libonnxruntime-dev "
+                                         f"{HEADERS_VERSION}) into the cache")
+    built = sub.add_parser("build", help="compile the library into a folder")
+    built.add_argument("out", help="the folder to write it to")
+    built.add_argument("--cpu", action="store_true", help="CPU kernels only (no nvcc needed)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch-headers":
+            print(fetch_headers())
+        else:
+            print(build(args.out, cuda=not args.cpu))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Our ONNX Runtime custom-op library (kernels/ort_ops.py): its build, its CPU kernel against ONNX Runtime running the
+same formula as plain ONNX operators, `optimize --custom-ops` (the graph rewrite, the manifest record, the library in
+the engine directory) and the runtime's checks of it. The CUDA kernel is held to ONNX Runtime's own BiasSplitGelu and
+to float64 on a GPU (tests/test_ort_cuda.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import need_custom_op_build
+from sdxl_trt.kernels import ort_ops
+from sdxl_trt.runtime.errors import UserError
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def one_node(domain: str, elem: int) -> bytes:
+    node = helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, ["B", "S", "W"]),
+                                            helper.make_tensor_value_info("bias", elem, ["W"])],
+                              [helper.make_tensor_value_info("y", elem, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+                             ir_version=10).SerializeToString()
+
+
+def plain_onnx_reference() -> bytes:
+    """(x + bias) split in halves, a · gelu(g) with gelu(g) = g/2 · (1 + erf(g/√2)), as standard fp32 ONNX operators:
+    ONNX Runtime's own Add, Split, Div, Erf and Mul compute the reference."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Add", ["x", "bias"], ["v"]),
+             helper.make_node("Split", ["v"], ["a", "g"], axis=-1, num_outputs=2),
+             helper.make_node("Div", ["g", "sqrt2"], ["scaled"]),
+             helper.make_node("Erf", ["scaled"], ["erf"]),
+             helper.make_node("Add", ["erf", "one"], ["erf1"]),
+             helper.make_node("Mul", ["g", "erf1"], ["ge"]),
+             helper.make_node("Mul", ["ge", "half"], ["gelu"]),
+             helper.make_node("Mul", ["a", "gelu"], ["y"])]
+    consts = [helper.make_tensor("sqrt2", f, [], [np.sqrt(2.0)]), helper.make_tensor("one", f, [], [1.0]),
+              helper.make_tensor("half", f, [], [0.5])]
+    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", f, ["B", "S", "W"]),
+                                                   helper.make_tensor_value_info("bias", f, ["W"])],
+                              [helper.make_tensor_value_info("y", f, None)], initializer=consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
+
+def session(model: bytes, library: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if library:
+        so.register_custom_ops_library(library)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def cpu_library(tmp_path_factory):
+    need_custom_op_build(cuda=False)
+    return str(ort_ops.build(tmp_path_factory.mktemp("ops"), cuda=False, quiet=True))
+
+
+# widths: SDXL's GEGLU halves are 2560 / 5120; odd halves and a single row too
+@pytest.mark.parametrize("shape", [(2, 5, 2560), (1, 3, 7), (3, 1, 64), (1, 1, 1)])
+def test_the_cpu_kernel_computes_what_onnx_runtime_computes_from_plain_operators(cpu_library, shape):
+    rng = np.random.default_rng(0)
+    b, s, half = shape
+    x = (rng.standard_normal((b, s, 2 * half)) * 3).astype(np.float32)
+    bias = rng.standard_normal(2 * half).astype(np.float32)
+    want = session(plain_onnx_reference()).run(None, {"x": x, "bias": bias})[0].astype(np.float64)
+    got = session(one_node(ort_ops.DOMAIN, TensorProto.FLOAT), cpu_library).run(None, {"x": x, "bias": bias})[0]
+    assert got.shape == (b, s, half) and got.dtype == np.float32
+    # the same fp32 formula; erf's implementations differ in the last bits (measured ≤ 1e-7)
+    assert rel_l2(got, want) < 1e-6
+    # fp16 in and out: the same computation in fp32, one rounding to fp16 (half an ulp, 2^-11, at most); plus 1e-5
+    # absolute for the tiny outputs of large negative gates, where 1 + erf(g/√2) cancels and two erf implementations
+    # differ by ~1e-7 (seen: 1.02e-5 here against 9.4e-6 from ONNX Runtime's Erf)
+    x16, b16 = x.astype(np.float16), bias.astype(np.float16)
+    want16 = session(plain_onnx_reference()).run(None, {"x": x16.astype(np.float32), "bias": b16.astype(np.float32)})[0]
+    got16 = session(one_node(ort_ops.DOMAIN, TensorProto.FLOAT16), cpu_library).run(None, {"x": x16, "bias": b16})[0]
+    assert got16.dtype == np.float16
+    np.testing.assert_allclose(got16.astype(np.float32), want16, rtol=2 ** -11, atol=1e-5)
+    # a formula off by a little is caught: gelu with tanh's approximation differs by more than the bound
+    v = x16.astype(np.float64) + b16
+    a, g = v[..., :half], v[..., half:]
+    tanh = a * 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+    if half > 1:
+        assert not np.allclose(got16.astype(np.float32), tanh, rtol=2 ** -11, atol=1e-5)
+
+
+def test_the_kernel_refuses_inputs_it_cannot_take(cpu_library):
+    run = session(one_node(ort_ops.DOMAIN, TensorProto.FLOAT), cpu_library)
+    with pytest.raises(Exception, match="odd"):
+        run.run(None, {"x": np.zeros((1, 2, 5), np.float32), "bias": np.zeros(5, np.float32)})
+    with pytest.raises(Exception, match="bias must be one-dimensional"):
+        run.run(None, {"x": np.zeros((1, 2, 6), np.float32), "bias": np.zeros(4, np.float32)})
+
+
+def test_the_cuda_build_compiles_for_every_architecture_and_carries_the_cpu_kernel_too(tmp_path):
+    need_custom_op_build(cuda=True)
+    library = ort_ops.build(tmp_path, cuda=True, quiet=True)
+    assert library.name == ort_ops.library_name(cuda=True) and library.stat().st_size > 100_000
+    ort_ops.check(library, cuda=True)
+    with pytest.raises(UserError, match="built with the CUDA kernels, expected without"):
+        ort_ops.check(library, cuda=False)
+    assert ort_ops.build(tmp_path, cuda=True, quiet=True) == library  # built once, then found
+    x = np.linspace(-3, 3, 16, dtype=np.float32).reshape(1, 1, 16)
+    got = session(one_node(ort_ops.DOMAIN, TensorProto.FLOAT), str(library)).run(None, {"x": x, "bias": np.zeros(16, np.float32)})[0]
+    want = session(plain_onnx_reference()).run(None, {"x": x, "bias": np.zeros(16, np.float32)})[0]
+    assert rel_l2(got, want) < 1e-6
+    out = tmp_path / "not-a-library.so"
+    out.write_bytes(b"\x7fELF but no")
+    with pytest.raises(UserError, match="not a custom-op library"):
+        ort_ops.check(out)
+
+
+def test_a_missing_header_or_compiler_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(ort_ops.INCLUDE_ENV, str(tmp_path))
+    with pytest.raises(UserError, match="no onnxruntime_c_api.h there"):
+        ort_ops.build(tmp_path / "out", cuda=True, quiet=True)
+    monkeypatch.delenv(ort_ops.INCLUDE_ENV)
+    monkeypatch.setenv("SDXL_TRT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError, match="fetch-headers"):
+        ort_ops.build(tmp_path / "out", cuda=True, quiet=True)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / ort_ops.HEADER).write_text("#error not this header\n")
+    monkeypatch.setenv(ort_ops.INCLUDE_ENV, str(tmp_path / "include"))
+    monkeypatch.setenv("CXX", "/no/such/compiler")
+    with pytest.raises(UserError):
+        ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
+    monkeypatch.setattr(ort_ops, "_cxx", lambda: shutil.which("c++") or shutil.which("g++"))
+    if ort_ops._cxx():
+        with pytest.raises(UserError, match=r"failed \(.*not this header"):
+            ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
+    assert not list((tmp_path / "out").glob("*.so"))  # nothing half-written is left
+
+
+def test_the_debian_package_reader_takes_an_ar_archive():
+    def member(name: bytes, data: bytes) -> bytes:
+        header = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+        return header + str(len(data)).encode().ljust(10) + b"`\n" + data + (b"\n" if len(data) % 2 else b"")
+
+    archive = b"!<arch>\n" + member(b"debian-binary", b"2.0\n") + member(b"data.tar.xz/", b"odd")
+    assert ort_ops._ar_members(archive) == {"debian-binary": b"2.0\n", "data.tar.xz": b"odd"}
+    with pytest.raises(UserError, match="not a Debian archive"):
+        ort_ops._ar_members(b"<html>")
+
+
+# --- optimize --custom-ops and the runtime's checks -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def custom_ops_dir(tiny_engine, tmp_path_factory):
+    from conftest import optimized_copy
+
+    need_custom_op_build(cuda=True)
+    return optimized_copy(tiny_engine, tmp_path_factory, "custom_ops", custom_ops=True)
+
+
+def test_optimize_with_custom_ops_puts_our_operator_in_the_unets_and_records_the_library(custom_ops_dir):
+    from sdxl_trt.runtime.backends import custom_ops_library
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(custom_ops_dir)
+    libraries = set()
+    for name, entry in manifest.components.items():
+        record = entry["optimized"]["cuda"]
+        model = onnx.load(str(manifest.path(record["path"])), load_external_data=False)
+        ours = [n for n in model.graph.node if n.op_type == "BiasSplitGelu" and n.domain == ort_ops.DOMAIN]
+        theirs = [n for n in model.graph.node if n.op_type == "BiasSplitGelu" and n.domain != ort_ops.DOMAIN]
+        if entry["contract"].startswith("unet"):
+            # the tiny UNets' GEGLU halves (64, 128) are not among ONNX Runtime's kernel's sizes: fused for ours only
+            assert len(ours) == record["fused"]["BiasSplitGelu"] > 0 and not theirs, name
+            assert any(o.domain == ort_ops.DOMAIN for o in model.opset_import)
+            libraries.add(record["custom_ops"])
+            assert custom_ops_library(manifest, manifest.path(record["path"])) == manifest.path(record["custom_ops"])
+        else:
+            assert "custom_ops" not in record and not ours, name
+    (library,) = libraries
+    assert library == f"ops/{ort_ops.library_name(cuda=True)}" and library in manifest.data["files"]
+    ort_ops.check(manifest.path(library), cuda=True)
+
+
+def test_the_runtime_refuses_a_changed_or_missing_library_and_optimize_without_the_flag_removes_it(
+        custom_ops_dir, tmp_path):
+    from sdxl_trt.export.optimize import optimize_engine_dir
+    from sdxl_trt.runtime.backends import OrtSession
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    engine = tmp_path / "engine"
+    shutil.copytree(custom_ops_dir, engine)
+    manifest = load_manifest(engine)
+    record = manifest.components["unet"]["optimized"]["cuda"]
+    library = manifest.path(record["custom_ops"])
+    saved = library.read_bytes()
+    library.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    with pytest.raises(UserError, match=r"changed since `sdxl-trt optimize` built it.*--custom-ops"):
+        OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
+    library.unlink()
+    with pytest.raises(UserError, match=r"is missing; build it again: `sdxl-trt optimize .* --custom-ops`"):
+        OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
+    # a manifest naming a library with no size/sha256 record is refused when loaded
+    data = json.loads((engine / "manifest.json").read_text())
+    del data["files"][record["custom_ops"]]
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="has no size and sha256 record"):
+        load_manifest(engine)
+    data["files"][record["custom_ops"]] = {"size": len(saved), "sha256": "0" * 64}
+    data["components"]["unet"]["optimized"]["cuda"]["custom_ops"] = 7
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="custom_ops"):
+        load_manifest(engine)
+    # back to a sound directory, then optimized again without --custom-ops: ONNX Runtime's operators, no library
+    shutil.rmtree(engine)
+    shutil.copytree(custom_ops_dir, engine)
+    optimize_engine_dir(engine, components=["unet"], progress=False)
+    manifest = load_manifest(engine)
+    assert "custom_ops" not in manifest.components["unet"]["optimized"]["cuda"]
+    assert "custom_ops" in manifest.components["unet_refiner"]["optimized"]["cuda"]  # not asked: kept as it was
+    optimize_engine_dir(engine, progress=False)
+    manifest = load_manifest(engine)
+    assert not [f for f in manifest.data["files"] if f.startswith("ops/")] and not list((engine / "ops").iterdir())
+
+
+def test_optimize_custom_ops_without_nvcc_says_so_in_one_line(tiny_engine, tmp_path, monkeypatch, capsys):
+    from sdxl_trt.runtime import cli
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    before = (engine / "manifest.json").read_bytes()
+    monkeypatch.setattr(ort_ops, "_nvcc", lambda: None)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / ort_ops.HEADER).write_text("")
+    monkeypatch.setenv(ort_ops.INCLUDE_ENV, str(tmp_path / "include"))
+    assert cli.main(["optimize", str(engine), "--custom-ops"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs nvcc" in err[0]
+    assert (engine / "manifest.json").read_bytes() == before and not (engine / "ops").exists()
