@@ -25,18 +25,6 @@ SHAPES = {"640 channels (64² tokens)": (2, 4096, 2560), "1280 channels (32² to
 PER_STEP = {"640 channels (64² tokens)": 10, "1280 channels (32² tokens)": 60}  # GEGLUs of an SDXL UNet step
 
 
-def model(domain: str):
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=domain)
-    graph = helper.make_graph([node], "bias_split_gelu",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", "S", "W"]),
-                               helper.make_tensor_value_info("bias", TensorProto.FLOAT16, ["W"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
-                             ir_version=10).SerializeToString()
-
-
 def reference(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """In float64 (torch on the GPU: erf over 40 M values)."""
     import torch
@@ -58,7 +46,9 @@ def run(domain: str, library: str | None, x: np.ndarray, bias: np.ndarray, runs:
     so.log_severity_level = 3
     if library:
         so.register_custom_ops_library(library)
-    session = ort.InferenceSession(model(domain), so, providers=[("CUDAExecutionProvider",
+    from sdxl_trt.kernels.ort_ops import bias_split_gelu_model
+
+    session = ort.InferenceSession(bias_split_gelu_model(domain), so, providers=[("CUDAExecutionProvider",
                                                                    {"enable_cuda_graph": "1"})])
     binding = session.io_binding()
     keep = [ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0), ort.OrtValue.ortvalue_from_numpy(bias, "cuda", 0)]

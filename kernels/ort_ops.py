@@ -196,9 +196,18 @@ def check(path: str | Path, cuda: bool | None = None) -> None:
                         f"expected {'with' if cuda else 'without'}")
 
 
-def uses_ops(model) -> bool:
-    """Whether an ONNX model (a ModelProto) imports our domain."""
-    return any(o.domain == DOMAIN for o in model.opset_import)
+def bias_split_gelu_model(domain: str = DOMAIN, fp16: bool = True) -> bytes:
+    """A one-node model: BiasSplitGelu of `domain` (ours, or ONNX Runtime's "com.microsoft") on x [B, S, W] and
+    bias [W], in fp16 or fp32 (the tests and benchmarks/bias_split_gelu.py run one operator against the other)."""
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    node = helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=domain)
+    graph = helper.make_graph([node], "bias_split_gelu", [helper.make_tensor_value_info("x", elem, ["B", "S", "W"]),
+                                                          helper.make_tensor_value_info("bias", elem, ["W"])],
+                              [helper.make_tensor_value_info("y", elem, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+                             ir_version=10).SerializeToString()
 
 
 def main(argv: list[str] | None = None) -> int:

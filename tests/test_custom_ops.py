@@ -23,12 +23,7 @@ def rel_l2(a, b):
 
 
 def one_node(domain: str, elem: int) -> bytes:
-    node = helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=domain)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, ["B", "S", "W"]),
-                                            helper.make_tensor_value_info("bias", elem, ["W"])],
-                              [helper.make_tensor_value_info("y", elem, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
-                             ir_version=10).SerializeToString()
+    return ort_ops.bias_split_gelu_model(domain, fp16=elem == TensorProto.FLOAT16)
 
 
 def plain_onnx_reference() -> bytes:

@@ -447,18 +447,6 @@ def test_a_call_overlapping_a_background_prepare_waits_for_it_and_makes_nothing_
 # --- our custom operators (sdxl-trt optimize --custom-ops, kernels/ort_ops.py) ---------------------------------------
 
 
-def bias_split_gelu_model(domain: str, dtype=np.float16) -> bytes:
-    from onnx import TensorProto, helper
-
-    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    node = helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=domain)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, ["B", "S", "W"]),
-                                            helper.make_tensor_value_info("bias", elem, ["W"])],
-                              [helper.make_tensor_value_info("y", elem, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
-                             ir_version=10).SerializeToString()
-
-
 def float64_bias_split_gelu(x, bias):
     from math import erf, sqrt
 
@@ -484,7 +472,9 @@ def run_bias_split_gelu(domain, library, x, bias):
     so = ort.SessionOptions()
     if library:
         so.register_custom_ops_library(library)
-    session = ort.InferenceSession(bias_split_gelu_model(domain, x.dtype.type), so,
+    from sdxl_trt.kernels.ort_ops import bias_split_gelu_model
+
+    session = ort.InferenceSession(bias_split_gelu_model(domain, fp16=x.dtype == np.float16), so,
                                    providers=["CUDAExecutionProvider"])
     assert all(p == "CUDAExecutionProvider" for p in session.get_providers()[:1])
     return session.run(None, {"x": x, "bias": bias})[0]
