@@ -38,7 +38,7 @@ from ..runtime import engines as eng
 from ..runtime.backends import OPTIMIZE_RECIPE
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
-from ..runtime.manifest import file_records, load_manifest
+from ..runtime.manifest import file_problem, file_records, load_manifest
 from .fuse_attention import drop_dead_nodes, import_ms_domain
 from .onnx_export import has_external_data, model_files, write_model
 
@@ -117,12 +117,14 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                        for f in manifest.components[job[0]]["files"]["fp32"]) // 2
             check_writable(todo[0][4], f"optimize {root}", need)
         bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
-        for name, source, ops, dest, fused, seconds in _run_jobs(todo, jobs):
-            _record(root, target, name, source, dest, fused, ops)
-            report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
-            bar.update()
-        bar.close()
-        _drop_unused_libraries(root)
+        try:
+            for name, source, ops, dest, fused, seconds in _run_jobs(todo, jobs):
+                _record(root, target, name, source, dest, fused, ops)
+                report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
+                bar.update()
+        finally:  # interrupted too: no library stays recorded that no file names
+            bar.close()
+            _drop_unused_libraries(root)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -185,8 +187,11 @@ def _build_custom_ops(root: Path, manifest, names: list[str], progress: bool) ->
 
     if not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES for n in names):
         return None
+    relative = f"{OPS_DIR}/{ort_ops.library_name(cuda=True)}"
+    record = manifest.data["files"].get(relative)
+    if manifest.path(relative).is_file() and (record is None or file_problem(manifest.path(relative), record, True, "")):
+        manifest.path(relative).unlink()  # not the file this directory recorded: never adopt it, build it again
     library = ort_ops.build(root / OPS_DIR, cuda=True, quiet=not progress)
-    relative = library.relative_to(root).as_posix()
     records = file_records(root, [library])
     eng.update_manifest(root, lambda data: data["files"].update(records))
     return relative

@@ -13,8 +13,8 @@ release serves.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -38,6 +38,7 @@ INCLUDE_ENV = "SDXL_TRT_ORT_INCLUDE"
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 HEADERS_VERSION = "1.21.0"
+OPS_API_VERSION = 21  # the ONNX Runtime C API version the library asks for (ops.cc kApiVersion): 1.21 and newer
 COMPILE_TIMEOUT_S = 600
 
 
@@ -74,12 +75,12 @@ def fetch_headers(timeout: float = 60.0) -> Path:
     dest = _fetched_dir()
     if (dest / HEADER).is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
-    except OSError as e:
-        raise UserError(f"could not download {url}: {e}") from None
+    except (OSError, http.client.HTTPException) as e:  # no network, a read-only cache, a cut transfer
+        raise UserError(f"could not download {url} into {dest.parent}: {e}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise UserError(f"{url}: not the package expected (sha256 {hashlib.sha256(data).hexdigest()}, "
                         f"expected {sha256})")
@@ -99,7 +100,13 @@ def fetch_headers(timeout: float = 60.0) -> Path:
                     target.write_bytes(tar.extractfile(member).read())
         if not (tmp / HEADER).is_file():
             raise UserError(f"{url}: no {HEADER} in the package")
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another fetch finished first (or a folder of that name is in the way)
+            if not (dest / HEADER).is_file():
+                raise UserError(f"{dest} is in the way of the headers: remove it and fetch again") from None
+    except (OSError, tarfile.TarError) as e:
+        raise UserError(f"could not unpack {url} into {dest.parent}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -148,8 +155,11 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
     returns its path. `cuda`: with the CUDA kernels (needs nvcc), else the CPU kernels only (a C++ compiler)."""
     dest = Path(dest_dir) / library_name(cuda)
     if dest.is_file():
-        check(dest, cuda)
-        return dest
+        try:
+            check(dest, cuda)
+            return dest
+        except UserError:  # truncated, overwritten, or not loadable here: build it again
+            dest.unlink()
     include = include_dir()
     compiler = _nvcc() if cuda else _cxx()
     if compiler is None:
@@ -164,6 +174,10 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
                  "-cudart=static", *gencode]
     else:
         flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+    try:
+        Path(dest_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, …
+        raise UserError(f"cannot make the folder {dest_dir} for the custom-op library: {e.strerror or e}") from None
     if not quiet:
         print(f"building {dest.name} with {Path(compiler).name} …", file=sys.stderr, flush=True)
     with atomic_file(dest) as tmp:
@@ -183,14 +197,19 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
 
 
 def check(path: str | Path, cuda: bool | None = None) -> None:
-    """The library at `path` loads and is the kind asked for (`cuda` True: has the CUDA kernels)."""
+    """The library at `path` loads and is the kind asked for (`cuda` True: has the CUDA kernels). Loaded in a child
+    process: a damaged shared object can kill the process that maps it (a truncated one: SIGBUS)."""
+    probe = ("import ctypes, sys; library = ctypes.CDLL(sys.argv[1]); library.RegisterCustomOps; "
+             "print(int(library.sdxl_trt_ops_has_cuda()))")
     try:
-        library = ctypes.CDLL(str(path))
-        library.RegisterCustomOps  # noqa: B018 — present, or AttributeError
-        has_cuda = bool(library.sdxl_trt_ops_has_cuda())
-    except (OSError, AttributeError) as e:
-        raise UserError(f"{path}: not a custom-op library of sdxl-trt that loads here ({str(e).splitlines()[0]}); "
-                        f"run `sdxl-trt optimize --custom-ops` again") from None
+        done = subprocess.run([sys.executable, "-c", probe, str(Path(path).resolve())], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"{path}: could not check the custom-op library ({e})") from None
+    if done.returncode != 0 or done.stdout.strip() not in ("0", "1"):
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise UserError(f"{path}: not a custom-op library of sdxl-trt that loads here ({why[:200]})")
+    has_cuda = done.stdout.strip() == "1"
     if cuda is not None and has_cuda != cuda:
         raise UserError(f"{path}: built {'with' if has_cuda else 'without'} the CUDA kernels, "
                         f"expected {'with' if cuda else 'without'}")

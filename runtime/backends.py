@@ -139,19 +139,43 @@ class OrtSession:
 
 def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
     """The custom-op library (`sdxl-trt optimize --custom-ops`, kernels/ort_ops.py) the optimized file at `path`
-    needs, checked against its manifest record; None for a file that needs none."""
+    needs, checked before ONNX Runtime loads it: built from this installation's sources (its name is their hash: a
+    library an engine directory brings from elsewhere is never loaded) and the file its manifest record describes.
+    None for a file that needs none."""
+    from importlib import metadata
+
+    from ..kernels.ort_ops import OPS_API_VERSION, library_name
     from .manifest import file_problem
 
     for entry in manifest.components.values():
         for record in (entry.get("optimized") or {}).values():
             if record.get("custom_ops") and manifest.path(record["path"]) == path:
                 relative = record["custom_ops"]
+                again = f"build it again: `sdxl-trt optimize {manifest.root} --custom-ops`"
+                if relative != f"ops/{library_name(cuda=True)}":
+                    raise UserError(f"{manifest.path(relative)}: not the custom-op library this sdxl-trt builds "
+                                    f"(ops/{library_name(cuda=True)}; another version made it, or it came from "
+                                    f"elsewhere, and sdxl-trt loads no native code it did not build); {again}")
                 library = manifest.path(relative)
                 problem = file_problem(library, manifest.data["files"][relative], True,
                                        "changed since `sdxl-trt optimize` built it")
                 if problem:
-                    raise UserError(f"{problem}; build it again: `sdxl-trt optimize {manifest.root} --custom-ops`")
+                    raise UserError(f"{problem}; {again}")
+                version = _onnxruntime_version(metadata)
+                if version is not None and version < (1, OPS_API_VERSION):
+                    raise UserError(f"{library} needs ONNX Runtime 1.{OPS_API_VERSION} or newer (this is "
+                                    f"{'.'.join(map(str, version))})")
                 return library
+    return None
+
+
+def _onnxruntime_version(metadata) -> tuple[int, int] | None:
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            major, minor = metadata.version(dist).split(".")[:2]
+            return int(major), int(minor)
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
     return None
 
 
@@ -218,7 +242,7 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
     with an overflow check also its fp32 fallback)."""
     if name not in ("ort-cpu", "ort-cuda"):
         return None
-    files = [f for f in manifest.data["files"] if not f.startswith("onnx/")]  # tokenizers, scheduler
+    files = [f for f in manifest.data["files"] if not f.startswith(("onnx/", "ops/"))]  # tokenizers, scheduler
     for component, entry in manifest.components.items():
         if name == "ort-cpu":
             files += precision_files(manifest, component, "fp32", name)
@@ -228,7 +252,7 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
             files += precision_files(manifest, component, kind, name)
             continue
         optimized = entry["optimized"]["cuda"]
-        files += optimized["files"]
+        files += optimized["files"]  # its custom-op library: checked by custom_ops_library when a session loads it
         if optimized.get("overflow_check"):
             files += precision_files(manifest, component, "fp32", name)
     return files

@@ -530,7 +530,7 @@ class OrtCudaSession(OrtSession):
             super().__init__(manifest, component, precision, [("CUDAExecutionProvider", cuda)], path=path, dims=dims,
                              shared=weights)
         except Exception as e:  # ONNX Runtime refuses CUDA graphs when a node needs a host copy (shape arithmetic)
-            if not self.cuda_graph:
+            if not self.cuda_graph or isinstance(e, UserError):  # ours (a missing library, …): not about graphs
                 raise
             log.warning("%s: no CUDA graphs (%s)", component, str(e).splitlines()[0][:200])
             self.cuda_graph = False

@@ -127,13 +127,18 @@ def test_a_missing_header_or_compiler_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "include" / ort_ops.HEADER).write_text("#error not this header\n")
     monkeypatch.setenv(ort_ops.INCLUDE_ENV, str(tmp_path / "include"))
     monkeypatch.setenv("CXX", "/no/such/compiler")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot run /no/such/compiler"):
         ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
     monkeypatch.setattr(ort_ops, "_cxx", lambda: shutil.which("c++") or shutil.which("g++"))
     if ort_ops._cxx():
         with pytest.raises(UserError, match=r"failed \(.*not this header"):
             ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
     assert not list((tmp_path / "out").glob("*.so"))  # nothing half-written is left
+    (tmp_path / "a-file").write_text("kept")
+    for target in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(UserError, match="cannot make the folder"):
+            ort_ops.build(target, cuda=False, quiet=True)
+    assert (tmp_path / "a-file").read_text() == "kept"
 
 
 def test_the_debian_package_reader_takes_an_ar_archive():
@@ -197,9 +202,27 @@ def test_the_runtime_refuses_a_changed_or_missing_library_and_optimize_without_t
     library.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
     with pytest.raises(UserError, match=r"changed since `sdxl-trt optimize` built it.*--custom-ops"):
         OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
+    # what the message says to do mends it: the changed file is never adopted, it is built again
+    optimize_engine_dir(engine, components=["unet"], custom_ops=True, progress=False)
+    manifest = load_manifest(engine)
+    assert library.read_bytes() != saved[:-1] + bytes([saved[-1] ^ 1])
+    # registered: ONNX Runtime knows our operator and stops only at ONNX Runtime's CUDA-only fused operators (on the
+    # CPU); without the library it would refuse the model for sdxl_trt:BiasSplitGelu first
+    with pytest.raises(UserError) as refused:
+        OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
+    assert "sdxl_trt" not in str(refused.value) and "BiasSplitGelu" not in str(refused.value), refused.value
     library.unlink()
     with pytest.raises(UserError, match=r"is missing; build it again: `sdxl-trt optimize .* --custom-ops`"):
         OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
+    # a library of another name (another version's sources, or brought from elsewhere) is never loaded
+    data = json.loads((engine / "manifest.json").read_text())
+    foreign = "ops/libsdxl_trt_ops-cuda-0123456789abcdef.so"
+    shutil.copy(custom_ops_dir / record["custom_ops"], engine / foreign)
+    data["files"][foreign] = data["files"][record["custom_ops"]]
+    data["components"]["unet"]["optimized"]["cuda"]["custom_ops"] = foreign
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="not the custom-op library this sdxl-trt builds"):
+        OrtSession(load_manifest(engine), "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
     # a manifest naming a library with no size/sha256 record is refused when loaded
     data = json.loads((engine / "manifest.json").read_text())
     del data["files"][record["custom_ops"]]

@@ -470,13 +470,13 @@ def run_bias_split_gelu(domain, library, x, bias):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # the CPU kernel must not stand in
     if library:
         so.register_custom_ops_library(library)
     from sdxl_trt.kernels.ort_ops import bias_split_gelu_model
 
     session = ort.InferenceSession(bias_split_gelu_model(domain, fp16=x.dtype == np.float16), so,
                                    providers=["CUDAExecutionProvider"])
-    assert all(p == "CUDAExecutionProvider" for p in session.get_providers()[:1])
     return session.run(None, {"x": x, "bias": bias})[0]
 
 
@@ -491,9 +491,10 @@ def test_our_bias_split_gelu_on_cuda_matches_onnxruntimes_and_float64(ops_librar
     ours = run_bias_split_gelu("sdxl_trt", ops_library, x, bias).astype(np.float64)
     ref = float64_bias_split_gelu(x, bias)
     error = rel_l2(ours, ref)
-    # fp16's rounding of the output alone: rel-L2 ≈ 2.8e-4 (half an ulp, 2^-11, spread uniformly)
+    # fp16's rounding of the output alone: measured 0.9-2.1e-4 (H200); ONNX Runtime's kernel, which adds the bias
+    # in fp16 first, 3.7e-4 — above this bound
     print(f"{shape}: ours vs float64 rel-L2 {error:.2e}")
-    assert ours.shape == (b, s, half) and error < 5e-4
+    assert ours.shape == (b, s, half) and error < 3e-4
     if half in (2560, 5120):
         theirs = run_bias_split_gelu("com.microsoft", None, x, bias).astype(np.float64)
         print(f"{shape}: ONNX Runtime's vs float64 rel-L2 {rel_l2(theirs, ref):.2e}, ours vs theirs "

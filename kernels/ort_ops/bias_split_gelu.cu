@@ -6,10 +6,10 @@
 // outputs (2 x 4096 x 5120 and 2 x 1024 x 10240 fp16 at 1024²) are 42-84 MB each, 70 of them per UNet step, so the
 // op is bound by memory traffic: here every thread moves 16 bytes per load and store (8 halves or 4 floats), with a
 // scalar kernel for the widths or addresses that do not allow it. The input is read once, with evict-first loads
-// (__ldcs); the output is stored normally, since the next GEMM reads it. On the H200: 3.55 TB/s against ONNX
-// Runtime's 2.2 (1.45 instead of 2.41 ms of GEGLU per 1024² UNet step; 3.29 TB/s with plain loads), and the UNet
-// step 32.08 instead of 32.93 ms (benchmarks/results/h200-bias-split-gelu-*.json, h200-unet-custom-ops-ldcs.json). No allocation, no synchronisation: safe inside
-// a captured CUDA graph.
+// (__ldcs); the output is stored normally, since the next GEMM reads it. Alone on the H200: 3.55 / 3.44 TB/s at the
+// two shapes against ONNX Runtime's 2.20 / 2.06 (1.45 instead of 2.41 ms of GEGLU per 1024² step; plain loads 3.29 /
+// 3.13 TB/s); the UNet step 32.08 instead of 32.93 ms (benchmarks/results/h200-bias-split-gelu*.json,
+// h200-unet-custom-ops.json). No allocation, no synchronisation: safe inside a captured CUDA graph.
 
 #include <cuda_fp16.h>
 #include <cstdint>

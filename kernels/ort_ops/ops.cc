@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -22,7 +23,12 @@ extern "C" const char* sdxl_trt_cuda_error_string(int error);
 
 namespace {
 
-const OrtApi* g_api = nullptr;
+// The API version asked for, whatever header built the library: 21 (ONNX Runtime 1.21) has everything used here,
+// and every newer release serves it. The custom ops say the same version, so ONNX Runtime reads only their fields.
+constexpr uint32_t kApiVersion = 21;
+static_assert(ORT_API_VERSION >= kApiVersion, "build against ONNX Runtime 1.21's header or a newer one");
+const OrtApi* g_api = nullptr;  // set once (std::call_once) before any kernel can run
+std::once_flag g_api_once;
 constexpr const char* kDomain = "sdxl_trt";
 
 struct Op {
@@ -210,7 +216,7 @@ OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* co
 
 Op make_op(const char* provider, ONNXTensorElementDataType type) {
   Op op{};
-  op.base.version = ORT_API_VERSION;
+  op.base.version = kApiVersion;
   op.base.GetName = [](const OrtCustomOp*) { return "BiasSplitGelu"; };
   op.base.GetExecutionProviderType = [](const OrtCustomOp* o) { return reinterpret_cast<const Op*>(o)->provider; };
   op.base.GetInputType = [](const OrtCustomOp* o, size_t) { return reinterpret_cast<const Op*>(o)->type; };
@@ -250,8 +256,11 @@ Op g_ops[] = {
 // options and kept for the life of the process (sessions made from those options use it).
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  g_api = api_base->GetApi(ORT_API_VERSION);
-  if (g_api == nullptr) return nullptr;  // cannot even make a status: ONNX Runtime older than the header
+  std::call_once(g_api_once, [api_base] { g_api = api_base->GetApi(kApiVersion); });
+  if (g_api == nullptr) {  // an ONNX Runtime older than 1.21: say so with the API every release has
+    const OrtApi* oldest = api_base->GetApi(1);
+    return oldest->CreateStatus(ORT_FAIL, "sdxl_trt custom ops need ONNX Runtime 1.21 or newer");
+  }
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain(kDomain, &domain));
   for (Op& op : g_ops) RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &op.base));
