@@ -141,6 +141,12 @@ def test_a_missing_header_or_compiler_is_one_clear_error(tmp_path, monkeypatch):
     assert (tmp_path / "a-file").read_text() == "kept"
 
 
+def test_the_module_command_says_a_bad_path_in_one_line(tmp_path, capsys):
+    assert ort_ops.main(["build", str(tmp_path / ("L" * 300)), "--cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "too long" in err[0]
+
+
 def test_the_debian_package_reader_takes_an_ar_archive():
     def member(name: bytes, data: bytes) -> bytes:
         header = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
