@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from ..kernels.ort_ops import OPS_DIR
 from ..runtime import engines as eng
 from ..runtime.backends import OPTIMIZE_RECIPE
 from ..runtime.errors import UserError
@@ -94,6 +95,11 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             raise UserError(f"--components: {root} has no {name!r} (it has {', '.join(manifest.components)})")
         if "fp32" not in manifest.components[name]["precisions"]:
             raise UserError(f"{root}: {name} has no fp32 file to optimize from; re-export it")
+    if custom_ops and not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES
+                              for n in names):
+        takers = [n for n, e in manifest.components.items() if MODEL_TYPES[e["contract"]] in CUSTOM_OPS_MODEL_TYPES]
+        raise UserError(f"--custom-ops: {', '.join(names)} take{'s' if len(names) == 1 else ''} none of sdxl-trt's custom "
+                        f"operators (the UNets' GEGLU does: {', '.join(takers) if takers else 'this directory has no UNet'})")
     report = OptimizeReport(root)
     with eng.locked(root):
         library = _build_custom_ops(root, manifest, names, progress) if custom_ops else None
@@ -104,7 +110,12 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             done = entry.get("optimized", {}).get(target)
             ops = library if MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES else None
             if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
-                    and done.get("custom_ops") == ops and all(manifest.path(f).is_file() for f in done["files"])):
+                    and (done.get("custom_ops") is None) == (ops is None)
+                    and all(manifest.path(f).is_file() for f in done["files"])):
+                if done.get("custom_ops") != ops:
+                    # the same file, for the library this installation builds (the graph names only the operators,
+                    # which OPTIMIZE_RECIPE versions; a library of other sources needs no new file)
+                    _repoint(root, target, name, ops)
                 report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
                                     None))
                 continue
@@ -177,21 +188,26 @@ def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str]
 
 # the model types whose files take our custom operators (kernels/ort_ops.py: BiasSplitGelu, the UNets' GEGLU)
 CUSTOM_OPS_MODEL_TYPES = ("unet",)
-OPS_DIR = "ops"
 
 
 def _build_custom_ops(root: Path, manifest, names: list[str], progress: bool) -> str | None:
     """Build (or find) the custom-op library in root/ops/ when a component to optimize takes it; its path relative
-    to `root`, recorded in the manifest's files."""
+    to `root`, recorded in the manifest's files. Refused at once on a GPU too old for its kernels (optimize runs where
+    the engine directory will be used; without a GPU here the runtime checks the one it runs on)."""
     from ..kernels import ort_ops
+    from ..runtime.tensorrt_api import gpu
 
     if not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES for n in names):
         return None
-    relative = f"{OPS_DIR}/{ort_ops.library_name(cuda=True)}"
+    device = gpu()
+    problem = device and ort_ops.gpu_problem(device.compute_capability)
+    if problem:
+        raise UserError(f"--custom-ops: {problem} ({device.name}); optimize without it")
+    relative = f"{ort_ops.OPS_DIR}/{ort_ops.library_name(cuda=True)}"
     record = manifest.data["files"].get(relative)
     if manifest.path(relative).is_file() and (record is None or file_problem(manifest.path(relative), record, True, "")):
         manifest.path(relative).unlink()  # not the file this directory recorded: never adopt it, build it again
-    library = ort_ops.build(root / OPS_DIR, cuda=True, quiet=not progress)
+    library = ort_ops.build(root / ort_ops.OPS_DIR, cuda=True, quiet=not progress)
     records = file_records(root, [library])
     eng.update_manifest(root, lambda data: data["files"].update(records))
     return relative
@@ -213,6 +229,14 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     def change(data: dict) -> None:
         data["files"].update(records)
         data["components"][name].setdefault("optimized", {})[target] = record
+
+    eng.update_manifest(root, change)
+
+
+def _repoint(root: Path, target: str, name: str, library: str) -> None:
+    """An up-to-date optimized file's record names `library` (this installation's build) instead of an older one."""
+    def change(data: dict) -> None:
+        data["components"][name]["optimized"][target]["custom_ops"] = library
 
     eng.update_manifest(root, change)
 

@@ -13,15 +13,13 @@ release serves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import http.client
-import io
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 from ..runtime.errors import UserError
@@ -34,10 +32,16 @@ SOURCES = ("ops.cc", "bias_split_gelu.cu")
 CUDA_ARCHS = ("80", "86", "89", "90")  # Ampere, Ada, Hopper as machine code; PTX of the last for newer GPUs
 HEADER = "onnxruntime_c_api.h"
 INCLUDE_ENV = "SDXL_TRT_ORT_INCLUDE"
-# Debian's libonnxruntime-dev (trixie): ONNX Runtime 1.21's headers, MIT licensed; a package registry, not a model hub
-HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
-               "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+OPS_DIR = "ops"  # an engine directory's folder for the library (`optimize --custom-ops` builds it there)
+MIN_COMPUTE_CAPABILITY = (8, 0)  # the oldest GPU CUDA_ARCHS has machine code for (sm_80 code runs on 8.6 / 8.7 / 8.9)
+# Debian's libonnxruntime-dev (trixie): ONNX Runtime 1.21's headers, MIT licensed; a package registry, not a model hub.
+# Tried in order: the pool (until trixie's onnxruntime is updated), then the same file by its sha1 on Debian's snapshot
+# archive (kept for good); the sha256 is checked whichever answers
+HEADERS_URLS = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+                "https://snapshot.debian.org/file/24211608c53cf623c58ab2b2f9d4157ed06b3a76")
+HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
 HEADERS_VERSION = "1.21.0"
+HEADERS_SUMS = "SHA256SUMS"  # written beside the unpacked headers: a damaged cache is fetched again, never built from
 OPS_API_VERSION = 21  # the ONNX Runtime C API version the library asks for (ops.cc kApiVersion): 1.21 and newer
 COMPILE_TIMEOUT_S = 600
 
@@ -53,6 +57,10 @@ def include_dir(required: bool = True) -> Path | None:
         return path
     fetched = _fetched_dir()
     if (fetched / HEADER).is_file():
+        damaged = _damaged_headers(fetched)
+        if damaged:
+            raise UserError(f"{fetched}: the cached headers are not as they were fetched ({damaged} changed or "
+                            f"missing); fetch them again: `python -m sdxl_trt.kernels.ort_ops fetch-headers`")
         return fetched
     if required:
         raise UserError(f"the custom operators are built against ONNX Runtime's C API header ({HEADER}), which is not "
@@ -66,30 +74,66 @@ def _fetched_dir() -> Path:
     return cache_dir("ort-include", create=False) / HEADERS_VERSION
 
 
-def fetch_headers(timeout: float = 60.0) -> Path:
-    """Download Debian's libonnxruntime-dev, check its sha256 and unpack its headers into our cache; returns the
-    folder. Nothing else of the package is kept."""
+def _damaged_headers(folder: Path) -> str | None:
+    """The first header in `folder` that differs from what was unpacked there (SHA256SUMS), or the sums file itself
+    when it is missing or unreadable; None when all are as fetched."""
+    try:
+        lines = (folder / HEADERS_SUMS).read_text().splitlines()
+        sums = dict(reversed(line.split("  ", 1)) for line in lines if line)
+    except (OSError, ValueError):
+        return HEADERS_SUMS
+    for name, digest in sums.items():
+        try:
+            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+                return name
+        except OSError:
+            return name
+    return None if HEADER in sums else HEADERS_SUMS
+
+
+def _download(timeout: float) -> bytes:
+    """The package from the first of HEADERS_URLS that serves it whole, with the expected sha256."""
+    import http.client
     import urllib.request
 
-    url, sha256 = HEADERS_DEB
+    failures = []
+    for url in HEADERS_URLS:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                data = response.read()
+        except (OSError, http.client.HTTPException) as e:  # no network, a 404, a cut transfer
+            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == HEADERS_SHA256:
+            return data
+        failures.append(f"{url}: not the package expected (sha256 {digest}, expected {HEADERS_SHA256})")
+    raise UserError("could not download ONNX Runtime's headers (" + "; ".join(failures) + ")")
+
+
+def fetch_headers(timeout: float = 60.0) -> Path:
+    """Download Debian's libonnxruntime-dev, check its sha256 and unpack its headers into our cache (with their
+    sha256 sums); returns the folder. Nothing else of the package is kept. Headers already there are kept if they
+    are as fetched, else fetched again."""
+    import io
+    import tarfile
+    import tempfile
+
     dest = _fetched_dir()
-    if (dest / HEADER).is_file():
+    if (dest / HEADER).is_file() and _damaged_headers(dest) is None:
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # no network, a read-only cache, a cut transfer
-        raise UserError(f"could not download {url} into {dest.parent}: {e}") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(f"{url}: not the package expected (sha256 {hashlib.sha256(data).hexdigest()}, "
-                        f"expected {sha256})")
-    members = _ar_members(data)
-    payload = next((v for k, v in members.items() if k.startswith("data.tar")), None)
-    if payload is None:
-        raise UserError(f"{url}: no data archive in the package")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{HEADERS_VERSION}-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{HEADERS_VERSION}-", dir=dest.parent))
+    except OSError as e:  # a read-only cache, a file in the way
+        raise UserError(f"cannot write the header cache {dest.parent}: {e.strerror or e}") from None
     try:
+        data = _download(timeout)
+        members = _ar_members(data)
+        payload = next((v for k, v in members.items() if k.startswith("data.tar")), None)
+        if payload is None:
+            raise UserError("the downloaded package has no data archive")
+        sums = []
         with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
             for member in tar.getmembers():
                 parts = Path(member.name).parts
@@ -97,16 +141,22 @@ def fetch_headers(timeout: float = 60.0) -> Path:
                     relative = Path(*parts[parts.index("include") + 2:])  # below usr/include/onnxruntime/
                     target = tmp / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
+                    content = tar.extractfile(member).read()
+                    target.write_bytes(content)
+                    sums.append(f"{hashlib.sha256(content).hexdigest()}  {relative.as_posix()}")
         if not (tmp / HEADER).is_file():
-            raise UserError(f"{url}: no {HEADER} in the package")
+            raise UserError(f"the downloaded package has no {HEADER}")
+        (tmp / HEADERS_SUMS).write_text("\n".join(sums) + "\n")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the headers from other users of a shared cache
+        if dest.exists() and _damaged_headers(dest) is not None:
+            shutil.rmtree(dest, ignore_errors=True)  # damaged (or of an older sdxl-trt, without sums): replaced
         try:
             os.replace(tmp, dest)
-        except OSError:  # another fetch finished first (or a folder of that name is in the way)
-            if not (dest / HEADER).is_file():
+        except OSError:  # another fetch finished first (or something of that name is in the way)
+            if not (dest / HEADER).is_file() or _damaged_headers(dest) is not None:
                 raise UserError(f"{dest} is in the way of the headers: remove it and fetch again") from None
     except (OSError, tarfile.TarError) as e:
-        raise UserError(f"could not unpack {url} into {dest.parent}: {e}") from None
+        raise UserError(f"could not unpack ONNX Runtime's headers into {dest.parent}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -126,15 +176,38 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
     return members
 
 
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").is_file():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+def _nvcc() -> list[str] | None:
+    """nvcc of $CUDA_HOME (or $CUDA_PATH) when set, else the one on PATH; None when there is none."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(variable)
+        if home:
+            nvcc = Path(home) / "bin" / "nvcc"
+            if not nvcc.is_file():
+                raise UserError(f"${variable}={home}: no bin/nvcc there (name the CUDA toolkit's folder, or unset it "
+                                "to use the nvcc on PATH)")
+            return [str(nvcc)]
+    found = shutil.which("nvcc")
+    return [found] if found else None
 
 
-def _cxx() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+def _cxx() -> list[str] | None:
+    """$CXX (a command line: `ccache g++` too), else c++ or g++ on PATH."""
+    named = os.environ.get("CXX", "").strip()
+    if named:
+        return shlex.split(named)
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
+
+
+def gpu_problem(compute_capability: str | tuple[int, int]) -> str | None:
+    """Why the CUDA kernels cannot run on a GPU of this compute capability ("7.5" or (7, 5)), or None if they can."""
+    major, minor = (map(int, compute_capability.split(".")) if isinstance(compute_capability, str)
+                    else compute_capability)
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        oldest = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        return (f"sdxl-trt's custom operators have CUDA kernels for GPUs of sm {oldest} and newer; this GPU is "
+                f"sm {major}.{minor}")
+    return None
 
 
 def library_key(cuda: bool) -> str:
@@ -165,6 +238,7 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
     if compiler is None:
         raise UserError("building the CUDA custom operators needs nvcc (the CUDA toolkit; set CUDA_HOME or put nvcc "
                         "on PATH)" if cuda else "building the custom operators needs a C++ compiler (set CXX)")
+    name = Path(compiler[0]).name
     sources = [str(SOURCE_DIR / "ops.cc")]
     if cuda:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
@@ -174,25 +248,32 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
                  "-cudart=static", *gencode]
     else:
         flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+    made = not Path(dest_dir).exists()
     try:
         Path(dest_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, …
         raise UserError(f"cannot make the folder {dest_dir} for the custom-op library: {e.strerror or e}") from None
     if not quiet:
-        print(f"building {dest.name} with {Path(compiler).name} …", file=sys.stderr, flush=True)
-    with atomic_file(dest) as tmp:
-        command = [compiler, *flags, f"-I{include}", *sources, "-o", str(tmp)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"building {dest.name}: {Path(compiler).name} took over {COMPILE_TIMEOUT_S} s") from None
-        except OSError as e:  # $CXX or $CUDA_HOME naming something that does not run
-            raise UserError(f"building {dest.name}: cannot run {compiler}: {e.strerror or e}") from None
-        if done.returncode != 0:
-            log = (done.stderr or done.stdout).strip().splitlines()
-            first = next((line.strip() for line in log if "error" in line.lower()), log[-1] if log else "no output")
-            raise UserError(f"building {dest.name} failed ({Path(compiler).name} exit {done.returncode}): {first}")
-        check(tmp, cuda)
+        print(f"building {dest.name} with {name} …", file=sys.stderr, flush=True)
+    try:
+        with atomic_file(dest) as tmp:
+            command = [*compiler, *flags, f"-I{include}", *sources, "-o", str(tmp)]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise UserError(f"building {dest.name}: {name} took over {COMPILE_TIMEOUT_S} s") from None
+            except OSError as e:  # $CXX or $CUDA_HOME naming something that does not run
+                raise UserError(f"building {dest.name}: cannot run {compiler[0]}: {e.strerror or e}") from None
+            if done.returncode != 0:
+                log = (done.stderr or done.stdout).strip().splitlines()
+                first = next((line.strip() for line in log if "error" in line.lower()), log[-1] if log else "no output")
+                raise UserError(f"building {dest.name} failed ({name} exit {done.returncode}): {first}")
+            check(tmp, cuda)
+    except BaseException:
+        if made:  # the folder this build made stays only with a library in it
+            with contextlib.suppress(OSError):
+                Path(dest_dir).rmdir()
+        raise
     return dest
 
 

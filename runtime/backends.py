@@ -98,6 +98,7 @@ class OrtSession:
         # initializers are safe to share at all)
         library = custom_ops_library(manifest, self.path)
         if library is not None:
+            check_custom_ops_gpu(library, providers, manifest)
             try:
                 options.register_custom_ops_library(str(library))
             except Exception as e:  # noqa: BLE001 — ONNX Runtime's error types; the first line says why
@@ -144,7 +145,7 @@ def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
     None for a file that needs none."""
     from importlib import metadata
 
-    from ..kernels.ort_ops import OPS_API_VERSION, library_name
+    from ..kernels.ort_ops import OPS_API_VERSION, OPS_DIR, library_name
     from .manifest import file_problem
 
     for entry in manifest.components.values():
@@ -152,9 +153,9 @@ def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
             if record.get("custom_ops") and manifest.path(record["path"]) == path:
                 relative = record["custom_ops"]
                 again = f"build it again: `sdxl-trt optimize {manifest.root} --custom-ops`"
-                if relative != f"ops/{library_name(cuda=True)}":
+                if relative != f"{OPS_DIR}/{library_name(cuda=True)}":
                     raise UserError(f"{manifest.path(relative)}: not the custom-op library this sdxl-trt builds "
-                                    f"(ops/{library_name(cuda=True)}; another version made it, or it came from "
+                                    f"({OPS_DIR}/{library_name(cuda=True)}; another version made it, or it came from "
                                     f"elsewhere, and sdxl-trt loads no native code it did not build); {again}")
                 library = manifest.path(relative)
                 problem = file_problem(library, manifest.data["files"][relative], True,
@@ -167,6 +168,23 @@ def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
                                     f"{'.'.join(map(str, version))})")
                 return library
     return None
+
+
+def check_custom_ops_gpu(library: Path, providers: list, manifest: Manifest) -> None:
+    """A session on the CUDA provider loads the custom-op library only on a GPU its kernels were built for (an older
+    one would fail at the first run, deep in ONNX Runtime, with "no kernel image is available")."""
+    from ..kernels.ort_ops import gpu_problem
+
+    for provider in providers:
+        name, options = provider if isinstance(provider, tuple) else (provider, {})
+        if name == "CUDAExecutionProvider":
+            from .cuda import compute_capability
+
+            device = int(options.get("device_id", 0))
+            problem = gpu_problem(compute_capability(device))
+            if problem:
+                raise UserError(f"{library.name}: {problem} (GPU {device}); make the UNet's files without them: "
+                                f"`sdxl-trt optimize {manifest.root}`")
 
 
 def _onnxruntime_version(metadata) -> tuple[int, int] | None:
@@ -240,9 +258,11 @@ def used_files(name: str, manifest: Manifest) -> list[str] | None:
     """The exported files backend `name` reads (None: all of them), so that opening an engine directory hashes only
     those: the fp32 files on ort-cpu; on ort-cuda each component's optimized file, else fp16, else fp32 (and a VAE
     with an overflow check also its fp32 fallback)."""
+    from ..kernels.ort_ops import OPS_DIR
+
     if name not in ("ort-cpu", "ort-cuda"):
         return None
-    files = [f for f in manifest.data["files"] if not f.startswith(("onnx/", "ops/"))]  # tokenizers, scheduler
+    files = [f for f in manifest.data["files"] if not f.startswith(("onnx/", f"{OPS_DIR}/"))]  # tokenizers, scheduler
     for component, entry in manifest.components.items():
         if name == "ort-cpu":
             files += precision_files(manifest, component, "fp32", name)

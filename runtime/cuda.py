@@ -57,6 +57,13 @@ def current_device() -> int:
     return int(check(cudart().cudaGetDevice()))
 
 
+def compute_capability(device: int) -> tuple[int, int]:
+    """(major, minor) of GPU `device`, e.g. (9, 0) for an H100."""
+    rt = cudart()
+    return tuple(int(check(rt.cudaDeviceGetAttribute(getattr(rt.cudaDeviceAttr, f"cudaDevAttrComputeCapability{part}"),
+                                                     device))) for part in ("Major", "Minor"))
+
+
 def set_device(device: int) -> None:
     """Make `device` this thread's current device: what it allocates, the streams and events it makes and the kernels
     it launches are that device's (cheap: a few microseconds; ONNX Runtime sets its session's device at each run)."""

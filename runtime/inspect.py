@@ -32,12 +32,32 @@ def inspect_data(engine_dir) -> dict:
     machine = {"gpu": None if device is None else {"name": device.name, "compute_capability": device.compute_capability},
                "backends": {b: tensorrt_api.version(b) for b in tensorrt_api.MODULES}}
     return {"dir": str(manifest.root), "created": data.get("created"), "sources": data.get("sources", {}),
-            "components": {name: {"contract": entry["contract"], "precisions": sizes[name]}
+            "components": {name: {"contract": entry["contract"], "precisions": sizes[name],
+                                  **custom_ops_info(manifest, entry, device)}
                            for name, entry in manifest.components.items()},
             "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
             "file_problems": problems,  # missing files or files of another size than recorded (a copy cut short)
             "work": {work: manifest.missing(work) for work in WORK},  # None: it can; else why not
             "engines": engines, "machine": machine}
+
+
+def custom_ops_info(manifest, entry: dict, device) -> dict:
+    """{"custom_ops": {target: {library, usable, why_not}}} for a component whose optimized files need our custom-op
+    library (`sdxl-trt optimize --custom-ops`); {} for one that needs none. Usable: this installation builds that
+    library (the runtime loads no other) and this machine's GPU, if any, runs its kernels."""
+    from ..kernels.ort_ops import OPS_DIR, gpu_problem, library_name
+
+    found = {}
+    for target, record in (entry.get("optimized") or {}).items():
+        if record.get("custom_ops"):
+            why = None
+            if record["custom_ops"] != f"{OPS_DIR}/{library_name(cuda=True)}":
+                why = (f"another sdxl-trt built it (this one builds {OPS_DIR}/{library_name(cuda=True)}): "
+                       f"`sdxl-trt optimize {manifest.root} --custom-ops` builds it again")
+            elif device is not None:
+                why = gpu_problem(device.compute_capability)
+            found[target] = {"library": record["custom_ops"], "usable": why is None, "why_not": why}
+    return {"custom_ops": found} if found else {}
 
 
 def inspect_dir(engine_dir, as_json: bool = False) -> str:
@@ -50,6 +70,9 @@ def inspect_dir(engine_dir, as_json: bool = False) -> str:
     for name, c in info["components"].items():
         files = ", ".join(f"{p} {size / 1e6:.1f} MB" for p, size in c["precisions"].items())
         lines.append(f"  {name:<14} {files}")
+        for target, ops in c.get("custom_ops", {}).items():
+            usable = "usable here" if ops["usable"] else f"not usable here: {ops['why_not']}"
+            lines.append(f"  {'':<14} {target} file's custom operators: {ops['library']} ({usable})")
     for role, comps in info["pipelines"].items():
         lines.append(f"  {role} pipeline: " + ", ".join(f"{k}={v}" if k != v else k for k, v in comps.items()))
     if info["file_problems"]:

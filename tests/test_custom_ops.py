@@ -129,7 +129,7 @@ def test_a_missing_header_or_compiler_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/no/such/compiler")
     with pytest.raises(UserError, match="cannot run /no/such/compiler"):
         ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
-    monkeypatch.setattr(ort_ops, "_cxx", lambda: shutil.which("c++") or shutil.which("g++"))
+    monkeypatch.delenv("CXX")
     if ort_ops._cxx():
         with pytest.raises(UserError, match=r"failed \(.*not this header"):
             ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
@@ -212,11 +212,14 @@ def test_the_runtime_refuses_a_changed_or_missing_library_and_optimize_without_t
     optimize_engine_dir(engine, components=["unet"], custom_ops=True, progress=False)
     manifest = load_manifest(engine)
     assert library.read_bytes() != saved[:-1] + bytes([saved[-1] ^ 1])
-    # registered: ONNX Runtime knows our operator and stops only at ONNX Runtime's CUDA-only fused operators (on the
-    # CPU); without the library it would refuse the model for sdxl_trt:BiasSplitGelu first
+    # registered: ONNX Runtime knows our operator, infers shapes through it and stops only at ONNX Runtime's CUDA-only
+    # fused operators (on the CPU, when it assigns kernels); without the library it would refuse the model for
+    # sdxl_trt:BiasSplitGelu first, and with an output shape left unset by our shape inference (where the input's
+    # dimensions are neither known nor named) at the next MatMul ("Input tensors of wrong rank (0)": every
+    # --custom-ops UNet failed to load on the GPU with the library of e021684)
     with pytest.raises(UserError) as refused:
         OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
-    assert "sdxl_trt" not in str(refused.value) and "BiasSplitGelu" not in str(refused.value), refused.value
+    assert "Failed to find kernel for com.microsoft." in str(refused.value), refused.value
     library.unlink()
     with pytest.raises(UserError, match=r"is missing; build it again: `sdxl-trt optimize .* --custom-ops`"):
         OrtSession(manifest, "unet", "fp16", ["CPUExecutionProvider"], path=record["path"])
@@ -266,3 +269,165 @@ def test_optimize_custom_ops_without_nvcc_says_so_in_one_line(tiny_engine, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs nvcc" in err[0]
     assert (engine / "manifest.json").read_bytes() == before and not (engine / "ops").exists()
+
+
+# --- the checks around the library: GPU, compilers, headers, re-optimizing, inspect ------------------------------
+
+
+def test_the_kernels_run_on_sm80_and_newer_only():
+    for cc in ("8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "12.0", (9, 0)):
+        assert ort_ops.gpu_problem(cc) is None, cc
+    for cc in ("7.5", "7.0", (6, 1)):
+        assert "sm 8.0 and newer" in ort_ops.gpu_problem(cc), cc
+
+
+def test_an_old_gpu_is_refused_by_optimize_and_by_the_session(custom_ops_dir, tiny_engine, tmp_path, monkeypatch):
+    from sdxl_trt.export.optimize import optimize_engine_dir
+    from sdxl_trt.runtime import backends, cuda, tensorrt_api
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    before = (engine / "manifest.json").read_bytes()
+    monkeypatch.setattr(tensorrt_api, "gpu", lambda: tensorrt_api.Gpu("Tesla T4", "7.5"))
+    with pytest.raises(UserError, match=r"--custom-ops: .*sm 8.0 and newer; this GPU is sm 7.5 \(Tesla T4\)"):
+        optimize_engine_dir(engine, custom_ops=True, progress=False)
+    assert (engine / "manifest.json").read_bytes() == before and not (engine / "ops").exists()
+    # a directory optimized elsewhere, opened on an old GPU: refused before ONNX Runtime loads the library
+    manifest = load_manifest(custom_ops_dir)
+    library = manifest.path(manifest.components["unet"]["optimized"]["cuda"]["custom_ops"])
+    seen = []
+    monkeypatch.setattr(cuda, "compute_capability", lambda device: seen.append(device) or (7, 5))
+    with pytest.raises(UserError, match=r"sm 7.5 \(GPU 1\); make the UNet's files without them: `sdxl-trt optimize"):
+        backends.check_custom_ops_gpu(library, [("CUDAExecutionProvider", {"device_id": "1"})], manifest)
+    backends.check_custom_ops_gpu(library, ["CPUExecutionProvider"], manifest)  # the CPU kernels run anywhere
+    monkeypatch.setattr(cuda, "compute_capability", lambda device: (9, 0))
+    backends.check_custom_ops_gpu(library, [("CUDAExecutionProvider", {"device_id": "0"})], manifest)
+    assert seen == [1]
+
+
+def test_custom_ops_for_components_without_a_unet_is_an_error(tiny_engine, tmp_path, capsys):
+    from sdxl_trt.runtime import cli
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    before = (engine / "manifest.json").read_bytes()
+    assert cli.main(["optimize", str(engine), "--components", "clip_l", "vae_decoder", "--custom-ops"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "clip_l, vae_decoder take none of sdxl-trt's custom operators" in err[0], err
+    assert "unet, unet_refiner" in err[0]
+    assert (engine / "manifest.json").read_bytes() == before
+
+
+def test_a_named_cuda_home_without_nvcc_and_a_compiler_command_line(tmp_path, monkeypatch, cpu_library):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))
+    with pytest.raises(UserError, match=r"\$CUDA_HOME=.*no-toolkit: no bin/nvcc there"):
+        ort_ops._nvcc()
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path))
+    with pytest.raises(UserError, match=r"\$CUDA_PATH="):
+        ort_ops.build(tmp_path / "out", cuda=True, quiet=True)
+    assert not (tmp_path / "out").exists()  # the folder the failed build would have used is not left behind
+    # $CXX as a command line (a wrapper and its compiler, as `ccache g++`): split as the shell would
+    compiler = ort_ops._cxx()[0]
+    monkeypatch.setenv("CXX", f"env LC_ALL=C {compiler}")
+    assert ort_ops._cxx() == ["env", "LC_ALL=C", compiler]
+    built = ort_ops.build(tmp_path / "wrapped", cuda=False, quiet=True)
+    ort_ops.check(built, cuda=False)
+
+
+def fake_headers_deb(header: bytes) -> bytes:
+    """A .deb (ar archive) whose data.tar.gz holds usr/include/onnxruntime/onnxruntime_c_api.h, as Debian's does."""
+    import io
+    import tarfile
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:gz") as tar:
+        for name, data in ((f"./usr/include/onnxruntime/{ort_ops.HEADER}", header),
+                           ("./usr/include/onnxruntime/core/session/extra.h", b"// extra\n"),
+                           ("./usr/share/doc/libonnxruntime-dev/copyright", b"MIT\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    def member(name: bytes, data: bytes) -> bytes:
+        head = name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+        return head + str(len(data)).encode().ljust(10) + b"`\n" + data + (b"\n" if len(data) % 2 else b"")
+
+    return b"!<arch>\n" + member(b"debian-binary", b"2.0\n") + member(b"data.tar.gz", payload.getvalue())
+
+
+def test_headers_come_from_the_second_address_when_the_first_fails_and_a_damaged_cache_is_fetched_again(
+        tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import urllib.error
+    import urllib.request
+
+    deb = fake_headers_deb(b"// the C API\n")
+    monkeypatch.setattr(ort_ops, "HEADERS_SHA256", hashlib.sha256(deb).hexdigest())
+    monkeypatch.setenv("SDXL_TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(ort_ops.INCLUDE_ENV, raising=False)
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        if url == ort_ops.HEADERS_URLS[0]:
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        return io.BytesIO(deb)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    folder = ort_ops.fetch_headers()
+    assert asked == list(ort_ops.HEADERS_URLS)
+    assert (folder / ort_ops.HEADER).read_bytes() == b"// the C API\n" and (folder / "core/session/extra.h").is_file()
+    assert not (folder / "copyright").exists() and ort_ops.include_dir() == folder
+    assert ort_ops.fetch_headers() == folder and len(asked) == 2  # as fetched: kept, nothing downloaded
+    (folder / ort_ops.HEADER).write_bytes(b"// damaged\n")
+    with pytest.raises(UserError, match=r"not as they were fetched \(onnxruntime_c_api.h changed or missing\); "
+                                        r"fetch them again"):
+        ort_ops.include_dir()
+    assert ort_ops.fetch_headers() == folder and len(asked) == 4  # damaged: downloaded again
+    assert (folder / ort_ops.HEADER).read_bytes() == b"// the C API\n"
+    (folder / ort_ops.HEADERS_SUMS).unlink()  # fetched by an older sdxl-trt (no sums): fetched again too
+    with pytest.raises(UserError, match="SHA256SUMS changed or missing"):
+        ort_ops.include_dir()
+    ort_ops.fetch_headers()
+    assert ort_ops.include_dir() == folder
+    # neither address serves the package: one line naming both
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"<html>moved</html>"))
+    shutil.rmtree(folder)
+    with pytest.raises(UserError, match=r"could not download .*not the package expected.*; .*not the package"):
+        ort_ops.fetch_headers()
+    assert not folder.exists() and not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_library_of_other_sources_is_rebuilt_without_optimizing_the_unets_again(custom_ops_dir, tmp_path):
+    from sdxl_trt.export.optimize import optimize_engine_dir
+    from sdxl_trt.runtime.inspect import inspect_dir
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    engine = tmp_path / "engine"
+    shutil.copytree(custom_ops_dir, engine)
+    text = inspect_dir(engine)
+    assert f"cuda file's custom operators: ops/{ort_ops.library_name(cuda=True)} (usable here)" in text
+    # as an older sdxl-trt (other kernel sources) left it: its library under its own name
+    data = json.loads((engine / "manifest.json").read_text())
+    current = data["components"]["unet"]["optimized"]["cuda"]["custom_ops"]
+    older = "ops/libsdxl_trt_ops-cuda-0123456789abcdef.so"
+    (engine / current).rename(engine / older)
+    data["files"][older] = data["files"].pop(current)
+    for name in ("unet", "unet_refiner"):
+        data["components"][name]["optimized"]["cuda"]["custom_ops"] = older
+    (engine / "manifest.json").write_text(json.dumps(data))
+    assert "not usable here: another sdxl-trt built it" in inspect_dir(engine)
+    unet_file = load_manifest(engine).path(data["components"]["unet"]["optimized"]["cuda"]["path"])
+    made = unet_file.stat().st_mtime_ns
+    report = optimize_engine_dir(engine, custom_ops=True, progress=False)
+    assert all(seconds is None for *_, seconds in report.rows)  # nothing optimized again
+    manifest = load_manifest(engine)
+    assert unet_file.stat().st_mtime_ns == made
+    for name in ("unet", "unet_refiner"):
+        assert manifest.components[name]["optimized"]["cuda"]["custom_ops"] == current
+    assert (engine / current).is_file() and not (engine / older).exists() and older not in manifest.data["files"]
+    assert "(usable here)" in inspect_dir(engine)
+

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <mutex>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -177,6 +178,15 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   return nullptr;
 }
 
+const char* fresh_symbol() {
+  // kept for the library's life: ONNX Runtime may hold on to the pointer
+  static std::mutex lock;
+  static std::deque<std::string> names;
+  std::lock_guard<std::mutex> hold(lock);
+  names.push_back("sdxl_trt_dim_" + std::to_string(names.size()));
+  return names.back().c_str();
+}
+
 OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* context) {
   // the output: the input's type and dimensions (their symbols too), the last one halved where it is known
   OrtTensorTypeAndShapeInfo* in = nullptr;  // not ours to release (below)
@@ -199,9 +209,10 @@ OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* co
     symbols.back() = "";
   }
   for (size_t i = 0; status == nullptr && i < count; ++i) {
-    // a dimension neither known nor named would be recorded as the value -1 (ONNX Runtime then warns at every run
-    // that the output's shape differs from the model's): leave such an output's shape to the kernel
-    if (dims[i] < 0 && (symbols[i] == nullptr || symbols[i][0] == '\0')) return nullptr;
+    // a dimension neither known nor named gets a name of its own (recorded as the value -1, ONNX Runtime would warn
+    // at every run that the output's shape differs from the model's; left unset, the output would have rank 0 and
+    // the next node's shape inference fails: ONNX Runtime 1.31): unique, so no two tensors are taken as one size
+    if (dims[i] < 0 && (symbols[i] == nullptr || symbols[i][0] == '\0')) symbols[i] = fresh_symbol();
   }
   if (status == nullptr) status = g_api->CreateTensorTypeAndShapeInfo(&out);
   if (status == nullptr) status = g_api->SetTensorElementType(out, type);
