@@ -2,7 +2,9 @@
 the same GPU: the VAE decoder or encoder (1024², one image) or the UNet (1024², batch 2: one guided step). One process, one GPU;
 every session made fresh for the shape (with the file's custom-op library, `optimize --custom-ops`, registered) (as the runtime's shape sessions: free dimensions fixed) with ONNX Runtime's
 CUDA graph, timed as the median of --runs synchronous runs after 3 warm-up runs (ONNX Runtime synchronises its stream
-at the end of a run). Writes JSON (rewritten after every case, so a run cut short keeps what it measured).
+at the end of a run). Writes JSON (rewritten after every case, so a run cut short keeps what it measured). A variant
+from benchmarks/attention_projections.py --context-once has its context file run first (once, timed apart) and its
+outputs bound as the UNet's extra inputs.
 
     sdxl-trt export --model random:base --components vae_decoder --precision fp32 --out /root/vae
     sdxl-trt optimize /root/vae
@@ -49,6 +51,8 @@ DEFAULT_OPTIONS["vae_encoder"] = DEFAULT_OPTIONS["vae_decoder"]
 DEFAULT_OPTIONS["unet_refiner"] = DEFAULT_OPTIONS["unet"]
 NP_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int32)": np.int32,
             "tensor(int64)": np.int64}
+CONTEXT_MS: dict[str, float] = {}  # context file → its median time, as run_context measured it
+PROFILE_TOP = 12  # kernels listed per profile (--profile-top)
 DIMS = {"vae_decoder": {"B": 1}, "vae_encoder": {"B": 1}, "unet": {"B": 2, "S": 77}, "unet_refiner": {"B": 2, "S": 77}}
 
 
@@ -59,6 +63,31 @@ def entry_of(engine: Path, component: str) -> dict:
 def file_of(engine: Path, component: str, optimized: bool) -> Path:
     entry = entry_of(engine, component)
     return engine / (entry["optimized"]["cuda"]["path"] if optimized else entry["precisions"]["fp32"])
+
+
+def context_of(engine: Path, component: str) -> Path | None:
+    """The context file of a variant from benchmarks/attention_projections.py --context-once (None for others)."""
+    relative = entry_of(engine, component).get("optimized", {}).get("cuda", {}).get("context")
+    return engine / relative if relative else None
+
+
+def run_context(path: Path, cuda: dict, inputs: dict, runs: int) -> tuple[dict, float]:
+    """The context file's outputs for `inputs` (numpy, fp16) and its median time (ms): what the UNet of a
+    context-once variant takes as inputs, computed once per image instead of every step."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", cuda)])
+    feeds = {spec.name: inputs[spec.name].astype(NP_TYPES[spec.type]) for spec in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, feeds)))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(names, feeds)  # numpy in and out: an upper bound on what the device loop would spend
+        times.append((time.perf_counter() - t) * 1e3)
+    return outputs, round(float(np.median(times)), 2)
 
 
 def library_of(path: Path):
@@ -90,8 +119,9 @@ def feeds(entry: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndar
 
 
 def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict, runs: int, graph: bool,
-                profile: bool = False):
-    """(median ms, first output as fp32, kernel profile or None) of one session on `path`."""
+                profile: bool = False, context: Path | None = None):
+    """(median ms, first output as fp32, kernel profile or None) of one session on `path`; `context`: a context-once
+    variant's context file, run first (once) to make the UNet's extra inputs (its time: the `context_ms` global)."""
     import onnxruntime as ort
 
     from sdxl_trt.runtime.contracts import output_shapes
@@ -108,6 +138,9 @@ def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict
     if graph:
         cuda["enable_cuda_graph"] = "1"
     session = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", cuda)])
+    if context is not None:
+        extra, CONTEXT_MS[str(context)] = run_context(context, {**CUDA_OPTIONS, **options}, inputs, runs)
+        inputs = {**inputs, **extra}
     binding = session.io_binding()
     keep = []
     for spec in session.get_inputs():
@@ -131,7 +164,7 @@ def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict
     if profile:
         from gpu_pipeline import kernel_profile
 
-        kernels = kernel_profile(lambda: session.run_with_iobinding(binding), lambda: None)
+        kernels = kernel_profile(lambda: session.run_with_iobinding(binding), lambda: None, top=PROFILE_TOP)
     return round(float(np.median(times)), 2), outputs[0].numpy().astype(np.float32), kernels
 
 
@@ -145,8 +178,11 @@ def main() -> int:
     p.add_argument("--options", nargs="+", choices=sorted(OPTIONS), metavar="SET",
                    help=f"option sets to try on every file (default: per component); any of {sorted(OPTIONS)}")
     p.add_argument("--no-profiles", action="store_true", help="skip the kernel profiles of the shipped and the fastest")
+    p.add_argument("--profile-top", type=int, default=12, help="kernels listed per profile (default 12)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    global PROFILE_TOP
+    PROFILE_TOP = args.profile_top
     option_sets = {name: OPTIONS[name] for name in (args.options or DEFAULT_OPTIONS[args.component])}
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
     first = next(iter(engines.values()))
@@ -174,8 +210,11 @@ def main() -> int:
         for name, options in option_sets.items():
             case = {"file": label, "options": name}
             try:
+                context = context_of(engine, args.component)
                 ms, out, _ = run_session(file_of(engine, args.component, True), entry, options, dims, inputs,
-                                         args.runs, True)
+                                         args.runs, True, context=context)
+                if context is not None:  # once per image, not per step
+                    case["context_ms_once_per_image"] = CONTEXT_MS[str(context)]
                 diff = out - reference
                 case.update(ms=ms, rel_l2_vs_fp32=float(np.linalg.norm(diff) / np.linalg.norm(reference)),
                             max_abs_vs_fp32=float(np.abs(diff).max()), finite=bool(np.isfinite(out).all()))
@@ -194,7 +233,8 @@ def main() -> int:
     if best is not None:
         profiles[f"fastest: {best[1]}, {best[2]}"] = (engines[best[1]], option_sets[best[2]])
     for key, (engine, options) in profiles.items():
-        profile = run_session(file_of(engine, args.component, True), entry, options, dims, inputs, 5, True, True)[2]
+        profile = run_session(file_of(engine, args.component, True), entry, options, dims, inputs, 5, True, True,
+                              context=context_of(engine, args.component))[2]
         result.setdefault("kernel_profiles", {})[key] = {"file": str(engine), "options": options, "profile": profile}
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["kernel_profiles"])[:3000])

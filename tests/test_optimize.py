@@ -577,3 +577,75 @@ def test_an_interrupted_optimize_of_external_weights_keeps_the_previous_version(
     assert {e.value for t in onnx.load(str(dest), load_external_data=False).graph.initializer
             for e in t.external_data if e.key == "location"} == {dest.name + ".data"}
     assert all(t.raw_data or t.float_data or t.int64_data for t in model.graph.initializer)
+
+
+def attention_projections():
+    """benchmarks/attention_projections.py (issue 26's experiment; not part of `optimize`), imported from its path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_projections.py"
+    spec = importlib.util.spec_from_file_location("attention_projections", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["attention_projections"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_context_once_experiment_computes_what_the_unet_computes(tiny_engine, tiny_optimized, tmp_path):
+    """The cross-attention K/V projections of the tiny UNet moved into a context file (run once, its outputs fed to the
+    UNet as inputs), written by rewrite_file from a file whose weights are all in its data file: ONNX Runtime CPU
+    gives the whole UNet's output again (the same operators on the same values: measured rel-L2 0; bound 1e-6, while
+    K and V swapped in the context file move it by > 1e-2). The variant directory of an optimized engine passes the
+    runtime's file checks and records its context file."""
+    projections = attention_projections()
+    manifest = load_manifest(tiny_engine)
+    model = onnx.load(str(manifest.path(manifest.components["unet"]["precisions"]["fp32"])))
+    assert fuse_attention(model) > 0
+    src = tmp_path / "fused" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, location="model.onnx.data")
+    dest = tmp_path / "split" / "model.onnx"
+    dest.parent.mkdir()
+    counts = projections.rewrite_file(src, dest, context_once=True, pack_kv=False, pack_qkv=False)
+    cross = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention") // 2
+    assert counts["context_once"] == cross > 1 and counts["pack_kv"] == counts["pack_qkv"] == 0
+    unet, context = onnx.load(str(dest)), onnx.load(str(dest.with_name(projections.CONTEXT_FILE)))
+    assert not any(i == "encoder_hidden_states" for n in unet.graph.node for i in n.input)
+    assert [i.name for i in context.graph.input] == ["encoder_hidden_states"] and len(context.graph.output) == 2 * cross
+    rng = np.random.default_rng(5)
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
+             "timestep": np.full((2,), 500, np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32),
+             "text_embeds": rng.standard_normal((2, 64)).astype(np.float32),
+             "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
+
+    def run(m, extra=None):
+        data = str(m) if not isinstance(m, onnx.ModelProto) else m.SerializeToString()
+        return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {**feeds, **(extra or {})})[0]
+
+    def context_outputs(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {"encoder_hidden_states": feeds["encoder_hidden_states"]})))
+
+    want = run(src)
+    got = run(dest, context_outputs(context))
+    error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    swapped = context_outputs(context)
+    swapped = {name: swapped[name.replace("context_k", "context_V").replace("context_v", "context_k")
+                             .replace("context_V", "context_v")] for name in swapped}
+    notch = float(np.linalg.norm(run(dest, swapped) - want) / np.linalg.norm(want))
+    print(f"context once: rel-L2 {error:.1e} from the UNet as exported; K and V swapped: {notch:.1e}")
+    assert error < 1e-6 and notch > 1e-2
+
+    assert projections.variant_copy(tiny_optimized, tmp_path / "variant", context_once=True, pack_kv=True,
+                                    pack_qkv=True)["context_once"] > 1
+    variant = load_manifest(tmp_path / "variant")
+    variant.check_files()
+    record = variant.components["unet"]["optimized"]["cuda"]
+    assert record["context"] in record["files"] and variant.path(record["context"]).is_file()
+    with pytest.raises(SystemExit, match="must lie outside"):
+        projections.variant_copy(tiny_optimized, tiny_optimized / "inside", context_once=True, pack_kv=False,
+                                 pack_qkv=False)

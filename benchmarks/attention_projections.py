@@ -1,0 +1,263 @@
+"""Issue 26's experiment: the UNet's attention projections done differently, measured before any of it is shipped.
+
+Three rewrites of an optimized UNet file (`sdxl-trt optimize`: attention as com.microsoft MultiHeadAttention with its
+Q, K and V projections as separate MatMuls, so that LoRA can change each weight):
+
+  context-once  the cross-attention K and V projections of the 77-token text context (140 small GEMMs a step at
+                [B·77, 2048] × [2048, 640 or 1280], about 680 MB of weights read each step) move out of the UNet into a
+                second ONNX file, `context.onnx`, run once per image; the UNet takes their results as inputs
+                (`context_k.<i>`, `context_v.<i>`, or `context_kv.<i>` with --pack-kv). The step no longer computes
+                them at all: what it saves is their whole cost, not the 0.16 ms that merging them into one GEMM saved
+                (benchmarks/context_kv_merge.py).
+  pack-qkv      each self-attention's Q, K and V projections of the same hidden states as one GEMM with the weights
+                interleaved per head ([C, heads·3·head_size]), read by MultiHeadAttention in its packed-QKV format
+                ([B, S, heads, 3, head_size]: ONNX Runtime's own fusion's layout, fusion_attention_unet.py): 3 GEMMs →
+                1 and 2 fewer kernels per attention.
+  pack-kv       each cross-attention's K and V as one GEMM in the packed-KV layout ([B, L, heads, 2, head_size]);
+                with context-once, in the context file (one input per attention instead of two).
+Same arithmetic in every variant (each output column is still one weight column's dot product with its input);
+none of them is in `sdxl-trt optimize`: packing changes the weights LoRA merges into (it would merge into the
+interleaved columns) and context-once changes the UNet's inputs, which the runtime does not feed yet. This script
+writes the variant engine directory; benchmarks/session_variants.py times its UNet (it runs the context file once
+and feeds its outputs, reporting its time apart):
+
+    python benchmarks/attention_projections.py --engine /root/full --out /root/ctx --context-once --pack-kv
+    python benchmarks/attention_projections.py --engine /root/full --out /root/qkv --pack-qkv
+    python benchmarks/session_variants.py --component unet --engine stock=/root/full --engine ctx=/root/ctx \
+        --engine qkv=/root/qkv --options neither --out unet.json
+
+--out (outside --engine) becomes an engine directory of links to --engine's files but the UNet's optimized file,
+written again with the rewrites (its weights streamed from the original), the context file beside it, and a manifest
+recording them (the record's `context` names the context file: only session_variants reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from sdxl_trt.export.fuse_attention import MS_DOMAIN, Graph, drop_dead_nodes
+
+COMPONENT = "unet"
+CONTEXT_FILE = "context.onnx"
+
+
+def _ints(values) -> onnx.TensorProto:
+    return helper.make_tensor("value", onnx.TensorProto.INT64, [len(values)], [int(v) for v in values])
+
+
+def _heads(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "num_heads"), 0)
+
+
+def _interleave(weights: list[np.ndarray], heads: int) -> np.ndarray:
+    """[C, heads·k·head_size]: the k weights' columns interleaved per head, as ONNX Runtime's packed formats read them
+    ([B, S, heads, k, head_size] after a Reshape)."""
+    c, d = weights[0].shape
+    return np.stack([w.reshape(c, heads, d // heads) for w in weights], axis=2).reshape(c, heads * len(weights) * (d // heads))
+
+
+def attentions(model: onnx.ModelProto, g: Graph):
+    """(node, q, k, v, self?) for each MultiHeadAttention whose three inputs are MatMuls by constant 2-D weights of one
+    shape, each read by that attention alone; self: Q, K and V project the same tensor."""
+    for node in model.graph.node:
+        if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.input) != 3:
+            continue
+        mm = [g.parent(node, i, "MatMul") for i in range(3)]
+        if any(m is None or len(g.consumers[m.output[0]]) != 1 or m.input[1] not in g.initializers for m in mm):
+            continue
+        shapes = {tuple(g.initializers[m.input[1]].dims) for m in mm[1:]}
+        heads = _heads(node)
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or heads <= 0 or next(iter(shapes))[1] % heads:
+            continue
+        if mm[1].input[0] != mm[2].input[0]:
+            continue
+        yield node, *mm, mm[0].input[0] == mm[1].input[0]
+
+
+def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv: bool, pack_kv: bool,
+            context_once: bool) -> tuple[dict, onnx.ModelProto | None]:
+    """Rewrite `model` in place; returns (counts, the context model or None)."""
+    g = Graph(model.graph)
+    graph_inputs = {i.name: i for i in model.graph.input}
+    before: dict[str, list] = {}  # MHA node name → nodes to put right before it
+    new_weights = []
+    counts = {"pack_qkv": 0, "pack_kv": 0, "context_once": 0}
+    context_nodes, context_outputs, context_weights, context_sources = [], [], [], {}
+    shapes: dict[str, list[int]] = {}  # context output → its dimensions after (B, L)
+    for node, q, k, v, is_self in list(attentions(model, g)):
+        heads = _heads(node)
+        prefix = f"/{node.name or node.output[0]}".replace("//", "/")
+        if is_self and pack_qkv:
+            weight = _interleave([read(m.input[1]) for m in (q, k, v)], heads)
+            name = f"{prefix}/qkv.weight.T"
+            new_weights.append(numpy_helper.from_array(weight, name))
+            before[node.name] = [
+                helper.make_node("Constant", [], [f"{prefix}/qkv_shape"], name=f"{prefix}/qkv_shape",
+                                 value=_ints([0, 0, heads, 3, weight.shape[1] // heads // 3])),
+                helper.make_node("MatMul", [q.input[0], name], [f"{prefix}/qkv"], name=f"{prefix}/qkv_MatMul"),
+                helper.make_node("Reshape", [f"{prefix}/qkv", f"{prefix}/qkv_shape"], [f"{prefix}/qkv_packed"],
+                                 name=f"{prefix}/qkv_Reshape")]
+            del node.input[:]
+            node.input.extend([f"{prefix}/qkv_packed"])
+            counts["pack_qkv"] += 1
+        elif not is_self and (pack_kv or context_once):
+            context = k.input[0]
+            i = counts["context_once"]
+            if pack_kv:
+                weight = _interleave([read(m.input[1]) for m in (k, v)], heads)
+                name = f"{prefix}/kv.weight.T"
+                packed = f"context_kv.{i}" if context_once else f"{prefix}/kv_packed"
+                nodes = [helper.make_node("Constant", [], [f"{prefix}/kv_shape"], name=f"{prefix}/kv_shape",
+                                          value=_ints([0, 0, heads, 2, weight.shape[1] // heads // 2])),
+                         helper.make_node("MatMul", [context, name], [f"{prefix}/kv"], name=f"{prefix}/kv_MatMul"),
+                         helper.make_node("Reshape", [f"{prefix}/kv", f"{prefix}/kv_shape"], [packed],
+                                          name=f"{prefix}/kv_Reshape")]
+                weights = [numpy_helper.from_array(weight, name)]
+                results = [packed]
+                shapes[packed] = [heads, 2, weight.shape[1] // heads // 2]
+                counts["pack_kv"] += 1
+            else:  # context-once alone: the two MatMuls as they are, their results named as the UNet's new inputs
+                results = [f"context_k.{i}", f"context_v.{i}"]
+                nodes = [helper.make_node("MatMul", list(m.input), [out], name=m.name) for m, out in zip((k, v), results)]
+                weights = [numpy_helper.from_array(read(m.input[1]), m.input[1]) for m in (k, v)]
+                shapes.update({r: [int(w.dims[1])] for r, w in zip(results, weights)})
+            if context_once:
+                context_nodes.extend(nodes)
+                context_weights.extend(weights)
+                context_outputs.extend(results)
+                context_sources[context] = True
+                counts["context_once"] += 1
+            else:
+                before[node.name] = nodes
+                new_weights.extend(weights)
+            if pack_kv:
+                del node.input[1:]
+                node.input.append(results[0])
+            else:
+                node.input[1], node.input[2] = results
+    context_model = None
+    if context_once and context_outputs:
+        elem = {}
+        for source in context_sources:
+            if source in graph_inputs:
+                elem[source] = graph_inputs[source]
+            else:  # a Cast of a graph input (an fp16 file with fp32 inputs): the Cast moves along (and stays)
+                cast = g.producer[source]
+                assert cast.op_type == "Cast" and cast.input[0] in graph_inputs, f"context {source} from {cast.op_type}"
+                context_nodes.insert(0, helper.make_node("Cast", list(cast.input), list(cast.output), name=cast.name,
+                                                         to=helper.get_attribute_value(cast.attribute[0])))
+                elem[cast.input[0]] = graph_inputs[cast.input[0]]
+        lead = [d.dim_param or d.dim_value for d in next(iter(elem.values())).type.tensor_type.shape.dim][:2]
+        kind = context_weights[0].data_type  # the projections' results are of their weights' type
+        outputs = [helper.make_tensor_value_info(name, kind, lead + shapes[name]) for name in context_outputs]
+        context_graph = helper.make_graph(context_nodes, "unet_context", list(elem.values()), outputs,
+                                          initializer=context_weights)
+        context_model = helper.make_model(context_graph, opset_imports=list(model.opset_import),
+                                          ir_version=model.ir_version)
+        model.graph.input.extend(outputs)  # the UNet reads them as inputs: (B, L, D), or packed (B, L, N, 2, H)
+    order = []
+    for node in model.graph.node:
+        order.extend(before.get(node.name, []))
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    model.graph.initializer.extend(new_weights)
+    drop_dead_nodes(model.graph)  # the separate projections (and their weights) no node reads any more
+    return counts, context_model
+
+
+def rewrite_file(src: Path, dest: Path, **flags) -> dict:
+    """`dest`: the ONNX file `src` rewritten (weights streamed from `src`: only those rewritten are read), the context
+    file (if any) beside it; written under temporary names and renamed into place. Returns the counts."""
+    from sdxl_trt.export.fp16 import load_stubbed
+    from sdxl_trt.export.onnx_export import has_external_data, read_external, write_model
+    from sdxl_trt.runtime.fileio import atomic_file
+
+    model, stubs = load_stubbed(src)
+    tensors = {t.name: t for t in model.graph.initializer}
+
+    def read(name: str) -> np.ndarray:
+        tensor = tensors[name]
+        if name not in stubs:
+            return numpy_helper.to_array(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(read_external(stubs[name], src.parent), dtype).reshape(tuple(tensor.dims))
+
+    counts, context = rewrite(model, read, **flags)
+    if context is not None:
+        with atomic_file(dest.with_name(CONTEXT_FILE)) as tmp:
+            onnx.save(context, str(tmp))
+        moved = {t.name for t in context.graph.initializer}
+        stubs = {k: v for k, v in stubs.items() if k not in moved}
+    data_path = dest.with_name(dest.name + ".data")
+    if not has_external_data(model, stubs):
+        with atomic_file(dest) as tmp:
+            write_model(model, tmp, src.parent, stubs=stubs)
+        return counts
+    with atomic_file(dest) as tmp, atomic_file(data_path) as tmp_data:
+        write_model(model, tmp, src.parent, stubs=stubs, data_path=tmp_data, location=data_path.name)
+    return counts
+
+
+def variant_copy(engine: Path, out: Path, **flags) -> dict:
+    """`out`: links to `engine`'s files but the UNet's optimized file, written again by rewrite_file, and a manifest
+    recording the new files (with `context`: the context file, relative to `out`)."""
+    from sdxl_trt.export.onnx_export import model_files
+    from sdxl_trt.runtime.manifest import file_records, load_manifest, write_manifest
+
+    engine, out = engine.resolve(), out.resolve()
+    if out == engine or out.is_relative_to(engine):
+        raise SystemExit(f"--out {out}: must lie outside --engine {engine} (the variant links to its files)")
+    manifest = load_manifest(engine)
+    record = manifest.components[COMPONENT]["optimized"]["cuda"]
+    path = manifest.path(record["path"])
+    rewritten = set(model_files(path))
+    for f in engine.rglob("*"):
+        target = out / f.relative_to(engine)
+        if f.is_file() and f not in rewritten and f.name != "manifest.json" and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+    dest = out / path.relative_to(engine)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    counts = rewrite_file(path, dest, **flags)
+    files = model_files(dest)
+    context = dest.with_name(CONTEXT_FILE)
+    if flags.get("context_once") and context.is_file():
+        files.append(context)
+    records = file_records(out, files)
+    data = manifest.data
+    for name in record["files"]:
+        data["files"].pop(name, None)
+    data["files"].update(records)
+    optimized = data["components"][COMPONENT]["optimized"]["cuda"]
+    optimized["files"] = list(records)
+    if flags.get("context_once") and context.is_file():
+        optimized["context"] = context.relative_to(out).as_posix()
+    write_manifest(out, data)
+    return counts
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True, type=Path, help="an engine directory optimized by `sdxl-trt optimize`")
+    p.add_argument("--out", required=True, type=Path, help="the variant engine directory to write")
+    p.add_argument("--context-once", action="store_true")
+    p.add_argument("--pack-qkv", action="store_true")
+    p.add_argument("--pack-kv", action="store_true")
+    args = p.parse_args()
+    counts = variant_copy(args.engine, args.out, context_once=args.context_once, pack_qkv=args.pack_qkv,
+                          pack_kv=args.pack_kv)
+    print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
