@@ -87,7 +87,7 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
     """Rewrite `model` in place; returns (counts, the context model or None)."""
     g = Graph(model.graph)
     graph_inputs = {i.name: i for i in model.graph.input}
-    before: dict[str, list] = {}  # MHA node name → nodes to put right before it
+    before: dict[str, list] = {}  # an attention's output → the nodes to put right before that attention
     new_weights = []
     counts = {"pack_qkv": 0, "pack_kv": 0, "context_once": 0}
     context_nodes, context_outputs, context_weights, context_sources = [], [], [], {}
@@ -99,7 +99,7 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
             weight = _interleave([read(m.input[1]) for m in (q, k, v)], heads)
             name = f"{prefix}/qkv.weight.T"
             new_weights.append(numpy_helper.from_array(weight, name))
-            before[node.name] = [
+            before[node.output[0]] = [
                 helper.make_node("Constant", [], [f"{prefix}/qkv_shape"], name=f"{prefix}/qkv_shape",
                                  value=_ints([0, 0, heads, 3, weight.shape[1] // heads // 3])),
                 helper.make_node("MatMul", [q.input[0], name], [f"{prefix}/qkv"], name=f"{prefix}/qkv_MatMul"),
@@ -136,7 +136,7 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
                 context_sources[context] = True
                 counts["context_once"] += 1
             else:
-                before[node.name] = nodes
+                before[node.output[0]] = nodes
                 new_weights.extend(weights)
             if pack_kv:
                 del node.input[1:]
@@ -165,7 +165,7 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
         model.graph.input.extend(outputs)  # the UNet reads them as inputs: (B, L, D), or packed (B, L, N, 2, H)
     order = []
     for node in model.graph.node:
-        order.extend(before.get(node.name, []))
+        order.extend(before.get(node.output[0], []) if node.output else [])
         order.append(node)
     del model.graph.node[:]
     model.graph.node.extend(order)

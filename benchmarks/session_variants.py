@@ -121,7 +121,7 @@ def feeds(entry: dict, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndar
 def run_session(path: Path, entry: dict, options: dict, dims: dict, inputs: dict, runs: int, graph: bool,
                 profile: bool = False, context: Path | None = None):
     """(median ms, first output as fp32, kernel profile or None) of one session on `path`; `context`: a context-once
-    variant's context file, run first (once) to make the UNet's extra inputs (its time: the `context_ms` global)."""
+    variant's context file, run first (once) to make the UNet's extra inputs (its time: CONTEXT_MS)."""
     import onnxruntime as ort
 
     from sdxl_trt.runtime.contracts import output_shapes
@@ -178,11 +178,10 @@ def main() -> int:
     p.add_argument("--options", nargs="+", choices=sorted(OPTIONS), metavar="SET",
                    help=f"option sets to try on every file (default: per component); any of {sorted(OPTIONS)}")
     p.add_argument("--no-profiles", action="store_true", help="skip the kernel profiles of the shipped and the fastest")
-    p.add_argument("--profile-top", type=int, default=12, help="kernels listed per profile (default 12)")
+    p.add_argument("--profile-top", type=int, default=PROFILE_TOP, help="kernels listed per profile (default %(default)s)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    global PROFILE_TOP
-    PROFILE_TOP = args.profile_top
+    globals()["PROFILE_TOP"] = args.profile_top
     option_sets = {name: OPTIONS[name] for name in (args.options or DEFAULT_OPTIONS[args.component])}
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
     first = next(iter(engines.values()))

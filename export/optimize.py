@@ -89,7 +89,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: expected 1 or more")
     manifest = load_manifest(root)
-    names = list(manifest.components) if components is None else components
+    names = list(manifest.components) if components is None else list(dict.fromkeys(components))  # each once
     for name in names:
         if name not in manifest.components:
             raise UserError(f"--components: {root} has no {name!r} (it has {', '.join(manifest.components)})")
@@ -103,38 +103,40 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
     report = OptimizeReport(root)
     with eng.locked(root):
         library = _build_custom_ops(root, manifest, names, progress) if custom_ops else None
-        todo = []
-        for name in names:
-            entry = manifest.components[name]
-            source = eng.onnx_sha256(manifest, name, "fp32")
-            done = entry.get("optimized", {}).get(target)
-            ops = library if MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES else None
-            if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
-                    and (done.get("custom_ops") is None) == (ops is None)
-                    and all(manifest.path(f).is_file() for f in done["files"])):
-                if done.get("custom_ops") != ops:
-                    # the same file, for the library this installation builds (the graph names only the operators,
-                    # which OPTIMIZE_RECIPE versions; a library of other sources needs no new file)
-                    _repoint(root, target, name, ops)
-                report.rows.append((name, done["fused"], sum(manifest.data["files"][f]["size"] for f in done["files"]),
-                                    None))
-                continue
-            manifest.check_files(only=entry["files"]["fp32"])
-            src = manifest.path(entry["precisions"]["fp32"])
-            todo.append((name, source, ops, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
-                         _fp32_io(entry), ops is not None))
-        if todo:  # fp16 files: about half their fp32 sources (the old versions are replaced one by one)
-            need = sum(manifest.data["files"][f]["size"] for job in todo
-                       for f in manifest.components[job[0]]["files"]["fp32"]) // 2
-            check_writable(todo[0][4], f"optimize {root}", need)
-        bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
-        try:
+        bar = None
+        try:  # from here, interrupted or failed too: no library stays recorded that no file names
+            todo = []
+            for name in names:
+                entry = manifest.components[name]
+                source = eng.onnx_sha256(manifest, name, "fp32")
+                done = entry.get("optimized", {}).get(target)
+                ops = library if MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES else None
+                if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
+                        and (done.get("custom_ops") is None) == (ops is None)
+                        and all(manifest.path(f).is_file() for f in done["files"])):
+                    if done.get("custom_ops") != ops:
+                        # the same file, for the library this installation builds (the graph names only the
+                        # operators, which OPTIMIZE_RECIPE versions; a library of other sources needs no new file)
+                        _repoint(root, target, name, ops)
+                    report.rows.append((name, done["fused"],
+                                        sum(manifest.data["files"][f]["size"] for f in done["files"]), None))
+                    continue
+                manifest.check_files(only=entry["files"]["fp32"])
+                src = manifest.path(entry["precisions"]["fp32"])
+                todo.append((name, source, ops, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
+                             _fp32_io(entry), ops is not None))
+            if todo:  # fp16 files: about half their fp32 sources (the old versions are replaced one by one)
+                need = sum(manifest.data["files"][f]["size"] for job in todo
+                           for f in manifest.components[job[0]]["files"]["fp32"]) // 2
+                check_writable(todo[0][4], f"optimize {root}", need)
+            bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
             for name, source, ops, dest, fused, seconds in _run_jobs(todo, jobs):
                 _record(root, target, name, source, dest, fused, ops)
                 report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
                 bar.update()
-        finally:  # interrupted too: no library stays recorded that no file names
-            bar.close()
+        finally:
+            if bar is not None:
+                bar.close()
             _drop_unused_libraries(root)
     report.seconds = time.perf_counter() - started
     return report

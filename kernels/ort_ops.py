@@ -194,7 +194,12 @@ def _cxx() -> list[str] | None:
     """$CXX (a command line: `ccache g++` too), else c++ or g++ on PATH."""
     named = os.environ.get("CXX", "").strip()
     if named:
-        return shlex.split(named)
+        try:
+            words = shlex.split(named)
+        except ValueError as e:  # an unbalanced quote
+            raise UserError(f"$CXX={named!r}: {e} (expected a compiler command, e.g. `g++` or `ccache g++`)") from None
+        if words and words[0]:
+            return words
     found = shutil.which("c++") or shutil.which("g++")
     return [found] if found else None
 
@@ -248,7 +253,10 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
                  "-cudart=static", *gencode]
     else:
         flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
-    made = not Path(dest_dir).exists()
+    made = Path(dest_dir).absolute()  # the outermost folder this build makes (removed again if it fails)
+    while not made.parent.exists():
+        made = made.parent
+    made = None if made.exists() else made
     try:
         Path(dest_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, …
@@ -270,9 +278,14 @@ def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
                 raise UserError(f"building {dest.name} failed ({name} exit {done.returncode}): {first}")
             check(tmp, cuda)
     except BaseException:
-        if made:  # the folder this build made stays only with a library in it
-            with contextlib.suppress(OSError):
-                Path(dest_dir).rmdir()
+        if made is not None:  # the folders this build made stay only with a library in them
+            folder = Path(dest_dir).absolute()
+            while True:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+                if folder == made or folder == folder.parent:
+                    break
+                folder = folder.parent
         raise
     return dest
 

@@ -50,8 +50,11 @@ def custom_ops_info(manifest, entry: dict, device) -> dict:
     found = {}
     for target, record in (entry.get("optimized") or {}).items():
         if record.get("custom_ops"):
-            why = None
-            if record["custom_ops"] != f"{OPS_DIR}/{library_name(cuda=True)}":
+            why = file_problem(manifest.path(record["custom_ops"]), manifest.data["files"][record["custom_ops"]],
+                               False, "changed since `sdxl-trt optimize` built it")
+            if why:
+                why += f": `sdxl-trt optimize {manifest.root} --custom-ops` builds it again"
+            elif record["custom_ops"] != f"{OPS_DIR}/{library_name(cuda=True)}":
                 why = (f"another sdxl-trt built it (this one builds {OPS_DIR}/{library_name(cuda=True)}): "
                        f"`sdxl-trt optimize {manifest.root} --custom-ops` builds it again")
             elif device is not None:

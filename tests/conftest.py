@@ -95,13 +95,17 @@ def need_custom_op_build(cuda: bool = True) -> None:
     SDXL_TRT_REQUIRE_CUSTOM_OPS=1 (it fetches the header), where a missing piece fails the test instead."""
     from sdxl_trt.kernels import ort_ops
 
+    from sdxl_trt.runtime.errors import UserError
+
     missing = []
-    if cuda and not ort_ops._nvcc():
-        missing.append("nvcc")
-    if not cuda and not ort_ops._cxx():
-        missing.append("a C++ compiler")
-    if ort_ops.include_dir(required=False) is None:
-        missing.append("ONNX Runtime's C API header (python -m sdxl_trt.kernels.ort_ops fetch-headers)")
+    for what, find in (("nvcc", ort_ops._nvcc if cuda else None), ("a C++ compiler", None if cuda else ort_ops._cxx),
+                       ("ONNX Runtime's C API header (python -m sdxl_trt.kernels.ort_ops fetch-headers)",
+                        lambda: ort_ops.include_dir(required=False))):
+        try:
+            if find is not None and not find():
+                missing.append(what)
+        except UserError as e:  # $CUDA_HOME without nvcc, an unbalanced $CXX, damaged cached headers: said as found
+            missing.append(f"{what} ({e})")
     if missing:
         why = f"building the custom-op library needs {' and '.join(missing)}"
         if os.environ.get("SDXL_TRT_REQUIRE_CUSTOM_OPS") == "1":

@@ -293,13 +293,16 @@ def test_an_old_gpu_is_refused_by_optimize_and_by_the_session(custom_ops_dir, ti
     with pytest.raises(UserError, match=r"--custom-ops: .*sm 8.0 and newer; this GPU is sm 7.5 \(Tesla T4\)"):
         optimize_engine_dir(engine, custom_ops=True, progress=False)
     assert (engine / "manifest.json").read_bytes() == before and not (engine / "ops").exists()
-    # a directory optimized elsewhere, opened on an old GPU: refused before ONNX Runtime loads the library
+    # a directory optimized elsewhere, opened on an old GPU: refused before ONNX Runtime loads the library (a session
+    # on the CUDA provider, asked for here where ONNX Runtime has none: our check comes first)
     manifest = load_manifest(custom_ops_dir)
-    library = manifest.path(manifest.components["unet"]["optimized"]["cuda"]["custom_ops"])
+    record = manifest.components["unet"]["optimized"]["cuda"]
+    library = manifest.path(record["custom_ops"])
     seen = []
     monkeypatch.setattr(cuda, "compute_capability", lambda device: seen.append(device) or (7, 5))
     with pytest.raises(UserError, match=r"sm 7.5 \(GPU 1\); make the UNet's files without them: `sdxl-trt optimize"):
-        backends.check_custom_ops_gpu(library, [("CUDAExecutionProvider", {"device_id": "1"})], manifest)
+        backends.OrtSession(manifest, "unet", "fp16", [("CUDAExecutionProvider", {"device_id": "1"})],
+                            path=record["path"])
     backends.check_custom_ops_gpu(library, ["CPUExecutionProvider"], manifest)  # the CPU kernels run anywhere
     monkeypatch.setattr(cuda, "compute_capability", lambda device: (9, 0))
     backends.check_custom_ops_gpu(library, [("CUDAExecutionProvider", {"device_id": "0"})], manifest)
@@ -327,7 +330,16 @@ def test_a_named_cuda_home_without_nvcc_and_a_compiler_command_line(tmp_path, mo
     monkeypatch.setenv("CUDA_PATH", str(tmp_path))
     with pytest.raises(UserError, match=r"\$CUDA_PATH="):
         ort_ops.build(tmp_path / "out", cuda=True, quiet=True)
-    assert not (tmp_path / "out").exists()  # the folder the failed build would have used is not left behind
+    monkeypatch.delenv("CUDA_PATH")
+    # a compiler that fails: the folders the build made for the library go again, the ones that were there stay
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(UserError, match=r"failed \(false exit 1\)"):
+        ort_ops.build(tmp_path / "made" / "for" / "it", cuda=False, quiet=True)
+    assert not (tmp_path / "made").exists() and tmp_path.is_dir()
+    monkeypatch.setenv("CXX", 'g++ "')
+    with pytest.raises(UserError, match=r"\$CXX='g\+\+ \"': No closing quotation"):
+        ort_ops.build(tmp_path / "out", cuda=False, quiet=True)
+    monkeypatch.delenv("CXX")
     # $CXX as a command line (a wrapper and its compiler, as `ccache g++`): split as the shell would
     compiler = ort_ops._cxx()[0]
     monkeypatch.setenv("CXX", f"env LC_ALL=C {compiler}")
@@ -430,4 +442,33 @@ def test_a_library_of_other_sources_is_rebuilt_without_optimizing_the_unets_agai
         assert manifest.components[name]["optimized"]["cuda"]["custom_ops"] == current
     assert (engine / current).is_file() and not (engine / older).exists() and older not in manifest.data["files"]
     assert "(usable here)" in inspect_dir(engine)
+    (engine / current).unlink()
+    assert f"not usable here: {engine / current} is missing: `sdxl-trt optimize {engine} --custom-ops`" in inspect_dir(engine)
 
+
+
+@pytest.mark.parametrize("shape, fails", [(None, None), ([None, None, None], None), (["B", None, 8], None),
+                                          ([2, 5, 8], None), ([2, 5, None], None), ([2, 5, 7], "is odd")])
+def test_shapes_are_inferred_through_our_operator_whatever_is_known_of_its_input(cpu_library, shape, fails):
+    """BiasSplitGelu → MatMul with the input's shape unknown (no rank), of unknown unnamed dimensions, partly named,
+    static: ONNX Runtime loads and runs it (the library of 028b390 declared a scalar for an input of unknown rank and
+    the MatMul's shape inference refused it: "wrong rank (0)"); an odd last dimension is refused by the kernel, in one
+    line naming it (ONNX Runtime ignores a shape-inference function's error status)."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("BiasSplitGelu", ["x", "bias"], ["y"], domain=ort_ops.DOMAIN),
+             helper.make_node("MatMul", ["y", "w"], ["z"])]
+    weight = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    graph = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", f, shape)],
+                              [helper.make_tensor_value_info("z", f, None)],
+                              initializer=[helper.make_tensor("w", f, [4, 3], weight.ravel()),
+                                           helper.make_tensor("bias", f, [8], np.linspace(-1, 1, 8))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)],
+                              ir_version=10).SerializeToString()
+    if fails:
+        with pytest.raises(Exception, match=fails):
+            session(model, cpu_library).run(None, {"x": np.ones((2, 5, 7), np.float32)})
+        return
+    x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
+    got = session(model, cpu_library).run(None, {"x": x})[0]
+    gated = session(plain_onnx_reference()).run(None, {"x": x, "bias": np.linspace(-1, 1, 8).astype(np.float32)})[0]
+    assert got.shape == (2, 5, 3) and rel_l2(got, gated @ weight) < 1e-6

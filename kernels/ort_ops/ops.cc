@@ -202,10 +202,13 @@ OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* co
     symbols.resize(count);
     status = g_api->GetDimensions(in, dims.data(), count);
   }
-  if (status == nullptr && count > 0) status = g_api->GetSymbolicDimensions(in, symbols.data(), count);
+  // an input of unknown rank (no shape at all: the rank reads as 0) says nothing of the output's: left unset, as
+  // declaring it would make a scalar of it and fail the next node's shape inference
+  if (status == nullptr && count == 0) return nullptr;
+  if (status == nullptr) status = g_api->GetSymbolicDimensions(in, symbols.data(), count);
   if (status == nullptr) status = g_api->GetTensorElementType(in, &type);
-  if (status == nullptr && count > 0) {
-    dims.back() = dims.back() > 0 ? dims.back() / 2 : -1;
+  if (status == nullptr) {  // an odd width: unknown here, refused by the kernel when it runs (ONNX Runtime 1.31/1.32
+    dims.back() = dims.back() >= 0 && dims.back() % 2 == 0 ? dims.back() / 2 : -1;  // ignore a status from here)
     symbols.back() = "";
   }
   for (size_t i = 0; status == nullptr && i < count; ++i) {
