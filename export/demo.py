@@ -21,13 +21,14 @@ MODEL = "tiny:base"
 
 
 def run_demo(out: str | Path, *, prompt: str, steps: int = 20, seed: int = 0, size: str = "256x256") -> Path:
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import MAX_SEED, Pipeline, checked_seed
     from .engine_dir import export_engine_dir
 
     path = output_paths(str(out), seed, 1, ".png")[0]
     width, height = parse_size(size)
     check_writable(path, f"--out {str(path)!r}", width * height * 3 + 16 * 1024)  # about its raw bytes at most
     positive_int(steps, "--steps")
+    checked_seed(seed, MAX_SEED, "--seed")  # before the export, not after it
     with tempfile.TemporaryDirectory(prefix="sdxl-trt-demo-") as tmp:
         t = time.perf_counter()
         engine = Path(tmp) / "engine"

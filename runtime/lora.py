@@ -111,6 +111,8 @@ DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16"}
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as fp32 numpy (BF16 widened by hand: numpy has no bfloat16)."""
+    if path.is_dir():
+        raise UserError(f"LoRA {path}: is a folder; name the adapter's .safetensors file in it")
     if not path.is_file():
         raise UserError(f"LoRA {path}: no such file")
     try:
@@ -418,6 +420,11 @@ class Adapters:
                 merged = total.astype(base.dtype, copy=False)
             if not np.isfinite(merged).all():
                 dtype = np.dtype(base.dtype)
+                for adapter, module, layer in parts[name]:
+                    if (any(t is not None and not np.isfinite(t).all() for t in (layer.down, layer.up))
+                            or (layer.alpha is not None and not np.isfinite(layer.alpha))):
+                        raise UserError(f"LoRA {adapter.path}: its weights for {module} ({component}) hold NaN or "
+                                        "Inf: the file is damaged")
                 raise UserError(f"LoRA {', '.join(a.label for a, _, _ in parts[name])}: merged into {name} "
                                 f"({component}, {dtype.name}) its values leave {dtype.name}'s range "
                                 f"(±{np.finfo(dtype).max:.4g}); the adapter's weights or scale are far too large")

@@ -340,6 +340,8 @@ class Pipeline:
         truncated to 77 tokens as diffusers does."""
         components = self.roles[role]["components"]
         states = []
+        # said once per prompt and call: not again for the second tokenizer, an image's copies or the refiner's encoding
+        warned = set() if role == self.main_role else set(prompts)
         for encoder, name in (("clip_l", "tokenizer"), ("clip_g", "tokenizer_2")):
             if encoder not in components:
                 continue
@@ -347,7 +349,8 @@ class Pipeline:
             if windows is None:
                 tokens = tokenizer(prompts)
                 for prompt, cut in zip(prompts, tokens.truncated(tokenizer.max_length)):
-                    if cut:
+                    if cut and prompt not in warned:
+                        warned.add(prompt)
                         log.warning("prompt longer than %d tokens was truncated (as diffusers does; "
                                     "--long-prompt chunk keeps it): %.60r…", tokenizer.max_length - 2, prompt)
                 ids = tokens.ids

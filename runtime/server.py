@@ -321,6 +321,7 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from typing import Literal
 
     from pydantic import BaseModel, ConfigDict, Field
@@ -435,6 +436,16 @@ def create_app(engine_dir, backend: str = "ort-cpu", limits: Limits | None = Non
                     pass
             return error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
         return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals (a body it cannot parse: bytes that are not UTF-8, JSON nested too deep or an integer
+        # of thousands of digits; an unknown path or method) in the server's error format, not {"detail": …}
+        message = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the body is not valid JSON (not UTF-8, nested too deep, or a number too long)"
+        return error(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error",
+                     headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

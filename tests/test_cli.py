@@ -96,8 +96,16 @@ def test_demo_writes_a_png(tmp_path, capsys):
     (["--out", "{dir}"], "is a folder"),
     (["--out", "{dir}/x.jpg"], "expected a .png file name"),
     (["--out", "{dir}/missing/x.png"], "does not exist"),
+    (["--seed", "-1"], "--seed -1: expected a whole number from 0 to"),
 ])
-def test_demo_bad_input_writes_nothing(tmp_path, flags, message, capsys):
+def test_demo_bad_input_writes_nothing(tmp_path, flags, message, capsys, monkeypatch):
+    """Refused before the tiny model is exported (seconds of work), with nothing written."""
+    from sdxl_trt.export import engine_dir
+
+    def export(*args, **kwargs):
+        raise AssertionError("the demo started exporting before it checked its input")
+
+    monkeypatch.setattr(engine_dir, "export_engine_dir", export)
     flags = [f.format(dir=tmp_path) for f in flags]
     assert main(["demo", *flags]) == 2
     assert message in capsys.readouterr().err

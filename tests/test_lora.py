@@ -274,6 +274,9 @@ def test_bad_adapters_fail_with_one_line_naming_the_key(pipe, tiny_base, lora_fi
         bad_file(tmp_path, "int.safetensors", {f"{q}.lora_A.weight": down.astype(np.int32),
                                                f"{q}.lora_B.weight": up}): "F32, F16 or BF16",
         bad_file(tmp_path, "loha.safetensors", {"lora_unet_x.hada_w1_a": down}): "LyCORIS",
+        bad_file(tmp_path, "nan.safetensors", {f"{q}.lora_A.weight": np.where(down == down.max(), np.nan, down),
+                                               f"{q}.lora_B.weight": up}): "attn1.to_q \\(unet\\) hold NaN or Inf",
+        str(tmp_path): "is a folder; name the adapter's .safetensors file in it",
     }
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 3)
     cases[str(tmp_path / "garbage.safetensors")] = "not a safetensors file"

@@ -149,6 +149,10 @@ def test_concurrent_requests_are_merged_and_keep_their_seeds(server):
     ({"prompt": "x" * (2 << 20)}, None, 413, "over the limit"),
     (None, b'{"prompt": "\\ud800 a cat", "size": "64x64"}', 400, "not valid text"),  # a lone surrogate: no Unicode
     ({"prompt": "a cat", "init_image": "BOMB"}, None, 400, "too many pixels"),
+    # what FastAPI refuses before our model sees it, in our error format too (its own is {"detail": ...})
+    (None, b'{"prompt": "a \xff cat"}', 400, "not valid JSON"),  # not UTF-8
+    (None, b'{"prompt": "a cat", "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),  # over Python's int digits
+    (None, b"[" * 100000 + b"]" * 100000, 400, "not valid JSON"),  # nested past the parser's recursion limit
 ])
 def test_bad_requests_get_4xx_with_a_message(server, body, raw, status, says):
     if body and body.get("init_image") == "BOMB":  # a 1-bit PNG of 20000² pixels: tiny as a file, huge in memory
