@@ -45,7 +45,9 @@ from onnx import helper, numpy_helper
 
 from sdxl_trt.export.fuse_attention import MS_DOMAIN, Graph, drop_dead_nodes
 
-COMPONENT = "unet"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet_variant import variant_copy  # noqa: E402
+
 CONTEXT_FILE = "context.onnx"
 
 
@@ -174,75 +176,14 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
     return counts, context_model
 
 
-def rewrite_file(src: Path, dest: Path, **flags) -> dict:
-    """`dest`: the ONNX file `src` rewritten (weights streamed from `src`: only those rewritten are read), the context
-    file (if any) beside it; written under temporary names and renamed into place. Returns the counts."""
-    from sdxl_trt.export.fp16 import load_stubbed
-    from sdxl_trt.export.onnx_export import has_external_data, read_external, write_model
-    from sdxl_trt.runtime.fileio import atomic_file
+def rewrite_flags(**flags):
+    """The rewrite unet_variant.rewrite_file / variant_copy take, for these flags: (counts, {CONTEXT_FILE: the
+    context model} when there is one)."""
+    def run(model: onnx.ModelProto, read):
+        counts, context = rewrite(model, read, **flags)
+        return counts, {CONTEXT_FILE: context} if context is not None else {}
 
-    model, stubs = load_stubbed(src)
-    tensors = {t.name: t for t in model.graph.initializer}
-
-    def read(name: str) -> np.ndarray:
-        tensor = tensors[name]
-        if name not in stubs:
-            return numpy_helper.to_array(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.frombuffer(read_external(stubs[name], src.parent), dtype).reshape(tuple(tensor.dims))
-
-    counts, context = rewrite(model, read, **flags)
-    if context is not None:
-        with atomic_file(dest.with_name(CONTEXT_FILE)) as tmp:
-            onnx.save(context, str(tmp))
-        moved = {t.name for t in context.graph.initializer}
-        stubs = {k: v for k, v in stubs.items() if k not in moved}
-    data_path = dest.with_name(dest.name + ".data")
-    if not has_external_data(model, stubs):
-        with atomic_file(dest) as tmp:
-            write_model(model, tmp, src.parent, stubs=stubs)
-        return counts
-    with atomic_file(dest) as tmp, atomic_file(data_path) as tmp_data:
-        write_model(model, tmp, src.parent, stubs=stubs, data_path=tmp_data, location=data_path.name)
-    return counts
-
-
-def variant_copy(engine: Path, out: Path, **flags) -> dict:
-    """`out`: links to `engine`'s files but the UNet's optimized file, written again by rewrite_file, and a manifest
-    recording the new files (with `context`: the context file, relative to `out`)."""
-    from sdxl_trt.export.onnx_export import model_files
-    from sdxl_trt.runtime.manifest import file_records, load_manifest, write_manifest
-
-    engine, out = engine.resolve(), out.resolve()
-    if out == engine or out.is_relative_to(engine):
-        raise SystemExit(f"--out {out}: must lie outside --engine {engine} (the variant links to its files)")
-    manifest = load_manifest(engine)
-    record = manifest.components[COMPONENT]["optimized"]["cuda"]
-    path = manifest.path(record["path"])
-    rewritten = set(model_files(path))
-    for f in engine.rglob("*"):
-        target = out / f.relative_to(engine)
-        if f.is_file() and f not in rewritten and f.name != "manifest.json" and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(f)
-    dest = out / path.relative_to(engine)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    counts = rewrite_file(path, dest, **flags)
-    files = model_files(dest)
-    context = dest.with_name(CONTEXT_FILE)
-    if flags.get("context_once") and context.is_file():
-        files.append(context)
-    records = file_records(out, files)
-    data = manifest.data
-    for name in record["files"]:
-        data["files"].pop(name, None)
-    data["files"].update(records)
-    optimized = data["components"][COMPONENT]["optimized"]["cuda"]
-    optimized["files"] = list(records)
-    if flags.get("context_once") and context.is_file():
-        optimized["context"] = context.relative_to(out).as_posix()
-    write_manifest(out, data)
-    return counts
+    return run
 
 
 def main() -> int:
@@ -253,8 +194,8 @@ def main() -> int:
     p.add_argument("--pack-qkv", action="store_true")
     p.add_argument("--pack-kv", action="store_true")
     args = p.parse_args()
-    counts = variant_copy(args.engine, args.out, context_once=args.context_once, pack_qkv=args.pack_qkv,
-                          pack_kv=args.pack_kv)
+    counts = variant_copy(args.engine, args.out, rewrite_flags(context_once=args.context_once, pack_qkv=args.pack_qkv,
+                                                               pack_kv=args.pack_kv), record_key="context")
     print(json.dumps({"out": str(args.out), **counts}))
     return 0
 

@@ -38,9 +38,11 @@ from onnx import helper, numpy_helper
 
 from sdxl_trt.export.fuse_attention import MS_DOMAIN, Graph, drop_dead_nodes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet_variant import rewrite_file, variant_copy  # noqa: E402
+
 CONTEXT_KV_WEIGHT = "context_kv.weight.T"
 METADATA_KEY = "sdxl_trt.packed_columns"  # JSON: {merged initializer: [[original name, first column, end column], …]}
-COMPONENT = "unet"
 
 
 def packed_columns(model: onnx.ModelProto) -> dict[str, list[tuple[str, int, int]]]:
@@ -136,64 +138,16 @@ def _ints(values) -> onnx.TensorProto:
 
 
 def merge_file(src: Path, dest: Path) -> int:
-    """`dest`: the ONNX file `src` (weights inline or in its data file) with the projections merged; the weights are
-    streamed from `src`, not loaded (only the merged ones are read), and both files are written under temporary names
-    and renamed into place. Returns what merge_context_projections returns."""
-    from sdxl_trt.export.fp16 import load_stubbed
-    from sdxl_trt.export.onnx_export import has_external_data, read_external, write_model
-    from sdxl_trt.runtime.fileio import atomic_file
-
-    model, stubs = load_stubbed(src)
-    tensors = {t.name: t for t in model.graph.initializer}
-
-    def read(name: str) -> np.ndarray:
-        tensor = tensors[name]
-        if name not in stubs:
-            return numpy_helper.to_array(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.frombuffer(read_external(stubs[name], src.parent), dtype).reshape(tuple(tensor.dims))
-
-    merged = merge_context_projections(model, read)
-    data_path = dest.with_name(dest.name + ".data")
-    if not has_external_data(model, stubs):
-        with atomic_file(dest) as tmp:
-            write_model(model, tmp, src.parent, stubs=stubs)
-        return merged
-    with atomic_file(dest) as tmp, atomic_file(data_path) as tmp_data:
-        write_model(model, tmp, src.parent, stubs=stubs, data_path=tmp_data, location=data_path.name)
-    return merged
+    """`dest`: the ONNX file `src` with the projections merged (unet_variant.rewrite_file: weights streamed, files
+    renamed into place). Returns what merge_context_projections returns."""
+    return rewrite_file(src, dest, lambda model, read: (merge_context_projections(model, read), {}))
 
 
 def merged_copy(engine: Path, out: Path) -> int:
     """`out`: an engine directory of links to `engine`'s files but the UNet's optimized file, which is written again
     with the projections merged, and a manifest that records that file as it now is (the runtime loads `out` like any
     engine directory). Returns what merge_context_projections returns."""
-    from sdxl_trt.export.onnx_export import model_files
-    from sdxl_trt.runtime.manifest import file_records, load_manifest, write_manifest
-
-    engine, out = engine.resolve(), out.resolve()
-    if out == engine or out.is_relative_to(engine):
-        raise SystemExit(f"--out {out}: must lie outside --engine {engine} (the variant links to its files)")
-    manifest = load_manifest(engine)
-    record = manifest.components[COMPONENT]["optimized"]["cuda"]
-    path = manifest.path(record["path"])
-    rewritten = set(model_files(path))
-    for f in engine.rglob("*"):
-        target = out / f.relative_to(engine)
-        if f.is_file() and f not in rewritten and f.name != "manifest.json" and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(f)
-    dest = out / path.relative_to(engine)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    merged = merge_file(path, dest)
-    records = file_records(out, model_files(dest))
-    data = manifest.data
-    for name in record["files"]:
-        data["files"].pop(name, None)
-    data["files"].update(records)
-    data["components"][COMPONENT]["optimized"]["cuda"]["files"] = list(records)
-    write_manifest(out, data)
-    return merged
+    return variant_copy(engine, out, lambda model, read: (merge_context_projections(model, read), {}))
 
 
 def main() -> int:

@@ -129,6 +129,16 @@ def test_attention_with_a_mask_is_left_alone(tmp_path):
     assert fuse_attention(model) == 0 and len(model.graph.node) == before
 
 
+def tiny_unet_feeds(seed: int) -> dict[str, np.ndarray]:
+    """Inputs of the tiny UNet for one guided 128×96 image: noise, a mid-schedule timestep, SDXL's time ids."""
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
+            "timestep": np.full((2,), 500, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32),
+            "text_embeds": rng.standard_normal((2, 64)).astype(np.float32),
+            "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
+
+
 def context_kv_merge():
     """benchmarks/context_kv_merge.py (issue 26's experiment; not part of `optimize`), imported from its path."""
     import importlib.util
@@ -173,12 +183,7 @@ def test_the_context_kv_merge_experiment_computes_what_separate_projections_comp
     counts = op_counts(merged)
     assert counts["MultiHeadAttention"] == len(attentions) and counts["Split"] == 1
     assert sum(i == "encoder_hidden_states" for n in merged.graph.node for i in n.input) == 1
-    rng = np.random.default_rng(3)
-    feeds = {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
-             "timestep": np.full((2,), 500, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32),
-             "text_embeds": rng.standard_normal((2, 64)).astype(np.float32),
-             "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
+    feeds = tiny_unet_feeds(3)
 
     def run(m):
         data = str(m) if not isinstance(m, onnx.ModelProto) else m.SerializeToString()
@@ -608,18 +613,15 @@ def test_the_context_once_experiment_computes_what_the_unet_computes(tiny_engine
     onnx.save_model(model, str(src), save_as_external_data=True, location="model.onnx.data")
     dest = tmp_path / "split" / "model.onnx"
     dest.parent.mkdir()
-    counts = projections.rewrite_file(src, dest, context_once=True, pack_kv=False, pack_qkv=False)
+    from unet_variant import rewrite_file  # benchmarks/, on the path once attention_projections is imported
+
+    counts = rewrite_file(src, dest, projections.rewrite_flags(context_once=True, pack_kv=False, pack_qkv=False))
     cross = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention") // 2
     assert counts["context_once"] == cross > 1 and counts["pack_kv"] == counts["pack_qkv"] == 0
     unet, context = onnx.load(str(dest)), onnx.load(str(dest.with_name(projections.CONTEXT_FILE)))
     assert not any(i == "encoder_hidden_states" for n in unet.graph.node for i in n.input)
     assert [i.name for i in context.graph.input] == ["encoder_hidden_states"] and len(context.graph.output) == 2 * cross
-    rng = np.random.default_rng(5)
-    feeds = {"sample": rng.standard_normal((2, 4, 16, 12)).astype(np.float32),
-             "timestep": np.full((2,), 500, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 96)).astype(np.float32),
-             "text_embeds": rng.standard_normal((2, 64)).astype(np.float32),
-             "time_ids": np.tile(np.array([128, 96, 0, 0, 128, 96], np.float32), (2, 1))}
+    feeds = tiny_unet_feeds(5)
 
     def run(m, extra=None):
         data = str(m) if not isinstance(m, onnx.ModelProto) else m.SerializeToString()
@@ -640,13 +642,13 @@ def test_the_context_once_experiment_computes_what_the_unet_computes(tiny_engine
     print(f"context once: rel-L2 {error:.1e} from the UNet as exported; K and V swapped: {notch:.1e}")
     assert error < 1e-6 and notch > 1e-2
 
-    packed = projections.variant_copy(tiny_optimized, tmp_path / "variant", context_once=True, pack_kv=True,
-                                      pack_qkv=True)
+    packed = projections.variant_copy(tiny_optimized, tmp_path / "variant", projections.rewrite_flags(
+        context_once=True, pack_kv=True, pack_qkv=True), record_key="context")
     assert packed == {"context_once": cross, "pack_kv": cross, "pack_qkv": cross}  # every attention of either kind
     variant = load_manifest(tmp_path / "variant")
     variant.check_files()
     record = variant.components["unet"]["optimized"]["cuda"]
     assert record["context"] in record["files"] and variant.path(record["context"]).is_file()
     with pytest.raises(SystemExit, match="must lie outside"):
-        projections.variant_copy(tiny_optimized, tiny_optimized / "inside", context_once=True, pack_kv=False,
-                                 pack_qkv=False)
+        projections.variant_copy(tiny_optimized, tiny_optimized / "inside", projections.rewrite_flags(
+            context_once=True, pack_kv=False, pack_qkv=False))
