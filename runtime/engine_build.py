@@ -111,6 +111,13 @@ def build_engines(engine_dir: str | Path, options: BuildOptions, components: lis
 
 def _build_engines(engine_dir, options: BuildOptions, components, progress: bool) -> BuildReport:
     started = time.perf_counter()
+    # the flags' own values first: a wrong one is the mistake to report, whatever the machine has
+    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
+        raise UserError(f"--opt-level {options.opt_level}: expected 0-5")
+    if options.workspace_mib is not None and options.workspace_mib < 1:
+        raise UserError(f"--workspace {options.workspace_mib}: expected a positive number of MiB")
+    if options.vae_precision not in VAE_PRECISIONS:
+        raise UserError(f"--vae-precision {options.vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
     manifest = load_manifest(engine_dir)
     root = manifest.root
     trt = tensorrt_api.import_trt(options.backend)
@@ -125,12 +132,6 @@ def _build_engines(engine_dir, options: BuildOptions, components, progress: bool
     for name in names:
         if name not in manifest.components:
             raise UserError(f"--components: {root} has no {name!r} (it has {', '.join(manifest.components)})")
-    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
-        raise UserError(f"--opt-level {options.opt_level}: expected 0-5")
-    if options.workspace_mib is not None and options.workspace_mib < 1:
-        raise UserError(f"--workspace {options.workspace_mib}: expected a positive number of MiB")
-    if options.vae_precision not in VAE_PRECISIONS:
-        raise UserError(f"--vae-precision {options.vae_precision!r}: expected one of {', '.join(VAE_PRECISIONS)}")
     plan = [(name, component_precision(manifest, name, options.vae_precision)) for name in names]
     if options.backend == "tensorrt" and options.timing_cache is None:
         gpu_slug = re.sub(r"[^A-Za-z0-9]+", "-", target["gpu"]).strip("-").lower()

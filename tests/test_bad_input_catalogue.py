@@ -166,7 +166,7 @@ CASES = [  # (argv with {bad} / {engine} placeholders, what the one line must sa
      "good"),
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--opt-level", "9"], "--opt-level",
      "good"),
-    (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--workspace", "-1"], "--workspace",
+    (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--workspace", "-1"], "--workspace -1: expected a positive",
      "broken-manifest"),
     (["build", "{bad}/good", "--backend", "cuda"], "cuda", "good"),
     (["build", "{bad}/good", "--backend", "tensorrt-rtx", "--components", "transformer"], "transformer", "good"),
