@@ -95,14 +95,13 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             raise UserError(f"--components: {root} has no {name!r} (it has {', '.join(manifest.components)})")
         if "fp32" not in manifest.components[name]["precisions"]:
             raise UserError(f"{root}: {name} has no fp32 file to optimize from; re-export it")
-    if custom_ops and not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES
-                              for n in names):
-        takers = [n for n, e in manifest.components.items() if MODEL_TYPES[e["contract"]] in CUSTOM_OPS_MODEL_TYPES]
+    if custom_ops and not any(_takes_custom_ops(manifest.components[n]) for n in names):
+        takers = [n for n, e in manifest.components.items() if _takes_custom_ops(e)]
         raise UserError(f"--custom-ops: {', '.join(names)} take{'s' if len(names) == 1 else ''} none of sdxl-trt's custom "
                         f"operators (the UNets' GEGLU does: {', '.join(takers) if takers else 'this directory has no UNet'})")
     report = OptimizeReport(root)
     with eng.locked(root):
-        library = _build_custom_ops(root, manifest, names, progress) if custom_ops else None
+        library = _build_custom_ops(root, manifest, progress) if custom_ops else None
         bar = None
         try:  # from here, interrupted or failed too: no library stays recorded that no file names
             todo = []
@@ -110,7 +109,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 entry = manifest.components[name]
                 source = eng.onnx_sha256(manifest, name, "fp32")
                 done = entry.get("optimized", {}).get(target)
-                ops = library if MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES else None
+                ops = library if _takes_custom_ops(entry) else None
                 if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
                         and (done.get("custom_ops") is None) == (ops is None)
                         and all(manifest.path(f).is_file() for f in done["files"])):
@@ -192,20 +191,23 @@ def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str]
 CUSTOM_OPS_MODEL_TYPES = ("unet",)
 
 
-def _build_custom_ops(root: Path, manifest, names: list[str], progress: bool) -> str | None:
-    """Build (or find) the custom-op library in root/ops/ when a component to optimize takes it; its path relative
-    to `root`, recorded in the manifest's files. Refused at once on a GPU too old for its kernels (optimize runs where
-    the engine directory will be used; without a GPU here the runtime checks the one it runs on)."""
+def _takes_custom_ops(entry: dict) -> bool:
+    return MODEL_TYPES[entry["contract"]] in CUSTOM_OPS_MODEL_TYPES
+
+
+def _build_custom_ops(root: Path, manifest, progress: bool) -> str:
+    """Build (or find) the custom-op library in root/ops/ (optimize_engine_dir has checked that a component to
+    optimize takes it); its path relative to `root`, recorded in the manifest's files. Refused at once on a GPU too
+    old for its kernels (optimize runs where the engine directory will be used; without a GPU here the runtime checks
+    the one it runs on)."""
     from ..kernels import ort_ops
     from ..runtime.tensorrt_api import gpu
 
-    if not any(MODEL_TYPES[manifest.components[n]["contract"]] in CUSTOM_OPS_MODEL_TYPES for n in names):
-        return None
     device = gpu()
     problem = device and ort_ops.gpu_problem(device.compute_capability)
     if problem:
         raise UserError(f"--custom-ops: {problem} ({device.name}); optimize without it")
-    relative = f"{ort_ops.OPS_DIR}/{ort_ops.library_name(cuda=True)}"
+    relative = ort_ops.library_path(cuda=True)
     record = manifest.data["files"].get(relative)
     if manifest.path(relative).is_file() and (record is None or file_problem(manifest.path(relative), record, True, "")):
         manifest.path(relative).unlink()  # not the file this directory recorded: never adopt it, build it again

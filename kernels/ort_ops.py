@@ -228,6 +228,11 @@ def library_name(cuda: bool = True) -> str:
     return f"libsdxl_trt_ops-{'cuda' if cuda else 'cpu'}-{library_key(cuda)}.so"
 
 
+def library_path(cuda: bool = True) -> str:
+    """Where this installation's library goes in an engine directory (relative to it, as the manifest names it)."""
+    return f"{OPS_DIR}/{library_name(cuda)}"
+
+
 def build(dest_dir: str | Path, cuda: bool = True, quiet: bool = False) -> Path:
     """Compile the library into `dest_dir` (named by library_name; kept if already there) and check it loads;
     returns its path. `cuda`: with the CUDA kernels (needs nvcc), else the CPU kernels only (a C++ compiler)."""

@@ -145,7 +145,7 @@ def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
     None for a file that needs none."""
     from importlib import metadata
 
-    from ..kernels.ort_ops import OPS_API_VERSION, OPS_DIR, library_name
+    from ..kernels.ort_ops import OPS_API_VERSION, library_path
     from .manifest import file_problem
 
     for entry in manifest.components.values():
@@ -153,9 +153,9 @@ def custom_ops_library(manifest: Manifest, path: Path) -> Path | None:
             if record.get("custom_ops") and manifest.path(record["path"]) == path:
                 relative = record["custom_ops"]
                 again = f"build it again: `sdxl-trt optimize {manifest.root} --custom-ops`"
-                if relative != f"{OPS_DIR}/{library_name(cuda=True)}":
+                if relative != library_path(cuda=True):
                     raise UserError(f"{manifest.path(relative)}: not the custom-op library this sdxl-trt builds "
-                                    f"({OPS_DIR}/{library_name(cuda=True)}; another version made it, or it came from "
+                                    f"({library_path(cuda=True)}; another version made it, or it came from "
                                     f"elsewhere, and sdxl-trt loads no native code it did not build); {again}")
                 library = manifest.path(relative)
                 problem = file_problem(library, manifest.data["files"][relative], True,

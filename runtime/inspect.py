@@ -45,7 +45,7 @@ def custom_ops_info(manifest, entry: dict, device) -> dict:
     """{"custom_ops": {target: {library, usable, why_not}}} for a component whose optimized files need our custom-op
     library (`sdxl-trt optimize --custom-ops`); {} for one that needs none. Usable: this installation builds that
     library (the runtime loads no other) and this machine's GPU, if any, runs its kernels."""
-    from ..kernels.ort_ops import OPS_DIR, gpu_problem, library_name
+    from ..kernels.ort_ops import gpu_problem, library_path
 
     found = {}
     for target, record in (entry.get("optimized") or {}).items():
@@ -54,8 +54,8 @@ def custom_ops_info(manifest, entry: dict, device) -> dict:
                                False, "changed since `sdxl-trt optimize` built it")
             if why:
                 why += f": `sdxl-trt optimize {manifest.root} --custom-ops` builds it again"
-            elif record["custom_ops"] != f"{OPS_DIR}/{library_name(cuda=True)}":
-                why = (f"another sdxl-trt built it (this one builds {OPS_DIR}/{library_name(cuda=True)}): "
+            elif record["custom_ops"] != library_path(cuda=True):
+                why = (f"another sdxl-trt built it (this one builds {library_path(cuda=True)}): "
                        f"`sdxl-trt optimize {manifest.root} --custom-ops` builds it again")
             elif device is not None:
                 why = gpu_problem(device.compute_capability)
