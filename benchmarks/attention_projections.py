@@ -15,9 +15,10 @@ Q, K and V projections as separate MatMuls, so that LoRA can change each weight)
                 1 and 2 fewer kernels per attention.
   pack-kv       each cross-attention's K and V as one GEMM in the packed-KV layout ([B, L, heads, 2, head_size]);
                 with context-once, in the context file (one input per attention instead of two).
-Same arithmetic in every variant (each output column is still one weight column's dot product with its input);
-none of them is in `sdxl-trt optimize`: packing changes the weights LoRA merges into (it would merge into the
-interleaved columns) and context-once changes the UNet's inputs, which the runtime does not feed yet. This script
+Same arithmetic in every variant (each output column is still one weight column's dot product with its input).
+Context-once is now part of `sdxl-trt optimize` (export/context_projections.py, which this script calls for it; the
+runtime feeds the UNet from the context file): rewrite an engine optimized with --no-context-once to compare. The
+packings are not: they change the weights LoRA merges into (it would merge into the interleaved columns). This script
 writes the variant engine directory; benchmarks/session_variants.py times its UNet (it runs the context file once
 and feeds its outputs, reporting its time apart):
 
@@ -43,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sdxl_trt.export.context_projections import split_context_projections
 from sdxl_trt.export.fuse_attention import MS_DOMAIN, Graph, drop_dead_nodes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -110,27 +112,21 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
             del node.input[:]
             node.input.extend([f"{prefix}/qkv_packed"])
             counts["pack_qkv"] += 1
-        elif not is_self and (pack_kv or context_once):
+        elif not is_self and pack_kv:
             context = k.input[0]
-            i = counts["context_once"]
-            if pack_kv:
-                weight = _interleave([read(m.input[1]) for m in (k, v)], heads)
-                name = f"{prefix}/kv.weight.T"
-                packed = f"context_kv.{i}" if context_once else f"{prefix}/kv_packed"
-                nodes = [helper.make_node("Constant", [], [f"{prefix}/kv_shape"], name=f"{prefix}/kv_shape",
-                                          value=_ints([0, 0, heads, 2, weight.shape[1] // heads // 2])),
-                         helper.make_node("MatMul", [context, name], [f"{prefix}/kv"], name=f"{prefix}/kv_MatMul"),
-                         helper.make_node("Reshape", [f"{prefix}/kv", f"{prefix}/kv_shape"], [packed],
-                                          name=f"{prefix}/kv_Reshape")]
-                weights = [numpy_helper.from_array(weight, name)]
-                results = [packed]
-                shapes[packed] = [heads, 2, weight.shape[1] // heads // 2]
-                counts["pack_kv"] += 1
-            else:  # context-once alone: the two MatMuls as they are, their results named as the UNet's new inputs
-                results = [f"context_k.{i}", f"context_v.{i}"]
-                nodes = [helper.make_node("MatMul", list(m.input), [out], name=m.name) for m, out in zip((k, v), results)]
-                weights = [numpy_helper.from_array(read(m.input[1]), m.input[1]) for m in (k, v)]
-                shapes.update({r: [int(w.dims[1])] for r, w in zip(results, weights)})
+            i = counts["pack_kv"]
+            weight = _interleave([read(m.input[1]) for m in (k, v)], heads)
+            name = f"{prefix}/kv.weight.T"
+            packed = f"context_kv.{i}" if context_once else f"{prefix}/kv_packed"
+            nodes = [helper.make_node("Constant", [], [f"{prefix}/kv_shape"], name=f"{prefix}/kv_shape",
+                                      value=_ints([0, 0, heads, 2, weight.shape[1] // heads // 2])),
+                     helper.make_node("MatMul", [context, name], [f"{prefix}/kv"], name=f"{prefix}/kv_MatMul"),
+                     helper.make_node("Reshape", [f"{prefix}/kv", f"{prefix}/kv_shape"], [packed],
+                                      name=f"{prefix}/kv_Reshape")]
+            weights = [numpy_helper.from_array(weight, name)]
+            results = [packed]
+            shapes[packed] = [heads, 2, weight.shape[1] // heads // 2]
+            counts["pack_kv"] += 1
             if context_once:
                 context_nodes.extend(nodes)
                 context_weights.extend(weights)
@@ -140,13 +136,10 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
             else:
                 before[node.output[0]] = nodes
                 new_weights.extend(weights)
-            if pack_kv:
-                del node.input[1:]
-                node.input.append(results[0])
-            else:
-                node.input[1], node.input[2] = results
+            del node.input[1:]
+            node.input.append(results[0])
     context_model = None
-    if context_once and context_outputs:
+    if context_once and context_outputs:  # packed K/V: their context file
         elem = {}
         for source in context_sources:
             if source in graph_inputs:
@@ -173,6 +166,11 @@ def rewrite(model: onnx.ModelProto, read: Callable[[str], np.ndarray], pack_qkv:
     model.graph.node.extend(order)
     model.graph.initializer.extend(new_weights)
     drop_dead_nodes(model.graph)  # the separate projections (and their weights) no node reads any more
+    if context_once and not pack_kv:  # context-once alone: `sdxl-trt optimize`'s own (export/context_projections.py)
+        context_model = split_context_projections(model)
+        counts["context_once"] = len(context_model.graph.output) // 2 if context_model is not None else 0
+        for tensor in context_model.graph.initializer if context_model is not None else ():
+            tensor.CopyFrom(numpy_helper.from_array(read(tensor.name), tensor.name))  # saved inline by rewrite_file
     return counts, context_model
 
 

@@ -8,7 +8,9 @@ From each component's fp32 file (the reference), in memory:
   3. ONNX Runtime's float16 conversion with the blocks of fp16.py (timestep embeddings in fp32),
      type information from its symbolic shape inference (which knows the fused operators),
   4. CLIP-G's end-of-text ArgMax on fp32 token ids (the CUDA provider has no integer ArgMax; a node left on the CPU
-     would keep the encoder from running as a CUDA graph).
+     would keep the encoder from running as a CUDA graph),
+  5. the UNets' cross-attention K/V projections of the text context moved into a context file run once per image
+     (context_projections.py; unless --no-context-once).
 This is ONNX Runtime's own recipe for Stable Diffusion (`onnxruntime.transformers.models.stable_diffusion`) plus the
 attention pass it is missing for this export. The fused operators run on the CUDA provider (GroupNorm, NhwcConv
 and BiasSplitGelu have no CPU kernels), so the result is checked on the GPU (tests/test_ort_cuda.py).
@@ -40,6 +42,7 @@ from ..runtime.backends import OPTIMIZE_RECIPE
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_problem, file_records, load_manifest
+from .context_projections import CONTEXT_CONTRACTS, context_path, split_context_projections
 from .fuse_attention import drop_dead_nodes, import_ms_domain
 from .onnx_export import has_external_data, model_files, write_model
 
@@ -72,12 +75,16 @@ class OptimizeReport:
 
 
 def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components: list[str] | None = None,
-                        progress: bool = True, jobs: int = 1, custom_ops: bool = False) -> OptimizeReport:
+                        progress: bool = True, jobs: int = 1, custom_ops: bool = False,
+                        context_once: bool = True) -> OptimizeReport:
     """Optimize the components of `engine_dir` (all, or `components`) for `target`; up-to-date ones are skipped.
 
     `custom_ops`: the UNets' GEGLU runs on our BiasSplitGelu kernel (kernels/ort_ops.py) instead of ONNX Runtime's;
     the library is built into `engine_dir/ops/` (nvcc and ONNX Runtime's C API header needed) and named in each
     such file's record, so the runtime registers it. Without it, files made with it are made again without.
+
+    `context_once`: the UNets' cross-attention K/V projections go into a context file run once per image
+    (context_projections.py); False keeps them in the step (files made with them split are made again whole).
 
     `jobs` > 1 optimizes that many components at once in worker processes (the passes are single-threaded
     Python; a full-size UNet's peak memory is a few GB, so base + refiner + the rest fit a GPU server's RAM).
@@ -110,8 +117,10 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 source = eng.onnx_sha256(manifest, name, "fp32")
                 done = entry.get("optimized", {}).get(target)
                 ops = library if _takes_custom_ops(entry) else None
+                split = context_once and entry["contract"] in CONTEXT_CONTRACTS
                 if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
                         and (done.get("custom_ops") is None) == (ops is None)
+                        and ("context" in done) == split
                         and all(manifest.path(f).is_file() for f in done["files"])):
                     if done.get("custom_ops") != ops:
                         # the same file, for the library this installation builds (the graph names only the
@@ -123,7 +132,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 manifest.check_files(only=entry["files"]["fp32"])
                 src = manifest.path(entry["precisions"]["fp32"])
                 todo.append((name, source, ops, src, src.with_name(FILE_NAMES[target]), MODEL_TYPES[entry["contract"]],
-                             _fp32_io(entry), ops is not None))
+                             _fp32_io(entry), ops is not None, split))
             if todo:  # fp16 files: about half their fp32 sources (the old versions are replaced one by one)
                 need = sum(manifest.data["files"][f]["size"] for job in todo
                            for f in manifest.components[job[0]]["files"]["fp32"]) // 2
@@ -131,7 +140,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
             bar = tqdm(total=len(todo), desc=f"optimize for {target}", unit="model", disable=not progress)
             for name, source, ops, dest, fused, seconds in _run_jobs(todo, jobs):
                 _record(root, target, name, source, dest, fused, ops)
-                report.rows.append((name, fused, sum(f.stat().st_size for f in model_files(dest)), seconds))
+                report.rows.append((name, fused, sum(f.stat().st_size for f in _written(dest)), seconds))
                 bar.update()
         finally:
             if bar is not None:
@@ -181,10 +190,17 @@ def _job(numbered: tuple) -> tuple:
     return i, *_timed_optimize_file(*job)
 
 
-def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str], custom_ops: bool
-                         ) -> tuple[dict, float]:
+def _timed_optimize_file(src: Path, dest: Path, model_type: str, keep: list[str], custom_ops: bool,
+                         context_once: bool) -> tuple[dict, float]:
     t = time.perf_counter()
-    return optimize_file(src, dest, model_type, keep_io_types=keep, custom_ops=custom_ops), time.perf_counter() - t
+    fused = optimize_file(src, dest, model_type, keep_io_types=keep, custom_ops=custom_ops, context_once=context_once)
+    return fused, time.perf_counter() - t
+
+
+def _written(dest: Path) -> list[Path]:
+    """The files optimize_file wrote for `dest`: the model and its data, and a UNet's context file and its data."""
+    context = context_path(dest)
+    return model_files(dest) + (model_files(context) if context.is_file() else [])
 
 
 # the model types whose files take our custom operators (kernels/ort_ops.py: BiasSplitGelu, the UNets' GEGLU)
@@ -222,15 +238,20 @@ def _record(root: Path, target: str, name: str, source: str, dest: Path, fused: 
     custom-op library they need (if any; libraries no record names any more are removed)."""
     manifest = load_manifest(root)
     entry = manifest.components[name]
-    files = model_files(dest)
+    files = _written(dest)
     records = file_records(root, files)
     overflow = entry["contract"].startswith("vae") and "fp16" not in entry["precisions"]
     record = {"precision": "fp16", "path": files[0].relative_to(root).as_posix(), "files": list(records),
               "from": source, "recipe": OPTIMIZE_RECIPE, "fused": fused, "overflow_check": overflow}
     if custom_ops:
         record["custom_ops"] = custom_ops
+    if context_path(dest).is_file():
+        record["context"] = context_path(dest).relative_to(root).as_posix()
 
     def change(data: dict) -> None:
+        before = data["components"][name].get("optimized", {}).get(target, {}).get("files", [])
+        for gone in set(before) - set(records):  # a context file made before, now removed
+            data["files"].pop(gone, None)
         data["files"].update(records)
         data["components"][name].setdefault("optimized", {})[target] = record
 
@@ -265,10 +286,13 @@ def _fp32_io(entry: dict) -> list[str]:
     return [t["name"] for t in entry["inputs"] + entry["outputs"] if t["dtype"] == "float32"]
 
 
-def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[str], custom_ops: bool = False
-                  ) -> dict[str, int]:
+def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[str], custom_ops: bool = False,
+                  context_once: bool = False) -> dict[str, int]:
     """Fused fp16 `dest` from the fp32 ONNX file `src`; returns the count of each fused operator. `custom_ops`:
-    BiasSplitGelu in our domain (kernels/ort_ops.py), fused at any even width our kernel takes.
+    BiasSplitGelu in our domain (kernels/ort_ops.py), fused at any even width our kernel takes. `context_once`: the
+    cross-attention K/V projections into `dest`'s context file (context_projections.py; counted as
+    "ContextProjections", the K and V MatMuls moved), written with `dest`; without it, or when there are none, no
+    context file is left beside `dest`.
 
     Large weights never enter memory: the graph is rewritten around data-less stubs of them (fp16.load_stubbed;
     norms and biases, which the fusions read, are loaded), and they are streamed from `src`'s data file into `dest`'s,
@@ -309,17 +333,25 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
             data = np.frombuffer(data, np.float32).reshape(transposed[tensor.name]).transpose(0, 2, 3, 1).tobytes()
         return stub_to_fp16(tensor, data)
 
-    data_path = dest.with_name(dest.name + ".data")
-    if not has_external_data(model, stubs):
-        with atomic_file(dest) as tmp_path:
-            write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform)
-        data_path.unlink(missing_ok=True)  # a previous version's weights
-        return fused
-    # both files under temporary names, renamed into place once complete — the weights first, then the model file
-    # that names them: an interrupted run leaves the previous version whole
-    with atomic_file(dest) as tmp_path, atomic_file(data_path) as tmp_data:
-        write_model(model, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=tmp_data,
-                    location=data_path.name)
+    context = split_context_projections(model) if context_once else None
+    if context is not None:
+        fused["ContextProjections"] = len(context.graph.output)
+    parts = [(model, dest)] + ([(context, context_path(dest))] if context is not None else [])
+    stale = [] if context is not None else model_files(context_path(dest))  # a previous version's context file
+    # every file under a temporary name, renamed into place once all are complete — the weights before the model
+    # files that name them, the UNet's model file last: an interrupted run leaves the previous version whole
+    with contextlib.ExitStack() as stack:
+        for part, path in parts:
+            data_path = path.with_name(path.name + ".data")
+            if not has_external_data(part, stubs):
+                write_model(part, stack.enter_context(atomic_file(path)), src.parent, stubs=stubs, transform=transform)
+                stale.append(data_path)
+                continue
+            tmp_path, tmp_data = stack.enter_context(atomic_file(path)), stack.enter_context(atomic_file(data_path))
+            write_model(part, tmp_path, src.parent, stubs=stubs, transform=transform, data_path=tmp_data,
+                        location=data_path.name)
+    for path in stale:
+        path.unlink(missing_ok=True)
     return fused
 
 

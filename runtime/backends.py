@@ -302,13 +302,20 @@ def stale_optimized(manifest, target: str = "cuda") -> list[str]:
 
 def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:
     """Which file ort-cuda runs a component from: (file kind, precision, path or None for the precision's own file):
-    the optimized file if there is one, else fp16, else fp32; or the `file` asked for."""
+    the optimized file if there is one, else fp16, else fp32; or the `file` asked for ("context": an optimized UNet's
+    context file, export/context_projections.py)."""
     optimized = entry.get("optimized", {}).get("cuda")
     if file is None:
         file = "cuda" if optimized else "fp16" if "fp16" in entry.get("precisions", {}) else "fp32"
-    if file == "cuda":
-        return file, optimized["precision"], optimized["path"]
+    if file in ("cuda", "context"):
+        return file, optimized["precision"], optimized["path" if file == "cuda" else "context"]
     return file, file, None
+
+
+def context_file(entry: dict) -> str | None:
+    """The context file (export/context_projections.py) the UNet file ort-cuda runs needs, relative to the engine
+    directory; None when its file computes the cross-attentions' K and V itself."""
+    return entry["optimized"]["cuda"].get("context") if session_file(entry)[0] == "cuda" else None
 
 
 def precision_of(backend, component: str) -> str:

@@ -275,9 +275,12 @@ class DeviceLoop:
                   "timestep": (batch,), "sample": sample_shape, **residual_shapes}
         for name, dims in residual_shapes.items():
             inputs[name] = empty(f"residual {name}", int(np.prod(dims)) * np.dtype(session.dtype(name)).itemsize)
+        bound = {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()}
+        context = getattr(session, "context", None)
+        if context is not None:  # the cross-attentions' K and V of this call's prompts, computed now, read every step
+            bound.update(context.into(pool, bound["encoder_hidden_states"]))
         own = pred + (half[0] * half_bytes if half else 0)  # where this device's UNet writes its prediction
-        if self._bind(shape, session, {k: (v, shapes[k], session.dtype(k)) for k, v in inputs.items()},
-                      {"noise_pred": (own, sample_shape, out_dtype)}):
+        if self._bind(shape, session, bound, {"noise_pred": (own, sample_shape, out_dtype)}):
             for graph, _ in shape.loops.values():  # captured with the old buffers or session
                 graph.close()
             shape.loops.clear()

@@ -224,15 +224,19 @@ def parse_keys(tensors: dict[str, np.ndarray], path: Path) -> dict[tuple[str, st
 # --- the model's side -------------------------------------------------------------------------------------------
 
 class Weights:
-    """The module weights of one ONNX file: ONNX name per module (torch parameter path, without the component's
-    prefix), layout and shape, read lazily."""
+    """The module weights of one ONNX file, or of the files that together hold a component's weights (an optimized
+    UNet's file and its context file, which live in one folder): ONNX name per module (torch parameter path, without
+    the component's prefix), the file each is in, layout and shape, read lazily."""
 
-    def __init__(self, path: Path, component: str):
+    def __init__(self, path: Path | tuple[Path, ...], component: str):
         import onnx
 
-        self.path, self.component = path, component
-        self.model = onnx.load(str(path), load_external_data=False)
-        self.tensors = {t.name: t for t in self.model.graph.initializer}
+        paths = path if isinstance(path, tuple) else (path,)
+        self.path, self.component = paths[0], component
+        self.tensors, self.file = {}, {}  # initializer name → its TensorProto, the file that holds it
+        for part in paths:
+            for t in onnx.load(str(part), load_external_data=False).graph.initializer:
+                self.tensors[t.name], self.file[t.name] = t, part
         prefix = PREFIXES[component][1]
         self.modules: dict[str, str] = {}  # module path → initializer name
         for name in self.tensors:
@@ -247,7 +251,7 @@ class Weights:
     def read(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
 
-        return numpy_helper.to_array(self.tensors[name], base_dir=str(self.path.parent))
+        return numpy_helper.to_array(self.tensors[name], base_dir=str(self.file[name].parent))
 
     def layout(self, name: str) -> str:
         """How the file stores `name`: its suffix (".weight.T", ".weight_nhwc" or ".weight"; see Layer.delta)."""
@@ -363,7 +367,7 @@ class Adapters:
         changed = before | self.components(self.active)
         return changed | {copy for copy, of in SAME_WEIGHTS.items() if of in changed and copy in manifest.components}
 
-    def weights(self, path: Path, component: str) -> Weights:
+    def weights(self, path: Path | tuple[Path, ...], component: str) -> Weights:
         if (path, component) not in self._weights:
             self._weights[(path, component)] = Weights(path, component)
         return self._weights[(path, component)]
@@ -378,18 +382,20 @@ class Adapters:
             self._layers[path] = (mtime, parse_keys(read_safetensors(path), path))
         return self._layers[path][1]
 
-    def overrides(self, component: str, path: Path) -> dict[str, np.ndarray]:
-        """The merged initializers of `component`'s ONNX file `path` under the active set ({} for none)."""
+    def overrides(self, component: str, path: Path, others: tuple[Path, ...] = ()) -> dict[str, np.ndarray]:
+        """The merged initializers of `component`'s ONNX file `path` under the active set ({} for none). `others`: the
+        other files that hold the rest of the component's weights (an optimized UNet's file and its context file,
+        export/context_projections.py): a module one of them has is merged there, not here."""
         shown = component
         component = SAME_WEIGHTS.get(component, component)  # unet_control: the base UNet's adapters
         if component not in PREFIXES or component not in self.components(self.active):
             return {}
-        key = (str(path), shown, tuple((str(a.path), a.scale) for a in self.active))
+        key = (str(path), tuple(map(str, others)), shown, tuple((str(a.path), a.scale) for a in self.active))
         if key in self._merged:
             self._merged.move_to_end(key)
             return self._merged[key]
         started = time.perf_counter()
-        weights = self.weights(path, component)
+        weights = self.weights((path, *others) if others else path, component)
         parts: dict[str, list[tuple[Adapter, str, Layer]]] = {}  # initializer → the adapter layers that change it
         for adapter in self.active:
             for (target, module, flat), layer in self.layers(adapter.path).items():
@@ -401,6 +407,8 @@ class Adapters:
                 if found is None:
                     raise UserError(f"LoRA {adapter.path}: {module} ({component}) matches no layer of this model "
                                     "(an adapter for another architecture?)")
+                if weights.file[weights.modules[found]] != path:
+                    continue  # held by another of `others`: merged there
                 parts.setdefault(weights.modules[found], []).append((adapter, module, layer))
 
         def merge(name: str) -> np.ndarray:
@@ -435,7 +443,7 @@ class Adapters:
             merged = dict(zip(parts, pool.map(merge, parts)))
         self._merged[key] = merged
         self.merge_s += time.perf_counter() - started
-        while len(self._merged) > self.keep * len(PREFIXES):
+        while len(self._merged) > self.keep * len(PREFIXES) * 2:  # a UNet's weights may be in two files
             self._merged.popitem(last=False)
         log.info("%s: %d weights merged from %s", shown, len(merged), ", ".join(a.label for a in self.active))
         return merged

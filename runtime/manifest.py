@@ -383,6 +383,10 @@ class _Schema:
                 self.need(_whole(record.get("recipe", 1), 1), f"{where}.recipe", record.get("recipe"),
                           "a whole number ≥ 1 (the `sdxl-trt optimize` recipe that made the files)")
                 self.text(record, "custom_ops", f"{where}.custom_ops", optional=True)
+                self.text(record, "context", f"{where}.context", optional=True)
+                if isinstance(record.get("context"), str) and isinstance(record.get("files"), list):
+                    self.need(record["context"] in record["files"], f"{where}.context", record["context"],
+                              f"one of {where}.files (the context file is checked like the others)")
 
     def tensors(self, entry: dict, field: str, side: str, names: tuple[str, ...]) -> None:
         specs = entry.get(side, MISSING)

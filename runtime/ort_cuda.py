@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorrt_api
-from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, non_finite,
-                       quiet_onnxruntime, session_file, stale_optimized)
+from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, context_file,
+                       non_finite, quiet_onnxruntime, session_file, stale_optimized)
 from .contracts import derived, output_shapes, shape_key, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
@@ -95,6 +95,7 @@ class OrtCudaBackend:
         self._scheduled: dict = {}  # file → the future of prepare's loader that uploads its weights
         self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
+        self._contexts: dict = {}  # UNet → its ContextSession (context_stage.py), or None for a file without one
         stale = stale_optimized(manifest)
         if stale:
             log.warning("%s: the optimized files of %s were made by an older `sdxl-trt optimize`; they run, but "
@@ -303,6 +304,8 @@ class OrtCudaBackend:
     def release(self, component: str) -> None:
         """Free a component's sessions, weights and the device loop's buffers for it: the memory goes back."""
         self.resident.pop_component(component)
+        with self._lock:
+            self._contexts.pop(component, None)
         if self._loop is not None:
             self._loop.forget(component)
         self._drop_weights(component)
@@ -317,6 +320,7 @@ class OrtCudaBackend:
         loaded first, outside the session's making, so that what the session is measured to hold is its own."""
         if key not in self.resident:
             self._shared(key[0], None)
+            self._context(key[0])
         return self.resident.get(key, key[0], make, work=shape_work(dict(key[1])) if key[1] else None)
 
     def _entry(self, component: str) -> dict:
@@ -341,7 +345,7 @@ class OrtCudaBackend:
         still be going up: sessions made on them wait for them before they run (SharedWeights.wait). `upload`
         False: lay out and allocate only (the loader fills the buffers once all of them are allocated)."""
         path = self._path(component, file)
-        overrides = self.adapters.overrides(component, path)
+        overrides = self.adapters.overrides(component, path, others=self._other_parts(component, file))
         with on_device(self.device_id):  # from any thread: the buffers are this backend's device's
             return self._load_weights(path, overrides, upload)
 
@@ -388,19 +392,54 @@ class OrtCudaBackend:
                 self._loading.pop(key, None)
             return weights
 
+    def _other_parts(self, component: str, file: str | None) -> tuple[Path, ...]:
+        """The other files that hold `component`'s weights beside its file `file`: an optimized UNet's file and its
+        context file each hold a part (LoRA merges each module into the one that has it)."""
+        entry = self._entry(component)
+        if context_file(entry) is None or session_file(entry, file)[0] not in ("cuda", "context"):
+            return ()
+        return (self._path(component, "context" if session_file(entry, file)[0] == "cuda" else "cuda"),)
+
     def _make(self, component: str, file: str | None = None, cuda_graph: bool = False,
               dims: dict[str, int] | None = None) -> OrtCudaSession:
         self._onnxruntime.result()
-        return OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
-                              weights=self._shared(component, file), conv_search=self.conv_search,
-                              device=self.device_id)
+        session = OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
+                                 weights=self._shared(component, file), conv_search=self.conv_search,
+                                 device=self.device_id)
+        if session.file == "cuda":
+            session.context = self._context(component)
+        return session
+
+    def _context(self, component: str):
+        """The ContextSession of a UNet whose optimized file takes the cross-attentions' K and V as inputs (made
+        once; any thread), else None."""
+        with self._lock:
+            if component in self._contexts:
+                return self._contexts[component]
+            loading = self._loading.setdefault(("context", component), threading.Lock())
+        with loading:
+            with self._lock:
+                if component in self._contexts:
+                    return self._contexts[component]
+            context = None
+            if context_file(self._entry(component)) is not None:
+                from .context_stage import ContextSession
+
+                self._onnxruntime.result()
+                context = ContextSession(self.manifest, component, self.stream, self._shared(component, "context"),
+                                         self.conv_search, self.device_id)
+            with self._lock:
+                self._contexts[component] = context
+                self._loading.pop(("context", component), None)
+            return context
 
     def _drop_weights(self, component: str, keep: str | None = None) -> None:
         """Forget `component`'s device weights (all its files, or all but file kind `keep`); the memory is freed once
         the sessions viewing it are gone."""
         entry = self._entry(component)
-        paths = {self._path(component, kind) for kind in ("cuda", "fp16", "fp32")
-                 if (kind == "cuda" and entry.get("optimized", {}).get("cuda")) or kind in entry.get("precisions", {})}
+        paths = {self._path(component, kind) for kind in ("cuda", "context", "fp16", "fp32")
+                 if (kind == "cuda" and entry.get("optimized", {}).get("cuda"))
+                 or (kind == "context" and context_file(entry)) or kind in entry.get("precisions", {})}
         if keep is not None:
             paths.discard(self._path(component, keep))
         with self._lock:
@@ -542,6 +581,7 @@ class OrtCudaSession(OrtSession):
         self.binding = self._session.io_binding()
         self._run_options = {}
         self.output_dtypes = {t["name"]: self.spec_dtype(t) for t in entry["outputs"]}
+        self.context = None  # a UNet file's ContextSession (context_stage.py): its K/V inputs come from it
 
     def run_options(self, graph_id: int = PLAIN_RUN):
         """Run options that leave the stream running (the caller synchronises when it needs to); with a CUDA graph
@@ -586,6 +626,9 @@ class OrtCudaSession(OrtSession):
         shapes = output_shapes(self.entry, {n: a.shape for n, a in arrays.items()})
         inputs = {name: (self.buffers.put(name, array, self.stream), array.shape, array.dtype)
                   for name, array in arrays.items()}
+        if self.context is not None:
+            context = arrays["encoder_hidden_states"]
+            inputs.update(self.context.for_arrays(self.buffers, context, inputs["encoder_hidden_states"][0]))
         out = {name: np.empty(shape, dtype=self.output_dtypes[name]) for name, shape in shapes.items()}
         outputs = {name: (self.buffers.reserve(name, array.nbytes).ptr, array.shape, array.dtype)
                    for name, array in out.items()}

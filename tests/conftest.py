@@ -77,16 +77,18 @@ def tiny_engine(tmp_path_factory):
     return out
 
 
-def optimized_copy(engine_dir, tmp_path_factory, name: str = "optimized", custom_ops: bool = False):
+def optimized_copy(engine_dir, tmp_path_factory, name: str = "optimized", custom_ops: bool = False,
+                   context_once: bool = True):
     """A copy of an engine directory with `sdxl-trt optimize --target cuda` run on it (fused fp16 files for ort-cuda;
-    `custom_ops`: with --custom-ops, which builds our custom-op library with nvcc)."""
+    `custom_ops`: with --custom-ops, which builds our custom-op library with nvcc; `context_once` False: with
+    --no-context-once)."""
     import shutil
 
     from sdxl_trt.export.optimize import optimize_engine_dir
 
     out = tmp_path_factory.mktemp(name) / "tiny"
     shutil.copytree(engine_dir, out)
-    optimize_engine_dir(out, progress=False, custom_ops=custom_ops)
+    optimize_engine_dir(out, progress=False, custom_ops=custom_ops, context_once=context_once)
     return out
 
 
@@ -117,3 +119,9 @@ def need_custom_op_build(cuda: bool = True) -> None:
 def tiny_optimized(tiny_engine, tmp_path_factory):
     """tiny_engine optimized (optimized_copy)."""
     return optimized_copy(tiny_engine, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized_whole(tiny_engine, tmp_path_factory):
+    """tiny_engine optimized with --no-context-once: the UNets compute the cross-attentions' K and V at every step."""
+    return optimized_copy(tiny_engine, tmp_path_factory, name="optimized-whole", context_once=False)

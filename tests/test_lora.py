@@ -368,3 +368,30 @@ def test_lora_on_ort_cuda_matches_ort_cpu(tiny_optimized, tiny_engine, lora_file
     assert error < 1e-2 and rel_l2(got, base) > 0.05
     cuda.set_loras(None)
     assert rel_l2(cuda("a red bicycle", **kw).array, base) < 5e-3  # the fused files' run-to-run noise
+
+
+def test_lora_merges_each_module_into_the_optimized_file_that_holds_it(tiny_optimized, tiny_optimized_whole,
+                                                                        lora_files):
+    """An optimized UNet's weights are in two files (its context file holds the cross-attentions' K/V projections,
+    export/context_projections.py): each adapted module is merged into the file that has it, with the values a merge
+    into the whole file gives, none lost and none twice; one file alone refuses the modules only the other holds."""
+    from sdxl_trt.runtime.lora import Adapters
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    adapter = (Adapter(lora_files / "unet_peft.safetensors", 0.7), Adapter(lora_files / "kohya_sgm.safetensors", 1.3))
+    split, whole = load_manifest(tiny_optimized), load_manifest(tiny_optimized_whole)
+    record = split.components["unet"]["optimized"]["cuda"]
+    unet, context = split.path(record["path"]), split.path(record["context"])
+    adapters, reference = Adapters(), Adapters()
+    adapters.set(adapter, split)
+    reference.set(adapter, whole)
+    main_part = adapters.overrides("unet", unet, others=(context,))
+    context_part = adapters.overrides("unet", context, others=(unet,))
+    assert context_part and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in context_part)
+    assert not main_part.keys() & context_part.keys()
+    merged = reference.overrides("unet", whole.path(whole.components["unet"]["optimized"]["cuda"]["path"]))
+    assert merged.keys() == main_part.keys() | context_part.keys()
+    for name, value in {**main_part, **context_part}.items():
+        np.testing.assert_array_equal(value, merged[name])
+    with pytest.raises(UserError, match="matches no layer"):
+        adapters.overrides("unet", unet)

@@ -151,7 +151,7 @@ def context_kv_merge():
     return module
 
 
-def test_the_context_kv_merge_experiment_computes_what_separate_projections_compute(tiny_engine, tiny_optimized,
+def test_the_context_kv_merge_experiment_computes_what_separate_projections_compute(tiny_engine, tiny_optimized_whole,
                                                                                      tmp_path):
     """The cross-attention K/V projections of the tiny UNet as one MatMul + Split (Q_K_V_BSNH_BNSH_BNSH attention),
     written by merge_file from a file whose weights are all in its data file: ONNX Runtime CPU gives the separate
@@ -198,6 +198,7 @@ def test_the_context_kv_merge_experiment_computes_what_separate_projections_comp
     print(f"context K/V merged: rel-L2 {error:.1e} from separate projections; K and V swapped: {notch:.1e}")
     assert error < 1e-5 and notch > 1e-2
 
+    tiny_optimized = tiny_optimized_whole  # its UNet computes the context's K and V (context_kv_merge's input)
     assert merge.merged_copy(tiny_optimized, tmp_path / "variant") > 1
     variant = load_manifest(tmp_path / "variant")
     variant.check_files()  # what the runtime checks when it loads a directory
@@ -222,7 +223,8 @@ def test_optimize_fuses_the_tiny_models_and_records_the_files(tiny_optimized):
         path = manifest.path(record["path"])
         counts = op_counts(path)
         softmax_before = op_counts(manifest.path(entry["precisions"]["fp32"]))["Softmax"]
-        assert {op: counts[op] for op in record["fused"]} == record["fused"], name
+        ops = {op: n for op, n in record["fused"].items() if op != "ContextProjections"}  # MatMuls moved, not fused
+        assert {op: counts[op] for op in ops} == ops, name
         if entry["contract"].startswith(("unet", "vae")):
             # every attention is one node; GroupNorm and NHWC convolutions fused
             assert record["fused"]["MultiHeadAttention"] == softmax_before > 0 and counts["Softmax"] == 0, name
@@ -598,57 +600,119 @@ def attention_projections():
     return module
 
 
-def test_the_context_once_experiment_computes_what_the_unet_computes(tiny_engine, tiny_optimized, tmp_path):
-    """The cross-attention K/V projections of the tiny UNet moved into a context file (run once, its outputs fed to the
-    UNet as inputs), written by rewrite_file from a file whose weights are all in its data file: ONNX Runtime CPU
-    gives the whole UNet's output again (the same operators on the same values: measured rel-L2 0; bound 1e-6, while
-    K and V swapped in the context file move it by > 1e-2). The variant directory of an optimized engine passes the
-    runtime's file checks and records its context file."""
-    projections = attention_projections()
+def test_the_context_projections_moved_out_compute_what_the_unet_computes(tiny_engine, tmp_path):
+    """export/context_projections.py on the tiny UNet (attention fused as optimize fuses it, fp32 so that the CPU runs
+    it): every cross-attention's K and V projections move into the context file, the UNet takes their results as
+    inputs and no longer reads the context; ONNX Runtime CPU gives the whole UNet's output again (the same operators
+    on the same values: measured rel-L2 0; bound 1e-6, while K and V swapped in the context file move it by > 1e-2).
+    A UNet with no such attention is left as it is."""
+    from sdxl_trt.export.context_projections import split_context_projections
+
     manifest = load_manifest(tiny_engine)
     model = onnx.load(str(manifest.path(manifest.components["unet"]["precisions"]["fp32"])))
     assert fuse_attention(model) > 0
-    src = tmp_path / "fused" / "model.onnx"
-    src.parent.mkdir()
-    onnx.save_model(model, str(src), save_as_external_data=True, location="model.onnx.data")
-    dest = tmp_path / "split" / "model.onnx"
-    dest.parent.mkdir()
-    from unet_variant import rewrite_file  # benchmarks/, on the path once attention_projections is imported
-
-    counts = rewrite_file(src, dest, projections.rewrite_flags(context_once=True, pack_kv=False, pack_qkv=False))
+    whole = model.SerializeToString()
     cross = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention") // 2
-    assert counts["context_once"] == cross > 1 and counts["pack_kv"] == counts["pack_qkv"] == 0
-    unet, context = onnx.load(str(dest)), onnx.load(str(dest.with_name(projections.CONTEXT_FILE)))
-    assert not any(i == "encoder_hidden_states" for n in unet.graph.node for i in n.input)
-    assert [i.name for i in context.graph.input] == ["encoder_hidden_states"] and len(context.graph.output) == 2 * cross
+    context = split_context_projections(model)
+    assert len(context.graph.output) == 2 * cross and cross > 1
+    assert not any(i == "encoder_hidden_states" for n in model.graph.node for i in n.input)
+    assert [i.name for i in context.graph.input] == ["encoder_hidden_states"]
+    moved = {t.name for t in context.graph.initializer}
+    assert len(moved) == 2 * cross and not moved & {t.name for t in model.graph.initializer}
+    assert all(".attn2.to_k." in name or ".attn2.to_v." in name for name in moved)  # LoRA finds them by these names
+    assert [i.name for i in model.graph.input][-2 * cross:] == [o.name for o in context.graph.output]
     feeds = tiny_unet_feeds(5)
 
     def run(m, extra=None):
-        data = str(m) if not isinstance(m, onnx.ModelProto) else m.SerializeToString()
+        data = m if isinstance(m, bytes) else m.SerializeToString()
         return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {**feeds, **(extra or {})})[0]
 
-    def context_outputs(m):
-        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, {"encoder_hidden_states": feeds["encoder_hidden_states"]})))
-
-    want = run(src)
-    got = run(dest, context_outputs(context))
+    session = ort.InferenceSession(context.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, {"encoder_hidden_states": feeds["encoder_hidden_states"]})))
+    want = run(whole)
+    got = run(model, outputs)
     error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    swapped = context_outputs(context)
-    swapped = {name: swapped[name.replace("context_k", "context_V").replace("context_v", "context_k")
-                             .replace("context_V", "context_v")] for name in swapped}
-    notch = float(np.linalg.norm(run(dest, swapped) - want) / np.linalg.norm(want))
-    print(f"context once: rel-L2 {error:.1e} from the UNet as exported; K and V swapped: {notch:.1e}")
+    swapped = {name: outputs[name.replace("context_k", "context_V").replace("context_v", "context_k")
+                              .replace("context_V", "context_v")] for name in outputs}
+    notch = float(np.linalg.norm(run(model, swapped) - want) / np.linalg.norm(want))
+    print(f"context projections moved out: rel-L2 {error:.1e} from the UNet as exported; K and V swapped: {notch:.1e}")
     assert error < 1e-6 and notch > 1e-2
+    assert split_context_projections(model) is None  # nothing left to move
 
-    packed = projections.variant_copy(tiny_optimized, tmp_path / "variant", projections.rewrite_flags(
+
+def test_optimize_moves_the_unets_context_projections_into_their_context_files(tiny_optimized, tiny_optimized_whole):
+    """`optimize` splits each UNet (base and refiner; not the VAE or the text encoders): the record names the context
+    file, which is among its checked files, holds the fp16 K/V weights the whole file has (the same values) and
+    feeds the UNet file's extra inputs; --no-context-once leaves no context file and the UNet reading the context."""
+    from onnx import numpy_helper
+
+    manifest, whole = load_manifest(tiny_optimized), load_manifest(tiny_optimized_whole)
+    manifest.check_files()
+    for name, entry in manifest.components.items():
+        record = entry["optimized"]["cuda"]
+        if not entry["contract"].startswith("unet"):
+            assert "context" not in record and "ContextProjections" not in record["fused"], name
+            continue
+        assert record["context"] in record["files"] and record["context"].endswith(".context.onnx"), name
+        unet, context = onnx.load(str(manifest.path(record["path"]))), onnx.load(str(manifest.path(record["context"])))
+        outputs = [o.name for o in context.graph.output]
+        assert record["fused"]["ContextProjections"] == len(outputs) > 0
+        assert {i.name for i in unet.graph.input} >= set(outputs)
+        assert not any(i == "encoder_hidden_states" for n in unet.graph.node for i in n.input), name
+        weights = {t.name: numpy_helper.to_array(t) for t in context.graph.initializer}
+        assert {w.dtype for w in weights.values()} == {np.dtype(np.float16)}, name
+        other = whole.components[name]["optimized"]["cuda"]
+        assert "context" not in other and "ContextProjections" not in other["fused"]
+        full = onnx.load(str(whole.path(other["path"])))
+        assert any(i == "encoder_hidden_states" for n in full.graph.node for i in n.input), name
+        originals = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer if t.name in weights}
+        assert originals.keys() == weights.keys()
+        for key, value in weights.items():
+            np.testing.assert_array_equal(value, originals[key])
+    assert not list(tiny_optimized_whole.rglob("*.context.onnx"))
+
+
+def test_optimize_again_makes_the_unets_again_for_the_other_context_choice(tiny_optimized, tmp_path):
+    """--no-context-once on a directory optimized with the split makes the UNets again (whole; their context files are
+    removed, out of the manifest and off the disk), leaves the other files as they were, and the default makes the
+    split again."""
+    import shutil
+
+    from sdxl_trt.export.optimize import optimize_engine_dir
+
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_optimized, root)
+    report = optimize_engine_dir(root, progress=False, context_once=False)
+    remade = {name for name, _, _, seconds in report.rows if seconds is not None}
+    manifest = load_manifest(root)
+    assert remade == {n for n, e in manifest.components.items() if e["contract"].startswith("unet")}
+    assert not list(root.rglob("*.context.onnx*")) and not any(".context." in f for f in manifest.data["files"])
+    manifest.check_files()
+    report = optimize_engine_dir(root, progress=False)
+    assert {name for name, _, _, seconds in report.rows if seconds is not None} == remade
+    assert all("context" in load_manifest(root).components[n]["optimized"]["cuda"] for n in remade)
+
+
+def test_the_packed_projection_experiments_compute_what_the_unet_computes(tiny_optimized_whole, tmp_path):
+    """benchmarks/attention_projections.py's variants of an engine optimized with --no-context-once: packed K/V in a
+    context file and packed Q/K/V, and context-once alone (optimize's own split), pass the runtime's file checks and
+    record their context files; --out inside --engine is refused."""
+    projections = attention_projections()
+    whole = load_manifest(tiny_optimized_whole).components["unet"]["optimized"]["cuda"]
+    cross = onnx.load(str(tiny_optimized_whole / whole["path"]))
+    cross = sum(1 for n in cross.graph.node if n.op_type == "MultiHeadAttention") // 2
+    packed = projections.variant_copy(tiny_optimized_whole, tmp_path / "variant", projections.rewrite_flags(
         context_once=True, pack_kv=True, pack_qkv=True), record_key="context")
     assert packed == {"context_once": cross, "pack_kv": cross, "pack_qkv": cross}  # every attention of either kind
-    variant = load_manifest(tmp_path / "variant")
-    variant.check_files()
-    record = variant.components["unet"]["optimized"]["cuda"]
-    assert record["context"] in record["files"] and variant.path(record["context"]).is_file()
+    alone = projections.variant_copy(tiny_optimized_whole, tmp_path / "alone", projections.rewrite_flags(
+        context_once=True, pack_kv=False, pack_qkv=False), record_key="context")
+    assert alone == {"context_once": cross, "pack_kv": 0, "pack_qkv": 0}
+    for out in ("variant", "alone"):
+        variant = load_manifest(tmp_path / out)
+        variant.check_files()
+        record = variant.components["unet"]["optimized"]["cuda"]
+        assert record["context"] in record["files"] and variant.path(record["context"]).is_file()
     with pytest.raises(SystemExit, match="must lie outside"):
-        projections.variant_copy(tiny_optimized, tiny_optimized / "inside", projections.rewrite_flags(
+        projections.variant_copy(tiny_optimized_whole, tiny_optimized_whole / "inside", projections.rewrite_flags(
             context_once=True, pack_kv=False, pack_qkv=False))

@@ -207,6 +207,46 @@ def test_the_whole_loop_as_one_cuda_graph(optimized):
         assert error < NOISE, name
 
 
+@pytest.mark.parametrize("path", ["off", "step", "loop", "numpy"])
+def test_the_context_file_runs_once_per_call_and_gives_what_the_whole_unet_gives(optimized, tiny_optimized_whole,
+                                                                                  path):
+    """The UNets' cross-attention K/V projections in their context file (export/context_projections.py): run once
+    per call (per UNet: base and refiner) in the device loop with each graph mode, and in the numpy loop (guidance
+    rescale runs there: OrtCudaSession._run computes it again only for a new prompt); each call's own prompt is used
+    (a second prompt gives what the whole UNet gives for it, not the first one's), to the fused files' run-to-run
+    noise of the UNet that computes them every step."""
+    from sdxl_trt.runtime import Pipeline
+
+    pipe = optimized["off" if path == "numpy" else path]
+    whole = Pipeline.load(tiny_optimized_whole, backend="ort-cuda", cuda_graphs="off", buckets=[BUCKET])
+    kw = dict(height=256, width=192, num_inference_steps=8, seed=5, output_type="latent", progress=False,
+              refiner_start=0.75, guidance_rescale=0.7 if path == "numpy" else 0.0)
+    counts = {}
+    for name in ("unet", "unet_refiner"):
+        context = pipe.backend._context(name)
+        assert context is not None and whole.backend._context(name) is None
+        queue = context.queue
+
+        def counted(*args, _queue=queue, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _queue(*args, **kwargs)
+
+        context.queue = counted
+    try:
+        for prompt in ("a lighthouse", "two cats on a sofa"):
+            counts.clear()
+            got = pipe(prompt, **kw).array
+            if path != "numpy":
+                assert pipe.backend.device_loop.last_run.startswith(path), pipe.backend.device_loop.last_run
+            assert counts == {"unet": 1, "unet_refiner": 1}, counts
+            error = rel_l2(got, whole(prompt, **kw).array)
+            print(f"context once ({path}, {prompt!r}): rel-L2 {error:.2e} against the UNet computing K/V each step")
+            assert error < NOISE
+    finally:
+        for name in ("unet", "unet_refiner"):
+            del pipe.backend._context(name).queue
+
+
 # --- decoding on the device (VAE → NaN/Inf check → uint8 pixels) -------------------------------------------------
 
 
