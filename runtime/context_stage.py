@@ -9,6 +9,8 @@ each step (device_loop.py's begin; OrtCudaSession._run for a step run from numpy
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .ort_cuda import OrtCudaSession
@@ -32,6 +34,7 @@ class ContextSession(OrtCudaSession):
         self.output_dtypes = {name: dtype for name, (_, dtype) in self.output_specs.items()}
         self._bound = None  # the addresses and shapes self.binding is bound to
         self._computed = None  # _run: (the context array, its output buffers' addresses) last computed
+        self._lock = threading.Lock()  # one binding, run from any thread (prepare warms UNet sessions at once)
 
     def dtype(self, input_name: str):
         return self.input_dtype
@@ -48,12 +51,13 @@ class ContextSession(OrtCudaSession):
             raise ValueError(f"{self.name}'s context file takes {CONTEXT_INPUT} as {np.dtype(self.input_dtype)}, "
                              f"given {np.dtype(dtype)}")
         key = (address, tuple(shape), tuple(sorted(outputs.items())))
-        if self._bound != key:
-            specs = self.shapes(tuple(shape))
-            self.bind(self.binding, {CONTEXT_INPUT: context},
-                      {name: (outputs[name], *specs[name]) for name in self.output_names})
-            self._bound = key
-        self.run_bound(self.binding)
+        with self._lock:
+            if self._bound != key:
+                specs = self.shapes(tuple(shape))
+                self.bind(self.binding, {CONTEXT_INPUT: context},
+                          {name: (outputs[name], *specs[name]) for name in self.output_names})
+                self._bound = key
+            self.run_bound(self.binding)  # queued on the stream by the time it returns: rebinding is safe after
 
     def into(self, pool, context: tuple[int, tuple, object]) -> dict[str, tuple]:
         """Reserve the outputs in `pool` (a BufferPool), queue the run into them; returns the UNet's extra inputs
@@ -71,7 +75,7 @@ class ContextSession(OrtCudaSession):
         last = self._computed
         if last is None or last[1] != addresses or last[0].shape != context.shape or not np.array_equal(last[0], context):
             self.queue((address, context.shape, context.dtype), {name: value[0] for name, value in bound.items()})
-            self._computed = (context.copy(), addresses)
+            self._computed = (context.copy(), addresses)  # (a race here only costs a run: the key is compared whole)
         return bound
 
     def _reserve(self, pool, context_shape: tuple) -> dict[str, tuple]:
