@@ -198,9 +198,9 @@ class OrtCudaBackend:
             made, errors = [], []
             for component in components:
                 try:
-                    weights = self._shared(component, None, upload=False)
+                    weights = [self._shared(component, file, upload=False) for file in files[component]]
                     allocated[component].set_result(weights)
-                    made.append(getattr(weights, "base", weights))  # under LoRA adapters: the file's own weights
+                    made.extend(getattr(w, "base", w) for w in weights)  # under LoRA adapters: the file's own weights
                 except BaseException as e:  # noqa: BLE001 - raised by each session waiting for it, and here
                     allocated[component].set_exception(e)
                     errors.append(e)
@@ -213,9 +213,12 @@ class OrtCudaBackend:
                 raise errors[0]
             return time.perf_counter()
 
+        # each component's files: its session file, and a UNet's context file (context_stage.py), made with its sessions
+        files = {c: [None] + (["context"] if context_file(self._entry(c)) else []) for c in components}
         with self._lock:  # a call asking for these weights meanwhile waits for their buffer instead of competing
             for component, future in allocated.items():
-                self._scheduled[self._path(component, None)] = future
+                for file in files[component]:
+                    self._scheduled[self._path(component, file)] = future
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
         uploaded = loader.submit(load)
         loader.shutdown(wait=False)

@@ -380,7 +380,9 @@ def test_changing_size_reuses_the_resident_sessions_and_other_sizes_run_on_the_a
         assert backend.device_loop.last_run == "step" and rel_l2(again, first[size]) < NOISE
     assert backend.resident.keys() and set(backend.resident.keys()) == set(keys)
     assert all(backend.resident.peek(k) is made[k] for k in keys)
-    assert len(backend._weights) == len({k[0] for k in keys})  # one device copy per component (one file each)
+    # one device copy of each file: a component's, and a UNet's context file (context_stage.py)
+    components = {k[0] for k in keys}
+    assert len(backend._weights) == len(components) + sum(backend._context(c) is not None for c in components)
     other = pipe("a kite", width=128, height=128, **kw).array  # not a bucket: the any-shape session, no graph
     assert backend.device_loop.last_run == "off" and not any(("h", 16) in k[1] for k in backend.resident.keys() if k[1])
     plain = Pipeline.load(tiny_optimized, backend="ort-cuda", cuda_graphs="off")("a kite", width=128, height=128, **kw)
