@@ -60,7 +60,7 @@ def write_adapter(engine: Path, rank: int, path: Path) -> int:
 def merge_only(args) -> None:
     """--merge-only: Adapters.set + Adapters.overrides for the base UNet's session file, --runs times (each from a
     fresh Adapters: nothing cached), without making a session."""
-    from sdxl_trt.runtime.backends import session_file
+    from sdxl_trt.runtime.backends import context_file, session_file
     from sdxl_trt.runtime.bench import versions
     from sdxl_trt.runtime.lora import Adapters, as_adapters
     from sdxl_trt.runtime.manifest import load_manifest
@@ -70,6 +70,7 @@ def merge_only(args) -> None:
     entry = manifest.components["unet"]
     kind, precision, relative = session_file(entry, None if args.backend == "ort-cuda" else "fp32")
     path = manifest.path(relative or entry["precisions"][precision])
+    context = manifest.path(context_file(entry)) if kind == "cuda" and context_file(entry) else None  # its K/V part
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / f"random-rank{args.rank}.safetensors"
         layers = write_adapter(engine, args.rank, adapter)
@@ -78,7 +79,9 @@ def merge_only(args) -> None:
             adapters = Adapters()
             started = time.perf_counter()
             adapters.set(as_adapters([adapter]), manifest)
-            merged = adapters.overrides("unet", path)
+            merged = dict(adapters.overrides("unet", path, others=(context,) if context else ()))
+            if context:
+                merged.update(adapters.overrides("unet", context, others=(path,)))
             runs.append({"set_and_merge_s": time.perf_counter() - started, "merge_s": adapters.merge_s})
         result = {"command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "machine": platform.node(),
                   "cpus": os.cpu_count(), "versions": versions(), "engine": str(engine), "file": str(path),

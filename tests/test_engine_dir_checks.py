@@ -260,6 +260,12 @@ FIELDS = [  # (field, bad value): missing, wrong type, out of range, unknown enu
     # an optimized record whose recipe is not a whole number (compared with OPTIMIZE_RECIPE when a backend opens it)
     ("components.unet.optimized", {"cuda": {"precision": "fp16", "path": "onnx/unet/model.onnx",
                                             "files": ["onnx/unet/model.onnx"], "recipe": "2"}}),
+    # a context file (export/context_projections.py) that is not a name, or not one of the record's checked files
+    ("components.unet.optimized", {"cuda": {"precision": "fp16", "path": "onnx/unet/model.onnx",
+                                            "files": ["onnx/unet/model.onnx"], "context": 3}}),
+    ("components.unet.optimized", {"cuda": {"precision": "fp16", "path": "onnx/unet/model.onnx",
+                                            "files": ["onnx/unet/model.onnx"],
+                                            "context": "onnx/unet/model.context.onnx"}}),
 ]
 
 
