@@ -117,29 +117,33 @@ def test_nearly_every_weight_byte_is_shared_and_only_where_no_pass_rewrites_it(t
         manifest = load_manifest(root)
         for component, entry in manifest.components.items():
             for kind in kinds:
-                relative = entry["optimized"]["cuda"]["path"] if kind == "cuda" else entry["precisions"].get(kind)
+                record = entry["optimized"]["cuda"] if kind == "cuda" else {}
+                relative = record["path"] if kind == "cuda" else entry["precisions"].get(kind)
                 if relative is None:
                     continue
-                graph = onnx.load(str(manifest.path(relative)), load_external_data=False).graph
-                floats = [t for t in graph.initializer if t.data_type in (1, 10)]
+                # the files ort-cuda loads for it: an optimized UNet's own and its context file (the K/V projections)
+                graphs = [onnx.load(str(manifest.path(f)), load_external_data=False).graph
+                          for f in [relative] + ([record["context"]] if record.get("context") else [])]
+                floats = [t for graph in graphs for t in graph.initializer if t.data_type in (1, 10)]
                 total = sum(int(np.prod(t.dims)) for t in floats)
                 for nhwc in (False, True) if kind == "cuda" else (False,):
-                    shared = {t.name for t in shareable(graph, nhwc)}
+                    shared = {t.name for graph in graphs for t in shareable(graph, nhwc)}
                     least = 0.99 if kind == "cuda" else 0.98
                     assert sum(int(np.prod(t.dims)) for t in floats if t.name in shared) >= least * total, \
                         (component, kind, nhwc)
                     allowed = {**SHARED_INPUTS, **({} if nhwc else NCHW_ONLY)}
-                    for node in graph.node:
+                    for node in (node for graph in graphs for node in graph.node):
                         for index, name in enumerate(node.input):
                             if name in shared:
                                 assert node.domain == MICROSOFT or index in allowed.get((node.domain, node.op_type), ()), \
                                     (component, kind, node.op_type, name)
-                sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
-                convs = {n.input[1] for n in graph.node
-                         if n.op_type == "Conv" and not n.domain and sizes.get(n.input[1], 0) >= MIN_ELEMENTS}
-                assert not convs & {t.name for t in shareable(graph, nhwc=True)}  # prefer_nhwc transposes them
-                if convs:
-                    assert convs <= {t.name for t in shareable(graph, nhwc=False)}
+                for graph in graphs:
+                    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+                    convs = {n.input[1] for n in graph.node
+                             if n.op_type == "Conv" and not n.domain and sizes.get(n.input[1], 0) >= MIN_ELEMENTS}
+                    assert not convs & {t.name for t in shareable(graph, nhwc=True)}  # prefer_nhwc transposes them
+                    if convs:
+                        assert convs <= {t.name for t in shareable(graph, nhwc=False)}
 
 
 def test_shared_weights_keep_the_file_s_values_and_layout(unet):
