@@ -186,7 +186,8 @@ def rewrite_flags(**flags):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", required=True, type=Path, help="an engine directory optimized by `sdxl-trt optimize`")
+    p.add_argument("--engine", required=True, type=Path,
+                   help="an engine directory optimized by `sdxl-trt optimize --no-context-once`")
     p.add_argument("--out", required=True, type=Path, help="the variant engine directory to write")
     p.add_argument("--context-once", action="store_true")
     p.add_argument("--pack-qkv", action="store_true")

@@ -152,7 +152,7 @@ def merged_copy(engine: Path, out: Path) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", required=True, type=Path, help="an engine directory with the UNet optimized")
+    p.add_argument("--engine", required=True, type=Path, help="an engine directory with the UNet optimized with --no-context-once")
     p.add_argument("--out", required=True, type=Path, help="where the variant directory goes")
     args = p.parse_args()
     print(f"{merged_copy(args.engine, args.out)} attentions read the merged projection: {args.out}")

@@ -89,7 +89,7 @@ def vae_variants(args, pipe, latents) -> dict:
 
 def bench_ours(args, width: int, height: int) -> list[dict]:
     from sdxl_trt.runtime import Pipeline
-    from sdxl_trt.runtime.cuda import DeviceBuffer
+    from sdxl_trt.runtime.cuda import BufferPool, DeviceBuffer
     from sdxl_trt.runtime.images import to_pil
 
     before = device_used_gib()
@@ -131,6 +131,16 @@ def bench_ours(args, width: int, height: int) -> list[dict]:
     for k, a in arrays.items():
         buffers[k].upload(a, stream)
     out = DeviceBuffer(arrays["sample"].nbytes)
+    context_buffers = BufferPool()
+
+    def unet_inputs(session) -> dict:
+        """The UNet's bound inputs; an optimized UNet's context file (context_stage.py) run into buffers of its own
+        first, as the device loop does once per call (its outputs are the step's K/V inputs)."""
+        inputs = {k: (buffers[k].ptr, a.shape, a.dtype) for k, a in arrays.items()}
+        if getattr(session, "context", None) is not None:
+            inputs.update(session.context.into(context_buffers, inputs["encoder_hidden_states"]))
+        return inputs
+
     pipe.backend.cuda_graphs = "step"
     unet = {}
     for label, graph_id in (("graph", 1000), ("plain", -1)):
@@ -142,7 +152,7 @@ def bench_ours(args, width: int, height: int) -> list[dict]:
         else:
             session = pipe.backend.session("unet")
         binding = session.new_binding()
-        session.bind(binding, {k: (buffers[k].ptr, a.shape, a.dtype) for k, a in arrays.items()},
+        session.bind(binding, unet_inputs(session),
                      {"noise_pred": (out.ptr, arrays["sample"].shape, session.output_dtypes["noise_pred"])})
         samples = time_calls(lambda s=session, b=binding, g=graph_id: s.run_bound(b, g), args.runs * 4, 3,
                              stream.synchronize)
@@ -159,7 +169,7 @@ def bench_ours(args, width: int, height: int) -> list[dict]:
     if args.profile:  # which kernels the GPU spends the time in (CUPTI through torch.profiler: ONNX Runtime's too)
         unet_session = pipe.backend.loop_session("unet", {k: a.shape for k, a in arrays.items()})
         binding = unet_session.new_binding()
-        unet_session.bind(binding, {k: (buffers[k].ptr, a.shape, a.dtype) for k, a in arrays.items()},
+        unet_session.bind(binding, unet_inputs(unet_session),
                           {"noise_pred": (out.ptr, arrays["sample"].shape, unet_session.output_dtypes["noise_pred"])})
         profiles = {"unet_step": kernel_profile(lambda: unet_session.run_bound(binding), stream.synchronize),
                     "vae_decode": kernel_profile(lambda: pipe.decode_uint8(latents), stream.synchronize),
@@ -172,7 +182,8 @@ def bench_ours(args, width: int, height: int) -> list[dict]:
                      **({"kernel_profiles": profiles} if profiles else {})})
     print(f"sdxl-trt: UNet step {unet} ms, VAE decode {decode} ms (host path {decode_host} ms; {vae_file}), "
           f"device memory {pipeline_gib:.1f} GiB ({peak:.1f} with the extra sessions)", flush=True)
-    for b in [*buffers.values(), out]:
+    stream.synchronize()
+    for b in [*buffers.values(), out, *context_buffers.values()]:
         b.free()
     return cases  # the pipeline goes with this frame: ONNX Runtime frees its sessions' memory
 

@@ -64,6 +64,10 @@ def variant_copy(engine: Path, out: Path, rewrite: Rewrite, record_key: str | No
         raise SystemExit(f"--out {out}: must lie outside --engine {engine} (the variant links to its files)")
     manifest = load_manifest(engine)
     record = manifest.components[COMPONENT]["optimized"]["cuda"]
+    if record.get("context"):
+        raise SystemExit(f"--engine {engine}: its UNet's cross-attention K/V projections are in a context file already "
+                         f"({record['context']}); these experiments rewrite a UNet that computes them: "
+                         f"`sdxl-trt optimize {engine} --no-context-once --components unet` (or a copy of it) first")
     path = manifest.path(record["path"])
     rewritten = set(model_files(path))
     for f in engine.rglob("*"):

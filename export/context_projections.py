@@ -29,8 +29,9 @@ CONTEXT_CONTRACTS = ("unet", "unet_refiner", "unet_control")
 
 def cross_attention_projections(model: onnx.ModelProto, g: Graph | None = None):
     """(attention, K MatMul, V MatMul) for each com.microsoft MultiHeadAttention (fuse_attention.py's) whose K and V
-    are MatMuls of the same tensor by constant 2-D weights, each read by that attention alone, where that tensor is
-    the graph's context input (or a Cast of it: an fp16 file with fp32 inputs) and not what Q projects."""
+    are MatMuls of the same tensor by constant 2-D weights, each MatMul read by that attention alone and each weight
+    by that MatMul alone (it moves whole into the context file: one file holds it, where LoRA merges it), where that
+    tensor is the graph's context input (or a Cast of it: an fp16 file with fp32 inputs) and not what Q projects."""
     g = g or Graph(model.graph)
     graph_inputs = {i.name for i in model.graph.input}
     for node in model.graph.node:
@@ -40,7 +41,7 @@ def cross_attention_projections(model: onnx.ModelProto, g: Graph | None = None):
         if k is None or v is None or k.input[0] != v.input[0] or (q is not None and q.input[0] == k.input[0]):
             continue
         if any(len(g.consumers[m.output[0]]) != 1 or m.input[1] not in g.initializers
-               or len(g.initializers[m.input[1]].dims) != 2 for m in (k, v)):
+               or len(g.initializers[m.input[1]].dims) != 2 or len(g.consumers[m.input[1]]) != 1 for m in (k, v)):
             continue
         source = k.input[0]
         cast = g.producer.get(source)
@@ -70,9 +71,8 @@ def split_context_projections(model: onnx.ModelProto) -> onnx.ModelProto | None:
             name = f"{prefix}{i}"
             source = matmul.input[0]
             if source != CONTEXT_INPUT and source not in casts:
-                cast = g.producer[source]
-                casts[source] = helper.make_node("Cast", list(cast.input), list(cast.output), name=cast.name,
-                                                 to=helper.get_attribute_value(cast.attribute[0]))
+                casts[source] = onnx.NodeProto()
+                casts[source].CopyFrom(g.producer[source])
             nodes.append(helper.make_node("MatMul", [source, weight.name], [name], name=matmul.name))
             outputs.append(helper.make_tensor_value_info(name, weight.data_type, lead + [int(weight.dims[1])]))
             moved.add(weight.name)

@@ -120,7 +120,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 split = context_once and entry["contract"] in CONTEXT_CONTRACTS
                 if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
                         and (done.get("custom_ops") is None) == (ops is None)
-                        and ("context" in done) == split
+                        and ("ContextProjections" in done["fused"]) == split
                         and all(manifest.path(f).is_file() for f in done["files"])):
                     if done.get("custom_ops") != ops:
                         # the same file, for the library this installation builds (the graph names only the
@@ -334,8 +334,8 @@ def optimize_file(src: Path, dest: Path, model_type: str, keep_io_types: list[st
         return stub_to_fp16(tensor, data)
 
     context = split_context_projections(model) if context_once else None
-    if context is not None:
-        fused["ContextProjections"] = len(context.graph.output)
+    if context_once:  # counted when asked for, 0 for a UNet with none to move (so a run again finds it up to date)
+        fused["ContextProjections"] = len(context.graph.output) if context is not None else 0
     parts = [(model, dest)] + ([(context, context_path(dest))] if context is not None else [])
     stale = [] if context is not None else model_files(context_path(dest))  # a previous version's context file
     # every file under a temporary name, renamed into place once all are complete — the weights before the model

@@ -290,8 +290,10 @@ def precision_files(manifest: Manifest, component: str, precision: str, backend:
 # The recipe `sdxl-trt optimize` makes its files by (export/optimize.py), kept in each file's manifest record: a file
 # made by an older recipe still runs, only slower, and `optimize` makes it again. 1: the first; 2: Resize in fp16
 # (export/fp16.py), 1.4 ms off a 1024² VAE decode on the H100 (benchmarks/results/h100-vae-variants-ce83b03.json);
-# 3: the VAE encoder's Pads folded into its convolutions (export/optimize.py fold_pads_into_convs).
-OPTIMIZE_RECIPE = 3
+# 3: the VAE encoder's Pads folded into its convolutions (export/optimize.py fold_pads_into_convs); 4: the UNets'
+# cross-attention K/V projections in a context file run once per image (export/context_projections.py), 0.9 ms a
+# 1024² step on the H200 (benchmarks/results/h200-unet-context-once.json).
+OPTIMIZE_RECIPE = 4
 
 
 def stale_optimized(manifest, target: str = "cuda") -> list[str]:

@@ -10,9 +10,11 @@ each step (device_loop.py's begin; OrtCudaSession._run for a step run from numpy
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 
+from .errors import UserError
 from .ort_cuda import OrtCudaSession
 
 CONTEXT_INPUT = "encoder_hidden_states"
@@ -33,7 +35,6 @@ class ContextSession(OrtCudaSession):
         self.output_names = list(self.output_specs)
         self.output_dtypes = {name: dtype for name, (_, dtype) in self.output_specs.items()}
         self._bound = None  # the addresses and shapes self.binding is bound to
-        self._computed = None  # _run: (the context array, its output buffers' addresses) last computed
         self._lock = threading.Lock()  # one binding, run from any thread (prepare warms UNet sessions at once)
 
     def dtype(self, input_name: str):
@@ -72,12 +73,32 @@ class ContextSession(OrtCudaSession):
         on one prompt computes it once)."""
         bound = self._reserve(pool, context.shape)
         addresses = tuple(value[0] for value in bound.values())
-        last = self._computed
-        if last is None or last[1] != addresses or last[0].shape != context.shape or not np.array_equal(last[0], context):
+        last = getattr(pool, "context_computed", None)  # kept on the pool: its buffers hold what it says
+        if (last is None or last[0]() is not self or last[2] != addresses or last[1].shape != context.shape
+                or not np.array_equal(last[1], context)):
             self.queue((address, context.shape, context.dtype), {name: value[0] for name, value in bound.items()})
-            self._computed = (context.copy(), addresses)  # (a race here only costs a run: the key is compared whole)
+            pool.context_computed = (weakref.ref(self), context.copy(), addresses)
         return bound
 
     def _reserve(self, pool, context_shape: tuple) -> dict[str, tuple]:
         return {name: (pool.reserve(f"context {name}", int(np.prod(shape)) * np.dtype(dtype).itemsize).ptr, shape, dtype)
                 for name, (shape, dtype) in self.shapes(context_shape).items()}
+
+
+def check_pair(unet, context: ContextSession | None, manifest) -> None:
+    """The inputs the UNet session's file takes beyond its contract are exactly what its context file gives (names,
+    types, widths), or there are none and no context file: a one-line error naming the fix otherwise (a file
+    replaced by hand, or a context file of another optimize)."""
+    extra = {t.name: t for t in unet._session.get_inputs() if t.name not in unet.inputs}
+    given = {} if context is None else {t.name: t for t in context._session.get_outputs()}
+    if extra.keys() == given.keys() and all(ONNX_TYPES.get(extra[n].type) == ONNX_TYPES.get(given[n].type)
+                                            and extra[n].shape[-1] == given[n].shape[-1] for n in extra):
+        return
+    where = f"{unet.name}'s optimized files in {manifest.root}"
+    if context is None:
+        problem = f"the UNet file takes {len(extra)} inputs beyond its contract ({', '.join(sorted(extra)[:3])}, …) " \
+                  "and the manifest names no context file that gives them"
+    else:
+        problem = f"the context file {context.path.name} gives {len(given)} outputs, the UNet file takes " \
+                  f"{len(extra)} other inputs, and they do not match"
+    raise UserError(f"{where}: {problem}; make them again: `sdxl-trt optimize {manifest.root}`")

@@ -198,9 +198,10 @@ class OrtCudaBackend:
             made, errors = [], []
             for component in components:
                 try:
-                    weights = [self._shared(component, file, upload=False) for file in files[component]]
-                    allocated[component].set_result(weights)
-                    made.extend(getattr(w, "base", w) for w in weights)  # under LoRA adapters: the file's own weights
+                    for file in files[component]:  # each file goes up once allocated, even if the next one fails
+                        weights = self._shared(component, file, upload=False)
+                        made.append(getattr(weights, "base", weights))  # under LoRA adapters: the file's own weights
+                    allocated[component].set_result(True)
                 except BaseException as e:  # noqa: BLE001 - raised by each session waiting for it, and here
                     allocated[component].set_exception(e)
                     errors.append(e)
@@ -409,8 +410,11 @@ class OrtCudaBackend:
         session = OrtCudaSession(self.manifest, component, self.stream, file=file, cuda_graph=cuda_graph, dims=dims,
                                  weights=self._shared(component, file), conv_search=self.conv_search,
                                  device=self.device_id)
-        if session.file == "cuda":
+        if session.file == "cuda" and self._is_unet(component):
+            from .context_stage import check_pair
+
             session.context = self._context(component)
+            check_pair(session, session.context, self.manifest)
         return session
 
     def _context(self, component: str):

@@ -716,3 +716,42 @@ def test_the_packed_projection_experiments_compute_what_the_unet_computes(tiny_o
     with pytest.raises(SystemExit, match="must lie outside"):
         projections.variant_copy(tiny_optimized_whole, tiny_optimized_whole / "inside", projections.rewrite_flags(
             context_once=True, pack_kv=False, pack_qkv=False))
+
+
+def test_a_unet_file_and_a_context_file_that_do_not_fit_are_refused_in_one_line(tiny_optimized):
+    """ort-cuda pairs an optimized UNet session with its context file (runtime/context_stage.check_pair) before
+    either runs: the UNet's inputs beyond its contract must be exactly the context file's outputs (names, types,
+    widths), or there must be none and no context file. The names and widths are read from the tiny model's real
+    files (ONNX Runtime's CPU provider cannot make sessions of the fused files, so its input lists stand in)."""
+    import types
+
+    from sdxl_trt.runtime.context_stage import check_pair
+    from sdxl_trt.runtime.errors import UserError
+
+    manifest = load_manifest(tiny_optimized)
+    record = manifest.components["unet"]["optimized"]["cuda"]
+    contract = {t["name"]: t for t in manifest.components["unet"]["inputs"]}
+
+    def infos(values):
+        return [types.SimpleNamespace(name=v.name, type="tensor(float16)" if v.type.tensor_type.elem_type == 10
+                                      else "tensor(float)",
+                                      shape=[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in values]
+
+    unet_inputs = infos(onnx.load(str(manifest.path(record["path"])), load_external_data=False).graph.input)
+    context_outputs = infos(onnx.load(str(manifest.path(record["context"])), load_external_data=False).graph.output)
+
+    def fake(inputs=(), outputs=()):
+        return types.SimpleNamespace(name="unet", inputs=contract, path=manifest.path(record["context"]),
+                                     _session=types.SimpleNamespace(get_inputs=lambda: list(inputs),
+                                                                    get_outputs=lambda: list(outputs)))
+
+    check_pair(fake(unet_inputs), fake(outputs=context_outputs), manifest)  # as optimize wrote them
+    narrower = [types.SimpleNamespace(name=t.name, type=t.type, shape=[*t.shape[:-1], t.shape[-1] // 2])
+                for t in context_outputs]
+    for unet, context in ((fake(unet_inputs), None), (fake(unet_inputs), fake(outputs=context_outputs[:-1])),
+                          (fake(unet_inputs), fake(outputs=narrower)),
+                          (fake([t for t in unet_inputs if t.name in contract]), fake(outputs=context_outputs))):
+        with pytest.raises(UserError, match=r"sdxl-trt optimize .*`$") as e:
+            check_pair(unet, context, manifest)
+        assert "\n" not in str(e.value)
