@@ -121,7 +121,8 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
                         and (done.get("custom_ops") is None) == (ops is None)
                         and ("ContextProjections" in done["fused"]) == split
-                        and all(manifest.path(f).is_file() for f in done["files"])):
+                        and not any(file_problem(manifest.path(f), manifest.data["files"][f], True, "")
+                                    for f in done["files"])):  # a file missing or changed is made again
                     if done.get("custom_ops") != ops:
                         # the same file, for the library this installation builds (the graph names only the
                         # operators, which OPTIMIZE_RECIPE versions; a library of other sources needs no new file)

@@ -183,11 +183,20 @@ class Manifest:
                 raise UserError(problem)
 
     def check_files(self, hashes: bool = True, only: list[str] | None = None) -> None:
-        """Every listed file (or those in `only`) exists with its recorded size (and sha256 with `hashes`)."""
+        """Every listed file (or those in `only`) exists with its recorded size (and sha256 with `hashes`). The advice
+        names what makes the file: `sdxl-trt optimize` for its optimized files (and custom-op library), else export."""
+        records = [r for e in self.components.values() for r in (e.get("optimized") or {}).values()]
+        optimized = {f for r in records for f in r.get("files", [])}
+        libraries = {r["custom_ops"] for r in records if r.get("custom_ops")}
         for relative, record in self.data["files"].items():
             if only is not None and relative not in only:
                 continue
-            problem = file_problem(self.path(relative), record, hashes, "changed since export")
+            made = relative in optimized or relative in libraries
+            problem = file_problem(self.path(relative), record, hashes,
+                                   "changed since `sdxl-trt optimize` made it" if made else "changed since export")
+            if problem and made:
+                flag = " --custom-ops" if relative in libraries else ""
+                raise UserError(f"{problem}; make it again: `sdxl-trt optimize {self.root}{flag}`")
             if problem:
                 raise UserError(f"{problem}; re-export it: `{self.export_command()}`")
 

@@ -755,3 +755,33 @@ def test_a_unet_file_and_a_context_file_that_do_not_fit_are_refused_in_one_line(
         with pytest.raises(UserError, match=r"sdxl-trt optimize .*`$") as e:
             check_pair(unet, context, manifest)
         assert "\n" not in str(e.value)
+
+
+def test_a_changed_optimized_file_is_refused_with_optimize_advice_and_optimize_makes_it_again(tiny_optimized,
+                                                                                               tmp_path):
+    """An optimized file (here the UNet's context file, one byte changed, same size) fails the check ort-cuda runs
+    when it opens the directory, with `sdxl-trt optimize DIR` as the fix (not a re-export); `optimize` then finds it
+    not up to date and makes that component again, after which the check passes. An exported file keeps the
+    re-export advice."""
+    import shutil
+
+    from sdxl_trt.export.optimize import optimize_engine_dir
+    from sdxl_trt.runtime.backends import used_files
+    from sdxl_trt.runtime.errors import UserError
+
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_optimized, root)
+    manifest = load_manifest(root)
+    context = manifest.path(manifest.components["unet"]["optimized"]["cuda"]["context"])
+    data = bytearray(context.read_bytes())
+    data[-1] ^= 0xFF
+    context.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"does not match its sha256 .*`sdxl-trt optimize {root}`$"):
+        manifest.check_files(only=used_files("ort-cuda", manifest))
+    report = optimize_engine_dir(root, progress=False)
+    assert {name for name, _, _, seconds in report.rows if seconds is not None} == {"unet"}
+    load_manifest(root).check_files(only=used_files("ort-cuda", load_manifest(root)))
+    exported = manifest.path(manifest.components["clip_l"]["precisions"]["fp32"])
+    exported.write_bytes(exported.read_bytes()[:-1])
+    with pytest.raises(UserError, match="re-export it"):
+        load_manifest(root).check_files()
