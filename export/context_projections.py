@@ -32,8 +32,9 @@ def cross_attention_projections(model: onnx.ModelProto, g: Graph | None = None):
     are MatMuls of the same tensor by constant 2-D weights, each MatMul read by that attention alone and each weight
     by that MatMul alone (it moves whole into the context file: one file holds it, where LoRA merges it), where that
     tensor is the graph's context input (or a Cast of it: an fp16 file with fp32 inputs) and not what Q projects."""
+    if CONTEXT_INPUT not in {i.name for i in model.graph.input}:
+        return
     g = g or Graph(model.graph)
-    graph_inputs = {i.name for i in model.graph.input}
     for node in model.graph.node:
         if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.input) < 3:
             continue
@@ -48,15 +49,13 @@ def cross_attention_projections(model: onnx.ModelProto, g: Graph | None = None):
         if source != CONTEXT_INPUT and not (cast is not None and cast.op_type == "Cast"
                                             and cast.input[0] == CONTEXT_INPUT):
             continue
-        if CONTEXT_INPUT not in graph_inputs:
-            continue
         yield node, k, v
 
 
 def split_context_projections(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Move the cross-attention K/V projections of `model` (in place) into a new model and return it (None when
-    there are none). The moved initializers are the same TensorProtos (a stub without data stays one: its writer
-    streams it); the UNet gains the inputs `context_k.<i>`, `context_v.<i>` ([B, S, D], the weights' type) in the
+    there are none). The moved initializers are copied whole (a stub without data stays one: its writer streams it)
+    and leave `model`; the UNet gains the inputs `context_k.<i>`, `context_v.<i>` ([B, S, D], the weights' type) in the
     order of its attentions, which are also the context model's outputs."""
     g = Graph(model.graph)
     found = list(cross_attention_projections(model, g))
@@ -77,12 +76,12 @@ def split_context_projections(model: onnx.ModelProto) -> onnx.ModelProto | None:
             outputs.append(helper.make_tensor_value_info(name, weight.data_type, lead + [int(weight.dims[1])]))
             moved.add(weight.name)
             attention.input[slot] = name
-    weights = [t for t in model.graph.initializer if t.name in moved]
     context_weights = []
-    for tensor in weights:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(tensor)
-        context_weights.append(copy)
+    for tensor in model.graph.initializer:
+        if tensor.name in moved:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            context_weights.append(copy)
     graph = helper.make_graph(list(casts.values()) + nodes, "unet_context", [context_input], outputs,
                               initializer=context_weights)
     context = helper.make_model(graph, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
