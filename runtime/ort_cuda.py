@@ -233,6 +233,7 @@ class OrtCudaBackend:
                 session.run(**{t["name"]: np.zeros([dims.get(d, d) if isinstance(d, str) else d for d in t["shape"]],
                                                    session.dtype(t["name"])) for t in session.entry["inputs"]})
                 log.info("ran %s once on zeros in %.2f s", component, time.perf_counter() - started)
+                free_buffers(session)  # the warm run's inputs, outputs and context K/V: the device loop has its own
             return time.perf_counter()
 
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(plan))), thread_name_prefix="prepare")
@@ -456,6 +457,7 @@ class OrtCudaBackend:
     def _evicted(self, key, session) -> None:
         if self._loop is not None:
             self._loop.forget_session(session)
+        free_buffers(session)
 
 
 def load_onnxruntime():
@@ -526,32 +528,35 @@ CUDA_OPTIONS = {"cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1", "arena_
 # faster than HEURISTIC's: on the H100 a new bucket's first call took 4.4-4.6 s with it and 2.9-3.0 s without, steady
 # 1024² 1109 vs 1083 ms (benchmarks/results/h100-resident-buckets-sequence.json)
 CONV_SEARCH = "HEURISTIC"
-# The VAEs' own options. On the H100 a 1024² decode took 45.7 ms without them and 36.7 ms with both (35.3 ms
-# with the fp16 upsampling of export/fp16.py too), each at the same distance from the fp32 file (rel-L2 3.06e-3;
-# benchmarks/results/h100-vae-variants-ce83b03.json):
-#  - fuse_conv_bias: each convolution's bias inside cuDNN's graph (its conv + pointwise kernels) instead of a separate
-#    cudnnAddTensor pass over the output (7.4 ms of 36 adds): 45.7 → 39.6 ms; where cuDNN has no fused engine for
-#    a convolution (another GPU), ONNX Runtime plans it unfused again by itself (its conv.cc falls back);
-#  - sdpa_kernel 16 (ONNX Runtime's unfused attention: two cuBLAS GEMMs and a softmax): the VAE's one attention has a
-#    head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 → 42.5 ms. The
-#    unfused kernel writes out the B × tokens² fp16 scores, so only where they stay under UNFUSED_ATTENTION_BYTES
-#    (every SDXL bucket: ≤ 16384 tokens, 0.5 GiB an image); a larger decode keeps the memory-efficient kernel.
-# The VAE encoder (the same convolutions and one attention of the same shape at the latent size) gets the same: a
-# 1024² encode took 53.7 ms without them, 47.4 ms with both (fuse_conv_bias 50.4, sdpa_kernel 16 50.5), rel-L2 1.45e-3
-# from the fp32 file in each (benchmarks/results/h100-vae-encoder-variants-68bf3ed.json, H100; before the Pad fold).
-# The UNet's convolutions are not measured with fuse_conv_bias yet: it keeps CUDA_OPTIONS alone.
-VAE_OPTIONS = {"fuse_conv_bias": "1"}
+# Every session's convolutions take their bias inside cuDNN's graph (`fuse_conv_bias`: its conv + pointwise kernels)
+# instead of a separate cudnnAddTensor pass over the output; where cuDNN has no fused engine for a convolution (another
+# GPU), ONNX Runtime plans it unfused again by itself (its conv.cc falls back); a file without convolutions (the text
+# encoders, the context file) is untouched. The VAEs gain most: on the H100 a 1024² decode took 45.7 ms without it and
+# 39.6 ms with it (36 adds, 7.4 ms; benchmarks/results/h100-vae-variants-ce83b03.json). The UNet's 51 adds took 1.1 ms
+# a step and its fused convolutions are slower by most of that: the UNet step at batch 2 (1024², H200) took 30.73 ms
+# with it against 30.84 ms without, the medians of three fresh sessions each, taking turns
+# (benchmarks/results/h200-unet-fuse-conv-bias.json; three earlier A/Bs there: −0.07 to −0.27 ms).
+CONV_OPTIONS = {"fuse_conv_bias": "1"}
+# The VAEs' attention: sdpa_kernel 16 (ONNX Runtime's unfused attention: two cuBLAS GEMMs and a softmax). The VAE's
+# one attention has a head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 →
+# 42.5 ms a 1024² decode (H100; 36.7 ms with the fused bias too, 35.3 ms with the fp16 upsampling of export/fp16.py,
+# each at the same distance from the fp32 file, rel-L2 3.06e-3). The unfused kernel writes out the B × tokens² fp16
+# scores, so only where they stay under UNFUSED_ATTENTION_BYTES (every SDXL bucket: ≤ 16384 tokens, 0.5 GiB an image);
+# a larger decode keeps the memory-efficient kernel. The VAE encoder (the same convolutions and one attention of the
+# same shape at the latent size) gets the same: a 1024² encode took 53.7 ms without either, 47.4 ms with both
+# (fuse_conv_bias 50.4, sdpa_kernel 16 50.5), rel-L2 1.45e-3 from the fp32 file in each
+# (benchmarks/results/h100-vae-encoder-variants-68bf3ed.json, H100; before the Pad fold).
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 UNFUSED_ATTENTION_BYTES = 1 << 30
 
 
 def session_options(component: str, dims: dict[str, int] | None) -> dict[str, str]:
-    """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (VAE_OPTIONS says why);
-    `dims` None: the session for any shape. The attention's tokens are the latent's pixels (h × w; the encoder's
+    """The CUDA provider options of `component`'s session for `dims` beyond CUDA_OPTIONS (CONV_OPTIONS says why);
+    `dims` None: the session for any shape. A VAE's attention's tokens are the latent's pixels (h × w; the encoder's
     contract names the image's H × W, from which contracts.derived gives them)."""
+    options = dict(CONV_OPTIONS)
     if component not in VAE_COMPONENTS:
-        return {}
-    options = dict(VAE_OPTIONS)
+        return options
     dims = derived(dims or {})
     if {"B", "h", "w"} <= dims.keys() and dims["B"] * (dims["h"] * dims["w"]) ** 2 * 2 <= UNFUSED_ATTENTION_BYTES:
         options["sdpa_kernel"] = "16"
@@ -628,6 +633,13 @@ class OrtCudaSession(OrtSession):
         with on_device(self.device):  # the buffers below are this session's device's, whatever thread asks
             return self._run(feeds)
 
+    def free_buffers(self) -> None:
+        """Free the device buffers of runs from numpy arrays (`run`); the next such run makes them again."""
+        buffers, self.buffers = self.buffers, BufferPool()
+        with on_device(self.device):
+            for buffer in buffers.values():
+                buffer.free()
+
     def _run(self, feeds: dict) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(value, dtype=self.dtype(name)) for name, value in feeds.items()}
         shapes = output_shapes(self.entry, {n: a.shape for n, a in arrays.items()})
@@ -645,6 +657,15 @@ class OrtCudaSession(OrtSession):
             self.buffers[name].download(array, self.stream)
         self.stream.synchronize()
         return out
+
+
+def free_buffers(session) -> None:
+    """`OrtCudaSession.free_buffers` for a session the backend lets go (a CheckedSession: both of its sessions; any
+    other kind of session: nothing). Its device buffers are not freed by Python's garbage collection (the device
+    loop's, and ONNX Runtime's bindings, keep raw addresses of such buffers), so whoever drops a session frees them."""
+    for each in (session._fast, session.fallback) if isinstance(session, CheckedSession) else (session,):
+        if isinstance(each, OrtCudaSession):
+            each.free_buffers()
 
 
 class CheckedSession:
@@ -677,4 +698,5 @@ class CheckedSession:
     def fall_back(self) -> None:
         log.warning("%s: the fp16 VAE overflowed (NaN/Inf in the image); decoding in fp32 from now on "
                     "(slower; export with --vae an fp16-safe VAE to avoid this)", self.name)
-        self.fallback, self._fast = self.make_fallback(), None  # the fp16 session's memory goes
+        fast, self.fallback, self._fast = self._fast, self.make_fallback(), None  # the fp16 session's memory goes
+        free_buffers(fast)

@@ -388,9 +388,9 @@ def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsy
 
 
 def test_the_vaes_get_their_own_provider_options_within_the_attention_memory_bound():
-    """ort_cuda.session_options: fused conv bias for every VAE session; unfused attention only where its
+    """ort_cuda.session_options: fused conv bias for every session (CONV_OPTIONS); for the VAEs, unfused attention only where its
     B × tokens² fp16 scores stay under UNFUSED_ATTENTION_BYTES (every SDXL bucket at one image; not 2048², where
-    they would be 8 GiB, nor the session for any shape, whose size is not known); nothing for other components.
+    they would be 8 GiB, nor the session for any shape, whose size is not known); nothing more for other components.
     The encoder's tokens come from the image's size (its contract names H and W)."""
     from sdxl_trt.runtime.ort_cuda import UNFUSED_ATTENTION_BYTES, session_options
     from sdxl_trt.runtime.profiles import BUCKETS
@@ -407,7 +407,7 @@ def test_the_vaes_get_their_own_provider_options_within_the_attention_memory_bou
     assert session_options("vae_encoder", {"B": 1, "H": 2048, "W": 2048}) == {"fuse_conv_bias": "1"}
     assert session_options("vae_encoder", None) == {"fuse_conv_bias": "1"}
     for name in ("unet", "unet_refiner", "clip_l", "clip_g", "controlnet_0"):
-        assert session_options(name, {"B": 1, "h": 128, "w": 128}) == {}
+        assert session_options(name, {"B": 1, "h": 128, "w": 128}) == {"fuse_conv_bias": "1"}
 
 
 def test_optimize_in_worker_processes_writes_the_same_files(tiny_engine, tiny_optimized, tmp_path, capfd):
