@@ -21,7 +21,8 @@ it finds any, so a black image is never written.
 
 Each file is written atomically and recorded in the manifest under the component's `optimized` → `cuda` with the
 sha256 of the fp32 file it came from and the recipe that made it (runtime/backends.py's OPTIMIZE_RECIPE); running the
-command again skips what is up to date and makes again what an older recipe made.
+command again skips what is up to date and makes again what an older recipe made (only the components a later recipe
+changed: runtime/backends.py's RECIPES) or a newer sdxl-trt's recipe.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.ort_ops import OPS_DIR
 from ..runtime import engines as eng
-from ..runtime.backends import OPTIMIZE_RECIPE
+from ..runtime.backends import OPTIMIZE_RECIPE, current_recipe
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_problem, file_records, load_manifest
@@ -118,7 +119,8 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 done = entry.get("optimized", {}).get(target)
                 ops = library if _takes_custom_ops(entry) else None
                 split = context_once and entry["contract"] in CONTEXT_CONTRACTS
-                if (done and done["from"] == source and done.get("recipe", 1) == OPTIMIZE_RECIPE
+                if (done and done["from"] == source
+                        and current_recipe(entry["contract"]) <= done.get("recipe", 1) <= OPTIMIZE_RECIPE
                         and (done.get("custom_ops") is None) == (ops is None)
                         and ("ContextProjections" in done["fused"]) == split
                         and not any(file_problem(manifest.path(f), manifest.data["files"][f], True, "")

@@ -290,16 +290,35 @@ def precision_files(manifest: Manifest, component: str, precision: str, backend:
 # The recipe `sdxl-trt optimize` makes its files by (export/optimize.py), kept in each file's manifest record: a file
 # made by an older recipe still runs, only slower, and `optimize` makes it again. 1: the first; 2: Resize in fp16
 # (export/fp16.py), 1.4 ms off a 1024² VAE decode on the H100 (benchmarks/results/h100-vae-variants-ce83b03.json);
-# 3: the VAE encoder's Pads folded into its convolutions (export/optimize.py fold_pads_into_convs); 4: the UNets'
-# cross-attention K/V projections in a context file run once per image (export/context_projections.py), 0.9 ms a
-# 1024² step on the H200 (benchmarks/results/h200-unet-context-once.json).
-OPTIMIZE_RECIPE = 4
+# 3: the VAE encoder's Pads folded into its convolutions (export/optimize.py fold_pads_into_convs, tried on every
+# file); 4: the UNets' cross-attention K/V projections in a context file run once per image
+# (export/context_projections.py), 0.9 ms a 1024² step on the H200 (benchmarks/results/h200-unet-context-once.json).
+# Each with the contracts whose files it changed (None: every contract's), so that a new recipe makes only those again.
+RECIPES = ((1, None), (2, None), (3, None), (4, ("unet", "unet_refiner", "unet_control")))
+OPTIMIZE_RECIPE = RECIPES[-1][0]
+
+
+def current_recipe(contract: str) -> int:
+    """The latest recipe that changed what `optimize` makes of a `contract` component: its records from this recipe
+    on (up to OPTIMIZE_RECIPE) are up to date."""
+    return max(recipe for recipe, contracts in RECIPES if contracts is None or contract in contracts)
 
 
 def stale_optimized(manifest, target: str = "cuda") -> list[str]:
     """The components whose optimized files for `target` an older recipe made."""
-    return [name for name, entry in manifest.components.items()
-            if target in entry.get("optimized", {}) and entry["optimized"][target].get("recipe", 1) < OPTIMIZE_RECIPE]
+    return [name for name, entry in manifest.components.items() if target in entry.get("optimized", {})
+            and entry["optimized"][target].get("recipe", 1) < current_recipe(entry["contract"])]
+
+
+def check_optimized_readable(manifest, target: str = "cuda") -> None:
+    """A one-line error for optimized files of a newer recipe than this sdxl-trt knows (a newer `sdxl-trt optimize`
+    made them: their inputs or operators may be ones this runtime does not feed or have)."""
+    newer = {name: entry["optimized"][target]["recipe"] for name, entry in manifest.components.items()
+             if entry.get("optimized", {}).get(target, {}).get("recipe", 1) > OPTIMIZE_RECIPE}
+    if newer:
+        raise UserError(f"{manifest.root}: the optimized files of {', '.join(newer)} were made by a newer sdxl-trt "
+                        f"(recipe {max(newer.values())}; this one reads up to {OPTIMIZE_RECIPE}): upgrade sdxl-trt, "
+                        f"or make them again with this one: `sdxl-trt optimize {manifest.root}`")
 
 
 def session_file(entry: dict, file: str | None = None) -> tuple[str, str, str | None]:

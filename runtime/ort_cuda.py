@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorrt_api
-from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install, context_file,
-                       non_finite, quiet_onnxruntime, session_file, stale_optimized)
+from .backends import (VAE_FP16_ADVICE, OrtSession, check_cuda_graphs, check_onnxruntime_install,
+                       check_optimized_readable, context_file, non_finite, quiet_onnxruntime, session_file,
+                       stale_optimized)
 from .contracts import derived, output_shapes, shape_key, symbol_values
 from .cuda import BufferPool, Stream, capturing, device_count, device_memory, on_device
 from .errors import UserError
@@ -96,6 +97,7 @@ class OrtCudaBackend:
         self._loader = threading.local()  # `active` on prepare's loader thread
         self._overflowed: set[str] = set()  # VAEs whose fp16 file overflowed: fp32 from then on
         self._contexts: dict = {}  # UNet → its ContextSession (context_stage.py), or None for a file without one
+        check_optimized_readable(manifest)
         stale = stale_optimized(manifest)
         if stale:
             log.warning("%s: the optimized files of %s were made by an older `sdxl-trt optimize`; they run, but "

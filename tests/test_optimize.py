@@ -387,6 +387,43 @@ def test_files_of_an_older_recipe_are_made_again(tiny_optimized, tmp_path, capsy
     assert record["recipe"] == OPTIMIZE_RECIPE and stale_optimized(load_manifest(root)) == []
 
 
+def test_a_new_recipe_makes_again_only_the_components_it_changed_and_a_newer_one_is_refused(tiny_optimized, tmp_path,
+                                                                                          capsys):
+    """Records of recipe 3 (before the context file): the UNets' files are stale (ort-cuda warns: they run, slower)
+    and `optimize` makes only them again; the text encoders' and VAEs' files of recipe 3 are still today's
+    (RECIPES: 4 changed the UNets alone). A record of a recipe newer than this sdxl-trt knows is refused in one line
+    naming both ways out, and `optimize` makes it again with this recipe."""
+    from sdxl_trt.runtime.backends import OPTIMIZE_RECIPE, RECIPES, check_optimized_readable, stale_optimized
+    from sdxl_trt.runtime.errors import UserError
+
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_optimized, root)
+    data = json.loads((root / "manifest.json").read_text())
+    unets = sorted(n for n, e in data["components"].items() if e["contract"] in RECIPES[-1][1])
+    assert unets and len(unets) < len(data["components"])
+    for entry in data["components"].values():
+        entry["optimized"]["cuda"]["recipe"] = 3
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert sorted(stale_optimized(load_manifest(root))) == unets
+    check_optimized_readable(load_manifest(root))
+    assert main(["optimize", str(root)]) == 0
+    assert capsys.readouterr().out.count("cached") == len(data["components"]) - len(unets)
+    records = {n: e["optimized"]["cuda"] for n, e in load_manifest(root).components.items()}
+    assert {n: r["recipe"] for n, r in records.items()} == {n: OPTIMIZE_RECIPE if n in unets else 3 for n in records}
+    assert stale_optimized(load_manifest(root)) == []
+
+    data = json.loads((root / "manifest.json").read_text())
+    data["components"]["vae_decoder"]["optimized"]["cuda"]["recipe"] = OPTIMIZE_RECIPE + 1
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"vae_decoder were made by a newer sdxl-trt \(recipe {OPTIMIZE_RECIPE + 1}; "
+                                        rf"this one reads up to {OPTIMIZE_RECIPE}\): upgrade sdxl-trt, or .*optimize"):
+        check_optimized_readable(load_manifest(root))
+    assert main(["optimize", str(root)]) == 0
+    assert capsys.readouterr().out.count("cached") == len(data["components"]) - 1
+    check_optimized_readable(load_manifest(root))
+    assert load_manifest(root).components["vae_decoder"]["optimized"]["cuda"]["recipe"] == OPTIMIZE_RECIPE
+
+
 def test_the_vaes_get_their_own_provider_options_within_the_attention_memory_bound():
     """ort_cuda.session_options: fused conv bias for every session (CONV_OPTIONS); for the VAEs, unfused attention only where its
     B × tokens² fp16 scores stay under UNFUSED_ATTENTION_BYTES (every SDXL bucket at one image; not 2048², where
