@@ -4,8 +4,9 @@ one GPU; every session made fresh for the shape (free dimensions fixed, as the r
 file's custom-op library registered, `optimize --custom-ops`) with ONNX Runtime's CUDA graph, timed as the median of
 --runs synchronous runs after 3 warm-up runs (ONNX Runtime synchronises its stream at the end of a run). With
 --rounds N every case is measured N times, the cases taking turns (a fresh session each time), and its figure is the
-median of its rounds: the spread between sessions of one file (≈ 0.1–0.3 ms for the UNet) is the size of what some
-options change. Writes JSON (rewritten after every case, so a run cut short keeps what it measured). A variant from
+median of its rounds (a round that fails after one that did not is listed in its `round_errors`; the context
+file's time is the last round's): the spread between sessions of one file (≈ 0.1–0.3 ms for the UNet) is the size of
+what some options change. Writes JSON (rewritten after every case, so a run cut short keeps what it measured). A variant from
 benchmarks/attention_projections.py --context-once, or an engine optimized with the context file (the default), has
 its context file run first (once, timed apart) and its outputs bound as the UNet's extra inputs.
 
@@ -185,6 +186,8 @@ def main() -> int:
     p.add_argument("--profile-top", type=int, default=PROFILE_TOP, help="kernels listed per profile (default %(default)s)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.rounds < 1 or args.runs < 1:
+        p.error(f"--rounds {args.rounds} --runs {args.runs}: each must be at least 1")
     globals()["PROFILE_TOP"] = args.profile_top
     option_sets = {name: OPTIONS[name] for name in (args.options or DEFAULT_OPTIONS[args.component])}
     engines = {label: Path(d) for label, d in (e.split("=", 1) for e in args.engine)}
@@ -231,7 +234,10 @@ def main() -> int:
             if turn == 0:
                 result["cases"].append(case)
             elif "error" not in case or "ms" not in result["cases"][index]:
+                case.update({k: v for k, v in result["cases"][index].items() if k == "round_errors"})
                 result["cases"][index] = case
+            else:  # measured in an earlier round: that stays, and the failure is kept beside it
+                result["cases"][index].setdefault("round_errors", []).append(case["error"])
             print(json.dumps(case), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     measured = [(c["ms"], i) for i, c in enumerate(result["cases"]) if "ms" in c]

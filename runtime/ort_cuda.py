@@ -534,10 +534,11 @@ CONV_SEARCH = "HEURISTIC"
 # instead of a separate cudnnAddTensor pass over the output; where cuDNN has no fused engine for a convolution (another
 # GPU), ONNX Runtime plans it unfused again by itself (its conv.cc falls back); a file without convolutions (the text
 # encoders, the context file) is untouched. The VAEs gain most: on the H100 a 1024² decode took 45.7 ms without it and
-# 39.6 ms with it (36 adds, 7.4 ms; benchmarks/results/h100-vae-variants-ce83b03.json). The UNet's 51 adds took 1.1 ms
-# a step and its fused convolutions are slower by most of that: the UNet step at batch 2 (1024², H200) took 30.73 ms
-# with it against 30.84 ms without, the medians of three fresh sessions each, taking turns
-# (benchmarks/results/h200-unet-fuse-conv-bias.json; three earlier A/Bs there: −0.07 to −0.27 ms).
+# 39.6 ms with it (36 adds, 7.4 ms; benchmarks/results/h100-vae-variants-ce83b03.json). The UNet gains little: its 51
+# adds took 1.1 ms a step, and the step at batch 2 (1024², H200) took 30.73 ms with the option against 30.84 ms
+# without, the medians of three fresh sessions each taking turns, whose ranges overlap (30.72–30.82 against
+# 30.75–30.86; benchmarks/results/h200-unet-fuse-conv-bias.json); small, but of the same sign in each of the four A/Bs
+# made (−0.07 and −0.12 ms in h200-unet-context-kv-merge.json, −0.27 ms in h200-unet-attention-kernel.json).
 CONV_OPTIONS = {"fuse_conv_bias": "1"}
 # The VAEs' attention: sdpa_kernel 16 (ONNX Runtime's unfused attention: two cuBLAS GEMMs and a softmax). The VAE's
 # one attention has a head of 512, too wide for flash attention, and its memory-efficient kernel took 4.6 ms: 45.7 →
@@ -592,6 +593,7 @@ class OrtCudaSession(OrtSession):
                              shared=weights)
         self.stream = stream
         self.buffers = BufferPool()
+        self._buffers_lock = threading.Lock()  # a run from numpy uses them; a backend on another thread may free them
         self.binding = self._session.io_binding()
         self._run_options = {}
         self.output_dtypes = {t["name"]: self.spec_dtype(t) for t in entry["outputs"]}
@@ -632,12 +634,15 @@ class OrtCudaSession(OrtSession):
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):
             raise UserError(f"{self.name}: takes inputs {list(self.inputs)}, was given {sorted(feeds)}")
-        with on_device(self.device):  # the buffers below are this session's device's, whatever thread asks
+        # the buffers below are this session's device's, whatever thread asks; one run at a time (they share them)
+        with on_device(self.device), self._buffers_lock:
             return self._run(feeds)
 
     def free_buffers(self) -> None:
-        """Free the device buffers of runs from numpy arrays (`run`); the next such run makes them again."""
-        buffers, self.buffers = self.buffers, BufferPool()
+        """Free the device buffers of runs from numpy arrays (`run`), after a run under way on another thread (an
+        eviction by prepare's threads); the next such run makes them again."""
+        with self._buffers_lock:
+            buffers, self.buffers = self.buffers, BufferPool()
         with on_device(self.device):
             for buffer in buffers.values():
                 buffer.free()
