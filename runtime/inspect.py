@@ -33,12 +33,31 @@ def inspect_data(engine_dir) -> dict:
                "backends": {b: tensorrt_api.version(b) for b in tensorrt_api.MODULES}}
     return {"dir": str(manifest.root), "created": data.get("created"), "sources": data.get("sources", {}),
             "components": {name: {"contract": entry["contract"], "precisions": sizes[name],
-                                  **custom_ops_info(manifest, entry, device)}
+                                  **recipe_info(manifest, entry), **custom_ops_info(manifest, entry, device)}
                            for name, entry in manifest.components.items()},
             "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
             "file_problems": problems,  # missing files or files of another size than recorded (a copy cut short)
             "work": {work: manifest.missing(work) for work in WORK},  # None: it can; else why not
             "engines": engines, "machine": machine}
+
+
+def recipe_info(manifest, entry: dict) -> dict:
+    """{"optimized": {target: {recipe, current, why_not}}} for a component with `sdxl-trt optimize`d files: whether
+    they are today's recipe for the component (runtime/backends.py RECIPES); {} for one with none."""
+    from .backends import OPTIMIZE_RECIPE, current_recipe
+
+    found = {}
+    for target, record in (entry.get("optimized") or {}).items():
+        recipe, today = record.get("recipe", 1), current_recipe(entry["contract"])
+        why = None
+        if recipe > OPTIMIZE_RECIPE:
+            why = (f"made by a newer sdxl-trt (recipe {recipe}; this one reads up to {OPTIMIZE_RECIPE}): ort-cuda refuses "
+                   f"it; upgrade sdxl-trt, or make it again with this one: `sdxl-trt optimize {manifest.root}`")
+        elif recipe < today:
+            why = (f"an older recipe ({recipe}; today's is {today}): it runs, slower; `sdxl-trt optimize "
+                   f"{manifest.root}` makes it again")
+        found[target] = {"recipe": recipe, "current": why is None, "why_not": why}
+    return {"optimized": found} if found else {}
 
 
 def custom_ops_info(manifest, entry: dict, device) -> dict:
@@ -73,6 +92,9 @@ def inspect_dir(engine_dir, as_json: bool = False) -> str:
     for name, c in info["components"].items():
         files = ", ".join(f"{p} {size / 1e6:.1f} MB" for p, size in c["precisions"].items())
         lines.append(f"  {name:<14} {files}")
+        for target, made in c.get("optimized", {}).items():
+            if not made["current"]:
+                lines.append(f"  {'':<14} {target} file: {made['why_not']}")
         for target, ops in c.get("custom_ops", {}).items():
             usable = "usable here" if ops["usable"] else f"not usable here: {ops['why_not']}"
             lines.append(f"  {'':<14} {target} file's custom operators: {ops['library']} ({usable})")

@@ -392,9 +392,10 @@ def test_a_new_recipe_makes_again_only_the_components_it_changed_and_a_newer_one
     """Records of recipe 3 (before the context file): the UNets' files are stale (ort-cuda warns: they run, slower)
     and `optimize` makes only them again; the text encoders' and VAEs' files of recipe 3 are still today's
     (RECIPES: 4 changed the UNets alone). A record of a recipe newer than this sdxl-trt knows is refused in one line
-    naming both ways out, and `optimize` makes it again with this recipe."""
+    naming both ways out, and `optimize` makes it again with this recipe; `sdxl-trt inspect` shows each case."""
     from sdxl_trt.runtime.backends import OPTIMIZE_RECIPE, RECIPES, check_optimized_readable, stale_optimized
     from sdxl_trt.runtime.errors import UserError
+    from sdxl_trt.runtime.inspect import inspect_data, inspect_dir
 
     root = tmp_path / "tiny"
     shutil.copytree(tiny_optimized, root)
@@ -406,6 +407,9 @@ def test_a_new_recipe_makes_again_only_the_components_it_changed_and_a_newer_one
     (root / "manifest.json").write_text(json.dumps(data))
     assert sorted(stale_optimized(load_manifest(root))) == unets
     check_optimized_readable(load_manifest(root))
+    shown = inspect_data(root)["components"]
+    assert {n: c["optimized"]["cuda"]["current"] for n, c in shown.items()} == {n: n not in unets for n in shown}
+    assert inspect_dir(root).count("an older recipe (3; today's is 4): it runs, slower") == len(unets)
     assert main(["optimize", str(root)]) == 0
     assert capsys.readouterr().out.count("cached") == len(data["components"]) - len(unets)
     records = {n: e["optimized"]["cuda"] for n, e in load_manifest(root).components.items()}
@@ -418,6 +422,7 @@ def test_a_new_recipe_makes_again_only_the_components_it_changed_and_a_newer_one
     with pytest.raises(UserError, match=rf"vae_decoder were made by a newer sdxl-trt \(recipe {OPTIMIZE_RECIPE + 1}; "
                                         rf"this one reads up to {OPTIMIZE_RECIPE}\): upgrade sdxl-trt, or .*optimize"):
         check_optimized_readable(load_manifest(root))
+    assert "vae_decoder" in inspect_dir(root) and inspect_dir(root).count("made by a newer sdxl-trt") == 1
     assert main(["optimize", str(root)]) == 0
     assert capsys.readouterr().out.count("cached") == len(data["components"]) - 1
     check_optimized_readable(load_manifest(root))
