@@ -31,7 +31,9 @@ def start_in_background() -> None:
         except Exception:  # noqa: BLE001 - reported, in the backend's words, by the first call that needs the GPU
             pass
 
-    threading.Thread(target=start, name="cuda-start", daemon=True).start()
+    # not a daemon: a process ending meanwhile (a call refused at once) waits for the driver instead of tearing the
+    # interpreter down under a thread inside it
+    threading.Thread(target=start, name="cuda-start", daemon=False).start()
 
 
 def check(result):

@@ -66,12 +66,12 @@ class OrtCudaBackend:
         (parallel_loop.py)."""
         check_onnxruntime_install()
         check_cuda_graphs(cuda_graphs)
-        # ONNX Runtime (0.2-0.3 s to import and load its CUDA libraries) loads on a thread of its own while the weights
-        # are laid out and go up, which needs only CUDA; the first session waits for it (and raises its error)
-        self._onnxruntime = load_onnxruntime()
         if tensorrt_api.gpu() is None:
             raise UserError("backend ort-cuda needs a CUDA GPU and none was found; ort-cpu runs without one")
         self.devices = check_devices(devices)
+        # ONNX Runtime (0.2-0.3 s to import and load its CUDA libraries) loads on a thread of its own while the weights
+        # are laid out and go up, which needs only CUDA; the first session waits for it (and raises its error)
+        self._onnxruntime = load_onnxruntime()
         self.device_id = self.devices[0]
         with on_device(self.device_id):
             self._start(manifest, stream, cuda_graphs, buckets, max_device_memory, conv_search)
@@ -488,7 +488,9 @@ def load_onnxruntime():
         log.info("loaded ONNX Runtime in %.2f s", time.perf_counter() - started)
         future.set_result(time.perf_counter())
 
-    threading.Thread(target=load, name="onnxruntime", daemon=True).start()
+    # not a daemon: a process that ends before the import is done (a call refused at once) waits for it, instead of
+    # the interpreter's teardown killing a thread inside ONNX Runtime's native code (which aborts: SIGABRT)
+    threading.Thread(target=load, name="onnxruntime", daemon=False).start()
     return future
 
 

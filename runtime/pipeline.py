@@ -130,8 +130,9 @@ def _user_errors(generate):
     def wrapper(self, *args, **kwargs):
         names = kwargs.get("names")
         sizes = {spelled("height", names), spelled("width", names)}
-        remedy = (f"lower {' and '.join(sorted(sizes))} or {spelled('num_images_per_prompt', names)}, or use "
-                  f"{spelled('low_memory', names)}")
+        low = spelled("low_memory", names)  # None where the caller has no such switch (the server's requests)
+        remedy = f"lower {' and '.join(sorted(sizes))} or {spelled('num_images_per_prompt', names)}" + (
+            f", or use {low}" if low and not self.low_memory else "")
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return generate(self, *args, **kwargs)
@@ -563,6 +564,9 @@ class Pipeline:
         windows = self.prompt_windows(prompts, negatives) if long_prompt == "chunk" else None
         # the schedule before any model runs: a sampler, spacing or step count it refuses fails the call at once
         first = make_sampler(sampler, self.scheduler_config, num_inference_steps, spacing=spacing)
+        if denoising_end is not None:
+            self._check_split(first, denoising_end, refiner_start is not None, strength if image is not None else None,
+                              "refiner_start" if refiner_start is not None else "denoising_end", names)
 
         t = time.perf_counter()
         cond = self.encode_prompt(role, prompts, negatives, guidance, windows)
@@ -859,6 +863,21 @@ class Pipeline:
         latents = np.concatenate([mean + std * draw([rng], mean.shape[1:]) for rng in rngs])
         shift = self.model.get("vae_shift_factor") or 0.0
         return ((latents - np.float32(shift)) * np.float32(self.model["vae_scaling_factor"])).astype(np.float32)
+
+    def _check_split(self, sampler, fraction: float, refiner: bool, strength: float | None, name: str,
+                     names=None) -> None:
+        """A one-line error when the base's steps before `fraction` of the schedule (after img2img's `strength`
+        skipped the first ones), or with `refiner` the refiner's after it, are none: the call would return the
+        noise (or the base's latents) unchanged by that model."""
+        say = functools.partial(spelled, names=names)
+        steps = sampler.steps
+        start = 0 if strength is None else (steps - min(int(steps * strength), steps)) * sampler.order
+        cutoff = self._cutoff(fraction)
+        base, rest = int(np.sum(sampler.timesteps[start:] >= cutoff)), int(np.sum(sampler.timesteps < cutoff))
+        if base == 0 or (refiner and rest == 0):
+            who, move = ("the base", "raise") if base == 0 else ("the refiner", "lower")
+            raise UserError(f"{say(name)} {fraction:g} of {steps} steps leaves {who} no step to run; {move} "
+                            f"{say(name)} or raise {say('num_inference_steps')}")
 
     def _cutoff(self, fraction: float) -> int:
         train = self.scheduler_config.get("num_train_timesteps", 1000)

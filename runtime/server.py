@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 
 # How the pipeline's errors spell its arguments for HTTP clients: the request's JSON fields (validate.CLI_NAMES is
-# the CLI's); low_memory and backend are the server's start-up flags.
+# the CLI's); backend is the server's start-up flag; low_memory is not one (`serve` keeps its models resident), so an
+# out-of-memory answer does not suggest it.
 HTTP_NAMES = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "height": "size", "width": "size",
     "num_inference_steps": "steps", "guidance_scale": "guidance", "guidance_rescale": "guidance_rescale",
     "sampler": "sampler", "spacing": "spacing", "num_images_per_prompt": "n", "seed": "seed", "generator": "seed",
     "image": "init_image", "mask_image": "mask", "strength": "strength", "refiner_start": "refiner_start",
     "refine_strength": "refine_strength", "long_prompt": "long_prompt", "output_type": "output_format",
-    "loras": "lora", "low_memory": "the server's --low-memory", "backend": "the server's --backend",
+    "loras": "lora", "low_memory": None, "backend": "the server's --backend",
     "control_image": "control_images", "controlnet_conditioning_scale": "controlnet_conditioning_scale",
     "control_guidance_start": "control_guidance_start", "control_guidance_end": "control_guidance_end",
     "guess_mode": "guess_mode",

@@ -168,6 +168,13 @@ def test_out_of_memory_advice_uses_the_callers_names(tiny_engine, monkeypatch):
 
     message = refusal(pipe, names=CLI_NAMES)
     assert "lower --size or --batch, or use --low-memory" in message
+    from sdxl_trt.runtime.server import HTTP_NAMES
+
+    message = refusal(pipe, names=HTTP_NAMES)  # `serve` has no --low-memory to suggest
+    assert message.startswith("out of memory: lower size or n (") and "low-memory" not in message
+    pipe.low_memory = True  # already on: not suggested again
+    message = refusal(pipe, names=CLI_NAMES)
+    assert message.startswith("out of memory: lower --size or --batch (") and "--low-memory" not in message
 
 
 @pytest.mark.parametrize("argv, message", [
