@@ -178,10 +178,14 @@ def _run_jobs(todo: list[tuple], jobs: int):
 
 def _worker_signals() -> None:
     """In a worker: SIGTERM (the pool's terminate) and Ctrl-C unwind, so its temporary files are removed, and end it
-    quietly (multiprocessing prints a traceback for any other exception; the parent says "interrupted")."""
+    quietly (multiprocessing prints a traceback for any other exception; the parent says "interrupted"). Once: a
+    Ctrl-C reaches the workers, then the pool's SIGTERM follows, and that second signal must not cut short the
+    cleanup the first one started (Python would print it as an exception ignored in a finalizer)."""
     import signal
 
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(130)
 
     signal.signal(signal.SIGTERM, stop)

@@ -827,3 +827,27 @@ def test_a_changed_optimized_file_is_refused_with_optimize_advice_and_optimize_m
     exported.write_bytes(exported.read_bytes()[:-1])
     with pytest.raises(UserError, match="re-export it"):
         load_manifest(root).check_files()
+
+
+def test_an_optimize_worker_stops_on_the_first_signal_and_ignores_the_next():
+    """`optimize --jobs N` on Ctrl-C: the terminal's SIGINT reaches the workers, then the pool's SIGTERM. The first
+    unwinds the worker (its temporary files removed); the second must not cut that cleanup short (it printed as
+    "Exception ignored in ... tempfile ... SystemExit: 130" under the one-line "interrupted")."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import os, signal
+        from sdxl_trt.export.optimize import _worker_signals
+        _worker_signals()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("SIGINT did not stop the worker")
+        except SystemExit as e:
+            assert e.code == 130
+        os.kill(os.getpid(), signal.SIGTERM)  # the pool's terminate, during the cleanup: ignored
+        os.kill(os.getpid(), signal.SIGINT)
+        print("cleaned up")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "cleaned up", "")
