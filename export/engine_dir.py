@@ -8,10 +8,12 @@ export that fails or is interrupted leaves nothing that looks like an engine dir
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.util
 import json
+import os
 import resource
 import shutil
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..runtime import engines as eng
 from ..runtime import manifest as mf
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_dir, check_writable, read_json
@@ -74,6 +77,9 @@ def _check_out(out: Path, force: bool, need_bytes: int = 0) -> None:
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
+    if out.is_dir() and os.path.ismount(out):  # replaced by a rename of the new directory, which a mount refuses
+        raise UserError(f"--out {str(out)!r} is a mount point, which cannot be replaced as a whole; export into a "
+                        f"folder inside it (e.g. --out {str(out / 'sdxl')!r})")
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +163,12 @@ def export_engine_dir(model: str, out: str | Path, *, refiner: str | None = None
     if vae_src:
         manifest["sources"]["vae"] = {"spec": vae_src.spec, "kind": vae_src.kind}
     shared: dict[str, tuple[str, dict[str, str]]] = {}  # module → (weights hash, component → exported name)
+    # --force over an engine directory: its lock held from here until it is replaced (an optimize or build running
+    # there is refused now; one started meanwhile is refused, instead of writing into a directory about to go)
+    replacing = eng.locked(out, required=False) if out.is_dir() and (out / mf.MANIFEST).is_file() else \
+        contextlib.nullcontext()
     try:
-        with atomic_dir(out) as tmp:
+        with replacing, atomic_dir(out) as tmp:
             for role, src in roles.items():
                 pipeline = {"components": {}}
                 for module_name, names in PLAN[role]:

@@ -103,17 +103,23 @@ def engine_problem(manifest: Manifest, path: str, record: dict, device: tensorrt
 
 
 @contextlib.contextmanager
-def locked(root: Path) -> Iterator[None]:
-    """One build at a time per engine directory (builds rewrite the manifest)."""
+def locked(root: Path, required: bool = True) -> Iterator[None]:
+    """One command at a time changes an engine directory (build and optimize rewrite its manifest, export --force
+    replaces it). `required` False: a directory where the lock file cannot be made (read-only) goes unlocked, as no
+    command can be changing it either."""
     try:
         f = open(root / LOCK, "a+")
     except OSError as e:
+        if not required:
+            yield
+            return
         raise UserError(f"{root}: cannot build here ({e.strerror}); the engine directory must be writable") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{root}: another `sdxl-trt build` is running on this directory") from None
+            raise UserError(f"{root}: another sdxl-trt command (build, optimize or export --force) is changing this "
+                            "engine directory; run this again once it has ended") from None
         try:
             yield
         finally:

@@ -178,7 +178,11 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         parked = tmp.with_name(tmp.name + ".old")  # the previous version, under the same lock while swapping
         if path.exists():
             parked.mkdir()
-            os.replace(path, parked / path.name)
+            try:
+                os.replace(path, parked / path.name)
+            except OSError:
+                parked.rmdir()  # nothing was moved: no empty folder left beside `path`
+                raise
         os.replace(tmp, path)
         shutil.rmtree(parked, ignore_errors=True)
     finally:

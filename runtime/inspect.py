@@ -18,8 +18,9 @@ def inspect_data(engine_dir) -> dict:
         sizes[name] = {p: sum(data["files"][f]["size"] for f in files) for p, files in entry["files"].items()}
         for target, record in entry.get("optimized", {}).items():  # `sdxl-trt optimize`
             sizes[name][f"{target} {record['precision']}"] = sum(data["files"][f]["size"] for f in record["files"])
-    problems = [problem for relative, record in data["files"].items()  # sizes only: hashing gigabytes is generate's
-                if (problem := file_problem(manifest.path(relative), record, False, "changed since export"))]
+    damaged = {relative: problem for relative, record in data["files"].items()  # sizes only: hashing is generate's
+               if (problem := file_problem(manifest.path(relative), record, False, "changed since export"))}
+    problems = list(damaged.values())
     engines = []
     for path, record in manifest.engines.items():
         problem = eng.engine_problem(manifest, path, record, device, check_hash=False)
@@ -37,8 +38,18 @@ def inspect_data(engine_dir) -> dict:
                            for name, entry in manifest.components.items()},
             "pipelines": {role: p["components"] for role, p in data.get("pipelines", {}).items()},
             "file_problems": problems,  # missing files or files of another size than recorded (a copy cut short)
-            "work": {work: manifest.missing(work) for work in WORK},  # None: it can; else why not
+            "work": {work: manifest.missing(work) or _damaged(manifest, work, damaged) for work in WORK},  # None: it can
             "engines": engines, "machine": machine}
+
+
+def _damaged(manifest, work: str, damaged: dict[str, str]) -> str | None:
+    """Why `work` is refused until a file is made again: the first damaged exported file of a component it runs."""
+    for name in manifest.work_components(work):
+        for files in manifest.components[name]["files"].values():
+            for relative in files:
+                if relative in damaged:
+                    return f"{damaged[relative]}; re-export it: `{manifest.export_command()}`"
+    return None
 
 
 def recipe_info(manifest, entry: dict) -> dict:

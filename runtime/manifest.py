@@ -175,6 +175,13 @@ class Manifest:
                         f"whole: `{self.export_command()}`")
         return None
 
+    def work_components(self, work: str) -> list[str]:
+        """The components `work` (a key of WORK) runs, as this directory names them (those it has)."""
+        role, kinds, _ = WORK[work]
+        role = self.main_role if role == "main" else role
+        names = self.pipelines.get(role, {}).get("components", {})
+        return [names[kind] for kind in kinds or (*ENCODERS[role], "unet") if kind in names]
+
     def require(self, *work: str) -> None:
         """Every component `work` needs (keys of WORK) is here, or one line names the first one missing."""
         for stage in work:

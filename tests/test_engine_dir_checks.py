@@ -398,4 +398,15 @@ def test_inspect_names_the_files_that_are_missing_or_cut_short(tiny_engine, tmp_
     text = capsys.readouterr().out
     assert "files: 1 damaged" in text and victim.split("/")[-1] in text
     assert main(["inspect", str(copy), "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["file_problems"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["file_problems"]) == 1
+    # the work that runs the damaged file's component says no (it said yes before), the rest still yes
+    owner = next(n for n, e in manifest["components"].items() if any(victim in f for f in e["files"].values()))
+    runs = {"clip_l": "generate", "clip_g": "generate", "unet": "generate", "vae_decoder": "decode",
+            "vae_encoder": "img2img", "unet_refiner": "refiner"}[owner]
+    assert victim in info["work"][runs] and "re-export it" in info["work"][runs]
+    from sdxl_trt.runtime.manifest import load_manifest
+
+    uses = {work: owner in load_manifest(copy).work_components(work) for work in info["work"]}
+    assert all((why is not None) == uses[work] for work, why in info["work"].items()), info["work"]
+    assert f"{runs}: " in text

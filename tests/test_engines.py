@@ -402,7 +402,7 @@ def test_an_onnx_file_changed_behind_the_manifest_is_refused(built, tmp_path, ca
 def test_one_build_at_a_time_per_directory(built, tmp_path):
     root = _copy(built, tmp_path)
     with eng.locked(root):
-        with pytest.raises(UserError, match="another `sdxl-trt build` is running"):
+        with pytest.raises(UserError, match="another sdxl-trt command .* is changing this engine directory"):
             build_engines(root, _options(), components=["clip_l"], progress=False)
 
 

@@ -200,6 +200,57 @@ def test_existing_non_empty_out_needs_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
+def test_force_over_an_engine_directory_another_command_is_changing_is_refused_before_the_work(tmp_path):
+    """`export --force` takes the directory's lock (an `optimize` or `build` running there holds it): refused at once,
+    the directory as it was; and while an export replaces a directory, an `optimize` of it is refused (before, the
+    export went ahead and the optimize crashed writing into the replaced directory)."""
+    from sdxl_trt.runtime import engines as eng
+
+    out = tmp_path / "engine"
+    export_engine_dir("tiny:base", out, components=["clip_l"], progress=False)
+    manifest = (out / "manifest.json").read_bytes()
+    with eng.locked(out):  # as `sdxl-trt optimize` holds it
+        with pytest.raises(UserError, match="another sdxl-trt command .* is changing this engine directory"):
+            export_engine_dir("tiny:base", out, components=["clip_l"], force=True, progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # no temporary folder left
+
+    seen = []
+
+    def optimize_meanwhile(*args, **kwargs):
+        with pytest.raises(UserError, match="is changing this engine directory"):
+            with eng.locked(out):
+                pass
+        seen.append(True)
+        return real(*args, **kwargs)
+
+    import sdxl_trt.export.engine_dir as engine_dir
+
+    real = engine_dir.export_onnx
+    engine_dir.export_onnx = optimize_meanwhile
+    try:
+        export_engine_dir("tiny:base", out, components=["clip_l"], force=True, progress=False)
+    finally:
+        engine_dir.export_onnx = real
+    assert seen and (out / "manifest.json").is_file()
+
+
+def test_a_mount_point_as_out_is_refused_before_the_work(tmp_path, monkeypatch):
+    """A Docker volume as --out: the finished directory could not be renamed over it (EBUSY, after the whole export);
+    refused at once, with or without --force, naming a folder inside it instead."""
+    import os
+
+    out = tmp_path / "volume"
+    out.mkdir()  # empty: no --force needed
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(out) or real(p))
+    for force in (False, True):
+        with pytest.raises(UserError, match=r"is a mount point, which cannot be replaced as a whole; export into a "
+                                            r"folder inside it \(e.g. --out .*volume/sdxl"):
+            export_engine_dir("tiny:base", out, components=["clip_l"], force=force, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"] and not any(out.iterdir())
+
+
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(components=["unet", "text_encoder"]), "unknown component 'text_encoder'"),
     (dict(refiner="tiny:base"), "is an SDXL base model, not a refiner"),

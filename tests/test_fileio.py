@@ -35,6 +35,29 @@ def test_atomic_dir_swaps_whole_folders(tmp_path):
     assert [p.name for p in path.iterdir()] == ["c"] and list(tmp_path.iterdir()) == [path]
 
 
+def test_a_folder_that_cannot_be_moved_aside_is_kept_and_leaves_nothing_beside_it(tmp_path, monkeypatch):
+    """A mount point (EBUSY) or a folder of another owner cannot be renamed: the write fails, the folder is as it was,
+    and no empty `.old` folder is left beside it."""
+    import errno
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real = os.replace
+
+    def busy(src, dst):
+        if str(src) == str(out):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
     import os
 
