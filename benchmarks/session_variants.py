@@ -243,8 +243,8 @@ def main() -> int:
     measured = [(c["ms"], i) for i, c in enumerate(result["cases"]) if "ms" in c]
     best = None  # (ms, engine label, options set name)
     if measured:
-        index = min(measured)[1]
-        best = (min(measured)[0], cases[index][0], cases[index][2])
+        ms, index = min(measured)
+        best = (ms, cases[index][0], cases[index][2])
     if args.no_profiles:
         return 0
     # keyed by what ran: the first --engine's file with the options the runtime gives it, and the fastest case

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.ort_ops import OPS_DIR
 from ..runtime import engines as eng
-from ..runtime.backends import OPTIMIZE_RECIPE, current_recipe
+from ..runtime.backends import OPTIMIZE_RECIPE, recipe_state
 from ..runtime.errors import UserError
 from ..runtime.fileio import atomic_file, check_writable
 from ..runtime.manifest import file_problem, file_records, load_manifest
@@ -119,8 +119,7 @@ def optimize_engine_dir(engine_dir: str | Path, target: str = "cuda", components
                 done = entry.get("optimized", {}).get(target)
                 ops = library if _takes_custom_ops(entry) else None
                 split = context_once and entry["contract"] in CONTEXT_CONTRACTS
-                if (done and done["from"] == source
-                        and current_recipe(entry["contract"]) <= done.get("recipe", 1) <= OPTIMIZE_RECIPE
+                if (done and done["from"] == source and recipe_state(entry, target) is None
                         and (done.get("custom_ops") is None) == (ops is None)
                         and ("ContextProjections" in done["fused"]) == split
                         and not any(file_problem(manifest.path(f), manifest.data["files"][f], True, "")

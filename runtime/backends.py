@@ -304,17 +304,27 @@ def current_recipe(contract: str) -> int:
     return max(recipe for recipe, contracts in RECIPES if contracts is None or contract in contracts)
 
 
+def recipe_state(entry: dict, target: str = "cuda") -> str | None:
+    """"older" when a component's optimized files for `target` were made by an older recipe than today's for its
+    contract (they run, slower), "newer" when by a recipe this sdxl-trt does not know; None when they are today's (or
+    there are none)."""
+    record = entry.get("optimized", {}).get(target)
+    if record is None:
+        return None
+    recipe = record.get("recipe", 1)
+    return "newer" if recipe > OPTIMIZE_RECIPE else "older" if recipe < current_recipe(entry["contract"]) else None
+
+
 def stale_optimized(manifest, target: str = "cuda") -> list[str]:
     """The components whose optimized files for `target` an older recipe made."""
-    return [name for name, entry in manifest.components.items() if target in entry.get("optimized", {})
-            and entry["optimized"][target].get("recipe", 1) < current_recipe(entry["contract"])]
+    return [name for name, entry in manifest.components.items() if recipe_state(entry, target) == "older"]
 
 
 def check_optimized_readable(manifest, target: str = "cuda") -> None:
     """A one-line error for optimized files of a newer recipe than this sdxl-trt knows (a newer `sdxl-trt optimize`
     made them: their inputs or operators may be ones this runtime does not feed or have)."""
     newer = {name: entry["optimized"][target]["recipe"] for name, entry in manifest.components.items()
-             if entry.get("optimized", {}).get(target, {}).get("recipe", 1) > OPTIMIZE_RECIPE}
+             if recipe_state(entry, target) == "newer"}
     if newer:
         raise UserError(f"{manifest.root}: the optimized files of {', '.join(newer)} were made by a newer sdxl-trt "
                         f"(recipe {max(newer.values())}; this one reads up to {OPTIMIZE_RECIPE}): upgrade sdxl-trt, "

@@ -55,18 +55,17 @@ def _damaged(manifest, work: str, damaged: dict[str, str]) -> str | None:
 def recipe_info(manifest, entry: dict) -> dict:
     """{"optimized": {target: {recipe, current, why_not}}} for a component with `sdxl-trt optimize`d files: whether
     they are today's recipe for the component (runtime/backends.py RECIPES); {} for one with none."""
-    from .backends import OPTIMIZE_RECIPE, current_recipe
+    from .backends import OPTIMIZE_RECIPE, current_recipe, recipe_state
 
     found = {}
     for target, record in (entry.get("optimized") or {}).items():
-        recipe, today = record.get("recipe", 1), current_recipe(entry["contract"])
-        why = None
-        if recipe > OPTIMIZE_RECIPE:
+        recipe, state, why = record.get("recipe", 1), recipe_state(entry, target), None
+        if state == "newer":
             why = (f"made by a newer sdxl-trt (recipe {recipe}; this one reads up to {OPTIMIZE_RECIPE}): ort-cuda refuses "
                    f"it; upgrade sdxl-trt, or make it again with this one: `sdxl-trt optimize {manifest.root}`")
-        elif recipe < today:
-            why = (f"an older recipe ({recipe}; today's is {today}): it runs, slower; `sdxl-trt optimize "
-                   f"{manifest.root}` makes it again")
+        elif state == "older":
+            why = (f"an older recipe ({recipe}; today's is {current_recipe(entry['contract'])}): it runs, slower; "
+                   f"`sdxl-trt optimize {manifest.root}` makes it again")
         found[target] = {"recipe": recipe, "current": why is None, "why_not": why}
     return {"optimized": found} if found else {}
 

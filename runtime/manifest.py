@@ -160,15 +160,14 @@ class Manifest:
     def missing(self, work: str) -> str | None:
         """Why this directory cannot do `work` (a key of WORK): the first component it needs that was not exported,
         in one line with the export that makes it; None if it can."""
-        role, kinds, what = WORK[work]
-        role = self.main_role if role == "main" else role
+        role, kinds, what = self._work(work)
         pipeline = self.pipelines.get(role)
         if pipeline is None:
             base = (self.data.get("sources") or {}).get("base", {}).get("spec", "BASE")
             return (f"{self.root} has no {role}, needed {what}; export one beside the base: "
                     f"`{shlex.join(['sdxl-trt', 'export', '--model', base, '--refiner', 'SRC', '--out', 'DIR'])}`")
         names = pipeline["components"]
-        for kind in kinds or (*ENCODERS[role], "unet"):
+        for kind in kinds:
             if kind not in names:
                 return (f"{self.root}: the {role} pipeline has no {kind}, needed {what}; it has "
                         f"{', '.join(names) or 'nothing'} (an export with a subset of --components): re-export it "
@@ -177,10 +176,16 @@ class Manifest:
 
     def work_components(self, work: str) -> list[str]:
         """The components `work` (a key of WORK) runs, as this directory names them (those it has)."""
-        role, kinds, _ = WORK[work]
-        role = self.main_role if role == "main" else role
+        role, kinds, _ = self._work(work)
         names = self.pipelines.get(role, {}).get("components", {})
-        return [names[kind] for kind in kinds or (*ENCODERS[role], "unet") if kind in names]
+        return [names[kind] for kind in kinds if kind in names]
+
+    def _work(self, work: str) -> tuple[str, tuple[str, ...], str]:
+        """(pipeline role, component kinds, what for) of `work`: WORK's entry with "main" and "the text encoders and
+        the UNet" (None) resolved for this directory."""
+        role, kinds, what = WORK[work]
+        role = self.main_role if role == "main" else role
+        return role, kinds or (*ENCODERS[role], "unet"), what
 
     def require(self, *work: str) -> None:
         """Every component `work` needs (keys of WORK) is here, or one line names the first one missing."""

@@ -115,6 +115,12 @@ def noise_streams(seed, generator, n: int, names: dict | None = None) -> tuple[l
     return seeds, [g if s is None else np.random.Generator(np.random.Philox(key=s)) for g, s in zip(generator, seeds)]
 
 
+def img2img_start(sampler, strength: float) -> int:
+    """The first evaluation of an img2img (or refine) call, as diffusers: the first (1 - strength) of the steps skipped."""
+    steps = sampler.steps
+    return (steps - min(int(steps * strength), steps)) * sampler.order
+
+
 OUT_OF_MEMORY = ("Failed to allocate memory", "out of memory", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
                  "std::bad_alloc")
 
@@ -828,8 +834,7 @@ class Pipeline:
     def _start_from(self, sampler, init: np.ndarray, strength: float, rngs, from_noise: bool = False):
         """img2img's start, as diffusers: skip the first (1 - strength) of the steps and noise `init` to that point
         (inpainting at strength 1 starts from pure noise instead). Returns (latents, evaluations to run, noise)."""
-        steps = sampler.steps
-        start = (steps - min(int(steps * strength), steps)) * sampler.order
+        start = img2img_start(sampler, strength)
         sampler.set_begin_index(start)
         noise = draw(rngs, init.shape[1:])
         if from_noise and strength == 1.0:
@@ -871,7 +876,7 @@ class Pipeline:
         noise (or the base's latents) unchanged by that model."""
         say = functools.partial(spelled, names=names)
         steps = sampler.steps
-        start = 0 if strength is None else (steps - min(int(steps * strength), steps)) * sampler.order
+        start = 0 if strength is None else img2img_start(sampler, strength)
         cutoff = self._cutoff(fraction)
         base, rest = int(np.sum(sampler.timesteps[start:] >= cutoff)), int(np.sum(sampler.timesteps < cutoff))
         if base == 0 or (refiner and rest == 0):
